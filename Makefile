@@ -1,0 +1,47 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv if missing, install the
+# dependencies and build the extension (incrementally, with ninja) first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-installed
+export MAX_JOBS ?= $(shell nproc)
+
+.PHONY: all setup build test test-fast cmake-check demo bench clean
+
+all: test
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -r requirements.txt
+	# register the package (editable, console script `mtkd-fast`) without building: `build` does that
+	MTKD_FAST_SKIP_EXT=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+# Builds mtkd_fast/_C*.so in place; ninja recompiles only what changed.
+build: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+	$(PY) -c "import mtkd_fast, json; i = mtkd_fast.build_info(); assert i['extension_loaded'], i['load_error']; print('build_info:', json.dumps({k: i[k] for k in ('cuda_compiled', 'cuda_archs', 'openmp', 'num_threads', 'cpu_kernels', 'cuda_kernels')}))"
+
+test: build cmake-check
+	$(PY) -m pytest -q tests
+
+test-fast: build
+	$(PY) -m pytest -q -x tests -m "not slow"
+
+# The CMake build of the same extension and its C++ tests, C++-only and (where nvcc exists) with CUDA:
+# kept building so it does not rot.
+cmake-check: $(STAMP)
+	$(PY) tools/cmake_build.py --cuda=off
+	if [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then $(PY) tools/cmake_build.py --cuda=on; fi
+
+demo: build
+	$(VENV)/bin/mtkd-fast demo
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds
+
+clean:
+	rm -rf build build-cmake mtkd_fast/_C*.so

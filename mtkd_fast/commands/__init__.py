@@ -1,0 +1,1 @@
+"""One module per ``mtkd-fast`` verb; each defines ``register(subparsers)`` and sets ``func`` on its parser."""

@@ -1,0 +1,399 @@
+"""Pure-PyTorch reference of the MTKD-RL maths (spec sections 2-6).
+
+This module is the ground truth the fused kernels and the trainer are tested against. Every
+function works on any device and dtype (float64 included) and is written for clarity, not speed.
+
+Shapes: B samples, M teachers, K classes.
+- student logits ``[B, K]``; teacher logits ``[M, B, K]`` (a list of M ``[B, K]`` tensors is accepted);
+- targets ``[B]`` int64; teacher weights ``[B, M]``;
+- feature maps: per teacher m a student map after feature transfer ``G_m`` and a teacher map ``F_m``,
+  both ``[B, C_m, H_m, W_m]`` (shapes may differ between teachers); embeddings ``e_m`` ``[B, D_m]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import (
+    check_logits,
+    check_maps,
+    check_per_sample,
+    check_targets,
+    check_weights,
+    stack_teachers,
+)
+
+__all__ = [
+    "LogitKDOutput",
+    "FeatureKDOutput",
+    "kl_per_sample",
+    "cross_entropy_per_sample",
+    "teacher_cross_entropy",
+    "feature_mse_per_sample",
+    "pooled_cosine",
+    "mtkd_logit_kd",
+    "mtkd_feature_kd",
+    "logit_kd_grad",
+    "feature_kd_grad",
+    "total_loss",
+    "per_sample_loss",
+    "agent_state",
+    "confidence_prior",
+    "gap_prior",
+    "similarity_prior",
+    "action",
+    "normalized_reward",
+    "agent_bce_loss",
+]
+
+
+class LogitKDOutput(NamedTuple):
+    """Scalar loss and the per-sample statistics of logit distillation."""
+
+    loss: Tensor  # mean_i SCE_i + alpha * sum_m mean_i(w_im * KL_im)
+    kl: Tensor  # [B, M]
+    teacher_ce: Tensor  # [B, M]
+    student_ce: Tensor  # [B]
+
+
+class FeatureKDOutput(NamedTuple):
+    """Scalar loss and the per-sample MSE of feature distillation."""
+
+    loss: Tensor  # beta * sum_m mean_i(wf_im * MSE_im)
+    mse: Tensor  # [B, M]
+
+
+# --------------------------------------------------------------------------------------------
+# Section 2: per-sample, per-teacher quantities
+# --------------------------------------------------------------------------------------------
+
+
+def kl_per_sample(student_logits: Tensor, teacher_logits, temperature: float = 4.0) -> Tensor:
+    """KL_{i,m} = T^2 * sum_k p^T(z_m)_ik (log p^T(z_m)_ik - log p^T(z_s)_ik), shape [B, M]."""
+    check_logits("student_logits", student_logits)
+    teachers = stack_teachers("teacher_logits", teacher_logits, student_logits)
+    _check_temperature(temperature)
+    log_ps = F.log_softmax(student_logits / temperature, dim=-1)  # [B,K]
+    log_pt = F.log_softmax(teachers / temperature, dim=-1)  # [M,B,K]
+    # xlogy-style: a teacher probability of exactly 0 contributes 0, never 0 * -inf.
+    pt = log_pt.exp()
+    kl = torch.where(pt > 0, pt * (log_pt - log_ps.unsqueeze(0)), torch.zeros_like(pt)).sum(-1)
+    return (temperature**2) * kl.transpose(0, 1)
+
+
+def cross_entropy_per_sample(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of each row of ``logits`` [B, K] against ``targets`` [B] (T = 1), shape [B]."""
+    check_logits("logits", logits)
+    check_targets("targets", targets, logits.shape[0], logits.shape[1], logits.device)
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def teacher_cross_entropy(teacher_logits, targets: Tensor) -> Tensor:
+    """TCE_{i,m}: each teacher's cross-entropy against the labels, shape [B, M]."""
+    teachers = stack_teachers("teacher_logits", teacher_logits)
+    M, B, K = teachers.shape
+    check_targets("targets", targets, B, K, teachers.device)
+    ce = F.cross_entropy(teachers.reshape(M * B, K), targets.repeat(M), reduction="none")
+    return ce.reshape(M, B).transpose(0, 1)
+
+
+def feature_mse_per_sample(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor]) -> Tensor:
+    """MSE_{i,m}: mean over (c, h, w) of (G_m - F_m)^2 for each sample, shape [B, M]."""
+    check_maps(student_maps, teacher_maps)
+    cols = [(g - f).pow(2).flatten(1).mean(1) for g, f in zip(student_maps, teacher_maps)]
+    return torch.stack(cols, dim=1)
+
+
+def pooled_cosine(student_maps: Sequence[Tensor], teacher_embeddings: Sequence[Tensor], eps: float = 1e-8) -> Tensor:
+    """COS_{i,m}: cosine similarity of global-average-pooled G_m [B, C_m] and e_m [B, D_m], shape [B, M].
+
+    Follows ``torch.nn.functional.cosine_similarity`` (each norm clamped below by ``eps``).
+    """
+    if len(student_maps) != len(teacher_embeddings) or len(student_maps) < 1:
+        raise ValueError(
+            f"teacher_embeddings: expected one embedding per student map ({len(student_maps)}), "
+            f"got {len(teacher_embeddings)}"
+        )
+    cols = []
+    for m, (g, e) in enumerate(zip(student_maps, teacher_embeddings)):
+        if g.dim() != 4:
+            raise ValueError(f"student_maps[{m}]: expected a [B, C, H, W] map, got shape {tuple(g.shape)}")
+        if e.dim() != 2 or e.shape != g.shape[:2]:
+            raise ValueError(
+                f"teacher_embeddings[{m}]: expected shape {tuple(g.shape[:2])} (the pooled map's [B, C_m]), "
+                f"got {tuple(e.shape)}"
+            )
+        cols.append(F.cosine_similarity(g.mean(dim=(2, 3)), e, dim=1, eps=eps))
+    return torch.stack(cols, dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Section 3: student loss and its closed-form gradients
+# --------------------------------------------------------------------------------------------
+
+
+def mtkd_logit_kd(
+    student_logits: Tensor,
+    teacher_logits,
+    targets: Tensor,
+    weights: Tensor,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+) -> LogitKDOutput:
+    """Logit distillation: ``mean_i SCE_i + alpha * sum_m mean_i(w_im * KL_im)`` and its statistics.
+
+    ``weights`` [B, M] carry no gradient (detached here, as the spec requires).
+    """
+    check_logits("student_logits", student_logits)
+    teachers = stack_teachers("teacher_logits", teacher_logits, student_logits)
+    B, M = student_logits.shape[0], teachers.shape[0]
+    check_targets("targets", targets, B, student_logits.shape[1], student_logits.device)
+    check_weights("weights", weights, B, M, student_logits.device)
+    kl = kl_per_sample(student_logits, teachers, temperature)
+    tce = teacher_cross_entropy(teachers, targets)
+    sce = cross_entropy_per_sample(student_logits, targets)
+    w = weights.detach().to(kl.dtype)
+    loss = sce.mean() + alpha * (w * kl).mean(0).sum()
+    return LogitKDOutput(loss, kl, tce, sce)
+
+
+def mtkd_feature_kd(
+    student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], weights: Tensor, beta: float = 5.0
+) -> FeatureKDOutput:
+    """Feature distillation: ``beta * sum_m mean_i(wf_im * MSE_im)`` and the per-sample MSE [B, M]."""
+    mse = feature_mse_per_sample(student_maps, teacher_maps)
+    B, M = mse.shape
+    check_weights("weights", weights, B, M, mse.device)
+    loss = beta * (weights.detach().to(mse.dtype) * mse).mean(0).sum()
+    return FeatureKDOutput(loss, mse)
+
+
+def logit_kd_grad(
+    student_logits: Tensor,
+    teacher_logits,
+    targets: Tensor,
+    weights: Tensor,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+) -> Tensor:
+    """Closed-form dL/dz_s of :func:`mtkd_logit_kd` (spec section 3), shape [B, K].
+
+    dL/dz_s[i] = (p^1(z_s)_i - onehot(y_i)) / B + alpha * T * sum_m w_im (p^T(z_s)_i - p^T(z_m)_i) / B
+    """
+    check_logits("student_logits", student_logits)
+    teachers = stack_teachers("teacher_logits", teacher_logits, student_logits)
+    B, K = student_logits.shape
+    check_targets("targets", targets, B, K, student_logits.device)
+    check_weights("weights", weights, B, teachers.shape[0], student_logits.device)
+    T = temperature
+    p1 = F.softmax(student_logits, dim=-1)
+    onehot = F.one_hot(targets, K).to(p1.dtype)
+    ps = F.softmax(student_logits / T, dim=-1)
+    pt = F.softmax(teachers / T, dim=-1)  # [M,B,K]
+    w = weights.detach().to(p1.dtype).transpose(0, 1).unsqueeze(-1)  # [M,B,1]
+    kd = (w * (ps.unsqueeze(0) - pt)).sum(0)
+    return (p1 - onehot) / B + alpha * T * kd / B
+
+
+def feature_kd_grad(
+    student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], weights: Tensor, beta: float = 5.0
+) -> list[Tensor]:
+    """Closed-form dL/dG_m of :func:`mtkd_feature_kd` (spec section 3), one tensor per teacher.
+
+    dL/dG_m[i] = beta * wf_im * 2 (G_m - F_m)_i / (B * C_m * H_m * W_m)
+    """
+    check_maps(student_maps, teacher_maps)
+    B, M = student_maps[0].shape[0], len(student_maps)
+    check_weights("weights", weights, B, M, student_maps[0].device)
+    grads = []
+    for m, (g, f) in enumerate(zip(student_maps, teacher_maps)):
+        n = g[0].numel()
+        w = weights.detach()[:, m].to(g.dtype).view(B, 1, 1, 1)
+        grads.append(beta * w * 2.0 * (g - f) / (B * n))
+    return grads
+
+
+def per_sample_loss(
+    student_ce: Tensor,
+    kl: Tensor,
+    logit_weights: Tensor,
+    mse: Tensor | None = None,
+    feature_weights: Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 5.0,
+) -> Tensor:
+    """l_i = SCE_i + alpha * sum_m wl_im KL_im + beta * sum_m wf_im MSE_im, shape [B] (section 5).
+
+    ``mse``/``feature_weights`` may be omitted together (logit distillation only).
+    """
+    B, M = _check_stats(student_ce, kl, logit_weights, mse, feature_weights)
+    loss = student_ce + alpha * (logit_weights.detach().to(kl.dtype) * kl).sum(1)
+    if mse is not None:
+        loss = loss + beta * (feature_weights.detach().to(mse.dtype) * mse).sum(1)
+    return loss
+
+
+def total_loss(
+    student_ce: Tensor,
+    kl: Tensor,
+    logit_weights: Tensor,
+    mse: Tensor | None = None,
+    feature_weights: Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 5.0,
+) -> Tensor:
+    """L = mean_i SCE_i + alpha sum_m mean_i(wl KL) + beta sum_m mean_i(wf MSE) (section 3): the batch mean
+    of :func:`per_sample_loss`."""
+    return per_sample_loss(student_ce, kl, logit_weights, mse, feature_weights, alpha, beta).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Section 4: state, priors and action
+# --------------------------------------------------------------------------------------------
+
+
+def agent_state(
+    cos: Tensor, kl: Tensor, teacher_ce: Tensor, embeddings: Sequence[Tensor], teacher_logits
+) -> Tensor:
+    """Agent input [B, sum_m (D_m + K + 3)]: per teacher (COS, KL, TCE, e_m, z_m), concatenated over m.
+
+    Every input is detached: the state carries no gradient.
+    """
+    teachers = stack_teachers("teacher_logits", teacher_logits)
+    M, B, K = teachers.shape
+    for name, t in (("cos", cos), ("kl", kl), ("teacher_ce", teacher_ce)):
+        check_weights(name, t, B, M, teachers.device, what="statistic")
+    if len(embeddings) != M:
+        raise ValueError(f"embeddings: expected {M} tensors (one per teacher), got {len(embeddings)}")
+    parts = []
+    for m in range(M):
+        e = embeddings[m]
+        if e.dim() != 2 or e.shape[0] != B:
+            raise ValueError(f"embeddings[{m}]: expected shape [{B}, D_{m}], got {tuple(e.shape)}")
+        parts += [cos[:, m : m + 1], kl[:, m : m + 1], teacher_ce[:, m : m + 1], e, teachers[m]]
+    dtype = torch.promote_types(teachers.dtype, cos.dtype)
+    return torch.cat([p.detach().to(dtype) for p in parts], dim=1)
+
+
+def confidence_prior(teacher_ce: Tensor) -> Tensor:
+    """c_m = (1 - softmax_m(TCE_{i,.})_m) / (M - 1), rows sum to 1 (the CA-MKD weights)."""
+    M = _check_bm("teacher_ce", teacher_ce)
+    return (1.0 - F.softmax(teacher_ce, dim=1)) / (M - 1)
+
+
+def gap_prior(kl: Tensor) -> Tensor:
+    """gl_m = softmax_m(KL_{i,.})_m: a larger teacher-student gap gets a larger weight."""
+    _check_bm("kl", kl)
+    return F.softmax(kl, dim=1)
+
+
+def similarity_prior(cos: Tensor) -> Tensor:
+    """gf_m = softmax_m(COS_{i,.})_m: more similar features get a larger weight."""
+    _check_bm("cos", cos)
+    return F.softmax(cos, dim=1)
+
+
+def action(
+    pi_l: Tensor,
+    pi_f: Tensor,
+    teacher_ce: Tensor,
+    kl: Tensor,
+    cos: Tensor,
+    lambda_l: Tensor | None = None,
+    lambda_f: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Teacher weights (wl, wf), each [B, M] with rows summing to 1.
+
+    Default: wl = (pi_l + c + gl) / 3, wf = (pi_f + c + gf) / 3. Dynamic (``lambda_l``/``lambda_f`` given,
+    3-vectors): wl = sum_j softmax(lambda_l)_j [pi_l, c, gl]_j, and likewise wf.
+    """
+    B, M = pi_l.shape if pi_l.dim() == 2 else (None, None)
+    if B is None:
+        raise ValueError(f"pi_l: expected shape [B, M], got {tuple(pi_l.shape)}")
+    for name, t in (("pi_f", pi_f), ("teacher_ce", teacher_ce), ("kl", kl), ("cos", cos)):
+        check_weights(name, t, B, M, pi_l.device, what="tensor")
+    if (lambda_l is None) != (lambda_f is None):
+        raise ValueError("lambda_l, lambda_f: give both (dynamic action) or neither (default action)")
+    c, gl, gf = confidence_prior(teacher_ce), gap_prior(kl), similarity_prior(cos)
+    if lambda_l is None:
+        return (pi_l + c + gl) / 3.0, (pi_f + c + gf) / 3.0
+    for name, lam in (("lambda_l", lambda_l), ("lambda_f", lambda_f)):
+        if lam.shape != (3,):
+            raise ValueError(f"{name}: expected shape (3,), got {tuple(lam.shape)}")
+    a_l, a_f = F.softmax(lambda_l, dim=0), F.softmax(lambda_f, dim=0)
+    wl = a_l[0] * pi_l + a_l[1] * c + a_l[2] * gl
+    wf = a_f[0] * pi_f + a_f[1] * c + a_f[2] * gf
+    return wl, wf
+
+
+# --------------------------------------------------------------------------------------------
+# Sections 5-6: reward and agent loss
+# --------------------------------------------------------------------------------------------
+
+
+def normalized_reward(per_sample: Tensor) -> Tensor:
+    """r_hat = clamp((r - mean r) / std r, 0, 1) with r = -per_sample loss and Bessel's std.
+
+    A batch of one sample, or one whose losses are all equal (std 0), gets reward 0 instead of NaN.
+    """
+    if per_sample.dim() != 1:
+        raise ValueError(f"per_sample: expected a [B] vector of per-sample losses, got {tuple(per_sample.shape)}")
+    r = -per_sample.detach()
+    if r.numel() < 2:
+        return torch.zeros_like(r)
+    std = r.std(unbiased=True)
+    if not bool(std > 0):
+        return torch.zeros_like(r)
+    return ((r - r.mean()) / std).clamp(0.0, 1.0)
+
+
+def agent_bce_loss(logit_weights: Tensor, feature_weights: Tensor, reward: Tensor) -> Tensor:
+    """Parity agent loss: BCE(wl, 1; weight=r_hat) + BCE(wf, 1; weight=r_hat)
+    = mean_{i,m}(-r_hat_i log wl_im) + mean_{i,m}(-r_hat_i log wf_im).
+
+    ``torch.nn.functional.binary_cross_entropy`` clamps the log at -100, so a zero weight gives a finite loss.
+    """
+    if logit_weights.dim() != 2:
+        raise ValueError(f"logit_weights: expected shape [B, M], got {tuple(logit_weights.shape)}")
+    B, M = logit_weights.shape
+    check_weights("feature_weights", feature_weights, B, M, logit_weights.device)
+    check_per_sample("reward", reward, B, logit_weights.device)
+    w = reward.detach().to(logit_weights.dtype).unsqueeze(1).expand(B, M)
+    ones = torch.ones_like(logit_weights)
+    return F.binary_cross_entropy(logit_weights, ones, weight=w) + F.binary_cross_entropy(
+        feature_weights, ones, weight=w.to(feature_weights.dtype)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+
+
+def _check_bm(name: str, t: Tensor) -> int:
+    if t.dim() != 2 or t.shape[1] < 2:
+        raise ValueError(f"{name}: expected shape [B, M] with M >= 2 teachers, got {tuple(t.shape)}")
+    return t.shape[1]
+
+
+def _check_stats(student_ce, kl, logit_weights, mse, feature_weights):
+    if kl.dim() != 2:
+        raise ValueError(f"kl: expected shape [B, M], got {tuple(kl.shape)}")
+    B, M = kl.shape
+    check_per_sample("student_ce", student_ce, B, kl.device)
+    check_weights("logit_weights", logit_weights, B, M, kl.device)
+    if (mse is None) != (feature_weights is None):
+        raise ValueError("mse, feature_weights: give both (feature distillation) or neither")
+    if mse is not None:
+        check_weights("mse", mse, B, M, kl.device, what="statistic")
+        check_weights("feature_weights", feature_weights, B, M, kl.device)
+    return B, M
