@@ -1,13 +1,15 @@
 """mtkd_fast: fast multi-teacher knowledge distillation (MTKD-RL, Yang et al., AAAI 2025).
 
 - ``mtkd_fast.reference``: pure-PyTorch reference of the method's maths (the ground truth).
+- ``mtkd_fast.MTKDLoss``: the drop-in multi-teacher distillation loss (with the agent's per-sample statistics).
 - ``mtkd_fast.build_info()``: what the compiled extension contains.
 """
 
 from . import _ext, reference
 from ._ext import ExtensionMissingWarning, build_info
+from .loss import MTKDLoss, MTKDLossOutput
 
 __version__ = "0.1.0"
-__all__ = ["reference", "build_info", "ExtensionMissingWarning", "__version__"]
+__all__ = ["reference", "build_info", "ExtensionMissingWarning", "MTKDLoss", "MTKDLossOutput", "__version__"]
 
 _ext.warn_if_missing()

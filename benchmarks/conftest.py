@@ -1,0 +1,1 @@
+"""pytest-benchmark suite (`make bench`). Each file benchmarks one part against its baseline in the same run."""

@@ -1,0 +1,150 @@
+"""``MTKDLoss``: the drop-in multi-teacher distillation loss (spec section 3) with every per-sample statistic
+the MTKD-RL agent needs (sections 2 and 5), computed once.
+
+Use it without any agent machinery as a fast multi-teacher KD loss by passing fixed weights (e.g. 1/M).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from ._validation import check_finite, check_weights, stack_teachers
+
+BACKENDS = ("auto", "fused", "reference")
+
+
+class MTKDLossOutput(NamedTuple):
+    """Everything one training step needs from the loss.
+
+    ``loss`` is differentiable w.r.t. the student logits and the student maps; every other field is a
+    detached per-sample statistic ([B, M] per teacher or [B]).
+    """
+
+    loss: Tensor
+    kl: Tensor  # [B, M]  KL_{i,m} (with T^2)
+    teacher_ce: Tensor  # [B, M]  TCE_{i,m}
+    student_ce: Tensor  # [B]     SCE_i
+    mse: Optional[Tensor]  # [B, M]  MSE_{i,m} (None without feature maps)
+    cos: Optional[Tensor]  # [B, M]  COS_{i,m} (None without teacher embeddings)
+    per_sample_loss: Tensor  # [B]  l_i, whose negative is the reward (section 5)
+
+
+class MTKDLoss(nn.Module):
+    """L = mean_i SCE_i + alpha sum_m mean_i(wl_im KL_im) + beta sum_m mean_i(wf_im MSE_im).
+
+    Args:
+        temperature: softmax temperature T of the KL term (default 4).
+        alpha: weight of logit distillation (default 1).
+        beta: weight of feature distillation (default 5).
+        backend: ``"fused"`` (compiled kernels; error if unavailable), ``"reference"`` (pure PyTorch) or
+            ``"auto"`` (fused when the extension has kernels for the inputs' device, else reference).
+        check_finite: raise ``ValueError`` naming the input that holds NaN/Inf (synchronises the device).
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 5.0, backend: str = "auto",
+                 check_finite: bool = False):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {temperature}")
+        self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
+        self.backend = backend
+        self.check_finite = check_finite
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, backend={self.backend!r}"
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """The backend that will run for inputs on ``device``."""
+        fused_ok = _fused_available(device)
+        if self.backend == "fused" and not fused_ok:
+            raise RuntimeError(
+                f"backend='fused': the compiled mtkd_fast kernels are not available for device {device} "
+                "(see mtkd_fast.build_info()); use backend='auto' or 'reference'"
+            )
+        if self.backend == "reference" or not fused_ok:
+            return "reference"
+        return "fused"
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits,
+        targets: Tensor,
+        logit_weights: Tensor,
+        student_maps: Optional[Sequence[Tensor]] = None,
+        teacher_maps: Optional[Sequence[Tensor]] = None,
+        feature_weights: Optional[Tensor] = None,
+        teacher_embeddings: Optional[Sequence[Tensor]] = None,
+    ) -> MTKDLossOutput:
+        """
+        Args:
+            student_logits: [B, K].
+            teacher_logits: [M, B, K] or a list of M [B, K] tensors.
+            targets: [B] int64 class indices.
+            logit_weights: [B, M] teacher weights of the KL terms (no gradient flows into them).
+            student_maps: M student maps after feature transfer, map m of shape [B, C_m, H_m, W_m].
+            teacher_maps: M teacher maps, each the shape of the matching student map.
+            feature_weights: [B, M] teacher weights of the feature terms (required with maps).
+            teacher_embeddings: M pooled teacher embeddings [B, C_m]; gives ``cos`` (the agent state).
+        """
+        teachers = stack_teachers("teacher_logits", teacher_logits, student_logits)
+        B, M = student_logits.shape[0], teachers.shape[0]
+        check_weights("logit_weights", logit_weights, B, M, student_logits.device)
+        has_maps = student_maps is not None or teacher_maps is not None
+        if has_maps:
+            if student_maps is None or teacher_maps is None or feature_weights is None:
+                raise ValueError(
+                    "student_maps, teacher_maps, feature_weights: feature distillation needs all three"
+                )
+            if len(student_maps) != M:
+                raise ValueError(f"student_maps: expected {M} maps (one per teacher), got {len(student_maps)}")
+        elif feature_weights is not None:
+            raise ValueError("feature_weights: given without student_maps and teacher_maps")
+        if teacher_embeddings is not None and not has_maps:
+            raise ValueError("teacher_embeddings: the cosine state needs student_maps too")
+        if self.check_finite:
+            check_finite("student_logits", student_logits)
+            check_finite("teacher_logits", teachers)
+            check_finite("logit_weights", logit_weights)
+            if has_maps:
+                for m in range(M):
+                    check_finite(f"student_maps[{m}]", student_maps[m])
+                    check_finite(f"teacher_maps[{m}]", teacher_maps[m])
+                check_finite("feature_weights", feature_weights)
+
+        impl = _fused_impl() if self.resolve_backend(student_logits.device) == "fused" else reference
+        logit = impl.mtkd_logit_kd(student_logits, teachers, targets, logit_weights, self.temperature, self.alpha)
+        loss = logit.loss
+        mse = cos = None
+        if has_maps:
+            feat = impl.mtkd_feature_kd(list(student_maps), list(teacher_maps), feature_weights, self.beta)
+            loss = loss + feat.loss
+            mse = feat.mse.detach()
+            if teacher_embeddings is not None:
+                with torch.no_grad():
+                    cos = impl.pooled_cosine([s.detach() for s in student_maps], list(teacher_embeddings))
+        kl, tce, sce = logit.kl.detach(), logit.teacher_ce.detach(), logit.student_ce.detach()
+        per_sample = reference.per_sample_loss(sce, kl, logit_weights, mse, feature_weights if has_maps else None,
+                                               self.alpha, self.beta)
+        return MTKDLossOutput(loss, kl, tce, sce, mse, cos, per_sample.detach())
+
+
+def _fused_impl():
+    from . import ops
+
+    return ops
+
+
+def _fused_available(device: torch.device) -> bool:
+    """True when the compiled extension has the fused kernels for ``device``."""
+    try:
+        ops = _fused_impl()
+    except ImportError:
+        return False
+    return ops.available(device)
