@@ -1,0 +1,47 @@
+"""The model zoo of mtkd_fast and the MTKD-RL feature transfer.
+
+- ``create_model(name, num_classes, weights=None)``: a CIFAR model (32x32 inputs; parameter names of the
+  RepDistiller / CA-MKD / MTKD-RL checkpoints) or an ImageNet model (``imagenet_*``: torchvision's
+  ResNets, torchvision parameter names); ``weights`` is an optional local checkpoint file.
+- ``list_models()``: the valid names, sorted.
+- Every model: ``model(x)`` -> logits; ``model(x, is_feat=True)`` -> ``(feats, logits)`` with ``feats[-2]``
+  the last feature map before global pooling [B, C, H, W] and ``feats[-1]`` its global average [B, C].
+- ``load_checkpoint(model, path)``: load ``{"model": state_dict}`` or a bare state_dict from a local file.
+- ``FeatureTransfer(student_shape, teacher_shapes)``: the per-teacher feature transfer E_m (spec section 1).
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from . import imagenet
+from .cifar import BUILDERS as _CIFAR_BUILDERS
+from .loading import load_checkpoint
+from .transfer import FeatureTransfer
+
+__all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer"]
+
+_BUILDERS = {**_CIFAR_BUILDERS, **{name: imagenet.build for name in imagenet.ARCHS}}
+
+
+def list_models() -> list[str]:
+    """All model names ``create_model`` accepts, sorted."""
+    return sorted(_BUILDERS)
+
+
+def create_model(name: str, num_classes: int, weights: str | os.PathLike | None = None) -> nn.Module:
+    """Build model ``name`` with a ``num_classes``-way classifier, optionally loading local ``weights``.
+
+    Raises ValueError for an unknown name (listing the valid ones) or a bad ``num_classes``;
+    FileNotFoundError / ValueError from ``load_checkpoint`` for a missing or mismatched weights file.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"name: unknown model {name!r}; valid names: {', '.join(list_models())}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
+    model = _BUILDERS[name](name, num_classes)
+    if weights is not None:
+        load_checkpoint(model, weights)
+    return model
