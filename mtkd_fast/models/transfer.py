@@ -1,0 +1,142 @@
+"""Feature transfer of MTKD-RL (spec section 1): one small trainable module E_m per teacher.
+
+E_m(F_s): resize the student map F_s [B, C_s, H_s, W_s] spatially to the teacher's H_m x W_m (adaptive
+average pooling when H_s >= H_m, bilinear with align_corners=False otherwise; every teacher resizes the
+ORIGINAL student map), then Conv2d(C_s, C_m, 1x1, bias) -> BatchNorm2d(C_m) -> ReLU.
+
+Why the fast path is exact: both resizings are linear maps applied to each channel with weights that sum
+to 1 per output pixel, and the 1x1 convolution is a linear map over channels plus a bias, so
+resize(conv(x)) == conv(resize(x)). ``forward`` therefore applies the convolution at the smaller of the
+two resolutions, and runs the convolutions of all teachers that share a resolution as one matrix product
+(their weights concatenated); BatchNorm and ReLU then act per teacher as before. ``forward_plain`` is the
+authors' order, kept as the reference for tests and benchmarks.
+
+Parameter names are the authors' ``TransFeat`` names (``embed{m}.transfer.0`` the convolution,
+``embed{m}.transfer.1`` the BatchNorm), so their feature-transfer weights load unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _check_shape(name: str, shape) -> tuple[int, int, int]:
+    if (
+        not isinstance(shape, (tuple, list, torch.Size))
+        or len(shape) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    ):
+        raise ValueError(f"{name}: expected a (C, H, W) triple of positive ints, got {shape!r}")
+    return tuple(int(v) for v in shape)
+
+
+def resize(x: Tensor, size: tuple[int, int], pool: bool) -> Tensor:
+    """The spec's resize: adaptive average pooling (``pool``) or bilinear, align_corners=False."""
+    if pool:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class TransferHead(nn.Module):
+    """One teacher's E_m without the resize: 1x1 conv (bias) -> BN -> ReLU, named as the authors' Embed."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.transfer = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.transfer(x)
+
+
+class _ResolutionGroup(NamedTuple):
+    size: tuple[int, int]  # the teachers' (H, W)
+    members: tuple[int, ...]  # teacher indices
+    channels: tuple[int, ...]  # their C_m, in the same order
+    pool: bool  # the spec's resize: pooling (H_s >= H) or bilinear
+    conv_first: bool  # convolve at the student's resolution, then resize (cheaper when it is smaller)
+    same_size: bool  # no resize at all
+
+
+class FeatureTransfer(nn.Module):
+    """E_1..E_M of spec section 1.
+
+    Args:
+        student_shape: (C_s, H_s, W_s) of the student's feats[-2].
+        teacher_shapes: M triples (C_m, H_m, W_m), one per teacher's feats[-2].
+
+    ``forward(student_map)`` takes F_s [B, C_s, H_s, W_s] and returns the M maps G_m [B, C_m, H_m, W_m].
+    """
+
+    def __init__(self, student_shape: Sequence[int], teacher_shapes: Sequence[Sequence[int]]):
+        super().__init__()
+        self.student_shape = _check_shape("student_shape", student_shape)
+        if not isinstance(teacher_shapes, (list, tuple)) or len(teacher_shapes) == 0:
+            raise ValueError(f"teacher_shapes: expected a non-empty list of (C, H, W) triples, got {teacher_shapes!r}")
+        self.teacher_shapes = [_check_shape(f"teacher_shapes[{m}]", s) for m, s in enumerate(teacher_shapes)]
+        c_s, h_s, w_s = self.student_shape
+        for m, (c_m, _, _) in enumerate(self.teacher_shapes):
+            self.add_module(f"embed{m}", TransferHead(c_s, c_m))
+
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for m, (_, h, w) in enumerate(self.teacher_shapes):
+            by_size.setdefault((h, w), []).append(m)
+        self._groups = [
+            _ResolutionGroup(
+                size=(h, w),
+                members=tuple(members),
+                channels=tuple(self.teacher_shapes[m][0] for m in members),
+                pool=h_s >= h,
+                conv_first=h_s * w_s < h * w,
+                same_size=(h_s, w_s) == (h, w),
+            )
+            for (h, w), members in by_size.items()
+        ]
+
+    @property
+    def heads(self) -> list[TransferHead]:
+        return [getattr(self, f"embed{m}") for m in range(len(self.teacher_shapes))]
+
+    def _check_input(self, student_map: Tensor) -> None:
+        if not isinstance(student_map, Tensor):
+            raise TypeError(f"student_map: expected a torch.Tensor, got {type(student_map).__name__}")
+        if student_map.dim() != 4 or tuple(student_map.shape[1:]) != self.student_shape:
+            c, h, w = self.student_shape
+            raise ValueError(f"student_map: expected shape [B, {c}, {h}, {w}], got {tuple(student_map.shape)}")
+
+    def forward_plain(self, student_map: Tensor) -> list[Tensor]:
+        """The authors' order: per teacher, resize the student map, then conv -> BN -> ReLU."""
+        self._check_input(student_map)
+        h_s = self.student_shape[1]
+        return [
+            head(resize(student_map, (h, w), pool=h_s >= h))
+            for head, (_, h, w) in zip(self.heads, self.teacher_shapes)
+        ]
+
+    def forward(self, student_map: Tensor) -> list[Tensor]:
+        self._check_input(student_map)
+        heads = self.heads
+        outputs: list[Tensor | None] = [None] * len(heads)
+        for group in self._groups:
+            convs = [heads[m].transfer[0] for m in group.members]
+            if len(convs) == 1:
+                weight, bias = convs[0].weight, convs[0].bias
+            else:
+                weight = torch.cat([c.weight for c in convs])
+                bias = torch.cat([c.bias for c in convs])
+            if group.same_size:
+                mixed = F.conv2d(student_map, weight, bias)
+            elif group.conv_first:
+                mixed = resize(F.conv2d(student_map, weight, bias), group.size, group.pool)
+            else:
+                mixed = F.conv2d(resize(student_map, group.size, group.pool), weight, bias)
+            parts = mixed.split(group.channels, dim=1) if len(convs) > 1 else (mixed,)
+            for m, part in zip(group.members, parts):
+                bn = heads[m].transfer[1]
+                outputs[m] = F.relu(bn(part))
+        return outputs  # type: ignore[return-value]
