@@ -41,16 +41,9 @@ def warn_if_missing() -> None:
 
 def registered_ops(dispatch_key: str) -> list[str]:
     """Names of mtkd_fast operators that have a kernel for ``dispatch_key`` ("CPU" or "CUDA")."""
-    ops = getattr(torch.ops, "mtkd_fast")
-    names = []
-    for name in sorted(dir(ops)):
-        packet = getattr(ops, name, None)
-        if not isinstance(packet, torch._ops.OpOverloadPacket):
-            continue
-        qualified = f"mtkd_fast::{name}"
-        if torch._C._dispatch_has_kernel_for_dispatch_key(qualified, dispatch_key):
-            names.append(name)
-    return names
+    # the dispatcher's own list: dir(torch.ops.mtkd_fast) only shows the ops already looked up
+    qualified = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("mtkd_fast::"))
+    return [q.split("::", 1)[1] for q in qualified if torch._C._dispatch_has_kernel_for_dispatch_key(q, dispatch_key)]
 
 
 def build_info() -> dict:

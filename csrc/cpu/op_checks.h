@@ -1,0 +1,140 @@
+#pragma once
+// Argument checks shared by the CPU and CUDA kernels of the mtkd_fast::* operators (csrc/mtkd_ops.cpp).
+// The Python API (mtkd_fast/ops.py) validates and normalises inputs first with messages naming the user's
+// argument; these checks guard direct calls of torch.ops.mtkd_fast.* and name the operator's argument.
+// No torch/extension.h here: this header is included by nvcc-compiled files too.
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace mtkd {
+
+inline bool is_float_dtype(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The accumulation (and statistics) dtype for inputs of dtype t: float32, or float64 for float64 inputs.
+inline c10::ScalarType acc_dtype(c10::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+inline void check_weights_arg(const char* name, const at::Tensor& w, int64_t B, int64_t M, c10::ScalarType acc,
+                              const at::Device& device) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == B && w.size(1) == M, name, ": expected shape [", B, ", ", M,
+              "], got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == acc, name, ": expected dtype ", acc, " (the accumulation dtype), got ",
+              w.scalar_type());
+  TORCH_CHECK(w.is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK(w.device() == device, name, ": expected device ", device, ", got ", w.device());
+}
+
+struct LogitDims {
+  int64_t B, K, M;
+};
+
+inline LogitDims check_logit_kd_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& targets,
+                                     const at::Tensor& weights, double temperature) {
+  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 2,
+              "student_logits: expected shape [B, K] with B >= 1 and K >= 2, got ", student.sizes());
+  TORCH_CHECK(is_float_dtype(student.scalar_type()), "student_logits: expected a floating dtype, got ",
+              student.scalar_type());
+  TORCH_CHECK(student.is_contiguous(), "student_logits: expected a contiguous tensor");
+  const int64_t B = student.size(0), K = student.size(1), M = static_cast<int64_t>(teachers.size());
+  TORCH_CHECK(M >= 1, "teacher_logits: expected at least one teacher");
+  for (int64_t m = 0; m < M; ++m) {
+    const auto& t = teachers[m];
+    TORCH_CHECK(t.sizes() == student.sizes(), "teacher_logits[", m, "]: expected shape ", student.sizes(),
+                " like student_logits, got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == student.scalar_type(), "teacher_logits[", m, "]: expected dtype ",
+                student.scalar_type(), " like student_logits, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "teacher_logits[", m, "]: expected a contiguous tensor");
+    TORCH_CHECK(t.device() == student.device(), "teacher_logits[", m, "]: expected device ", student.device(),
+                ", got ", t.device());
+  }
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == B, "targets: expected shape [", B, "], got ",
+              targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected dtype int64, got ", targets.scalar_type());
+  TORCH_CHECK(targets.is_contiguous() && targets.device() == student.device(),
+              "targets: expected a contiguous tensor on ", student.device());
+  check_weights_arg("weights", weights, B, M, acc_dtype(student.scalar_type()), student.device());
+  TORCH_CHECK(temperature > 0, "temperature: expected a positive number, got ", temperature);
+  return {B, K, M};
+}
+
+// Each sample's C*H*W values are dense (contiguous or channels_last map) and the teacher map shares the
+// student map's strides, so one flat index walks both.
+inline int64_t check_feature_kd_args(at::TensorList students, at::TensorList teachers, const at::Tensor& weights) {
+  const int64_t M = static_cast<int64_t>(students.size());
+  TORCH_CHECK(M >= 1, "student_maps: expected at least one map");
+  TORCH_CHECK(static_cast<int64_t>(teachers.size()) == M, "teacher_maps: expected ", M, " maps, got ",
+              teachers.size());
+  const int64_t B = students[0].dim() == 4 ? students[0].size(0) : -1;
+  for (int64_t m = 0; m < M; ++m) {
+    const auto &g = students[m], &f = teachers[m];
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B, "student_maps[", m, "]: expected shape [", B,
+                ", C, H, W], got ", g.sizes());
+    TORCH_CHECK(f.sizes() == g.sizes(), "teacher_maps[", m, "]: expected shape ", g.sizes(), ", got ", f.sizes());
+    TORCH_CHECK(is_float_dtype(g.scalar_type()), "student_maps[", m, "]: expected a floating dtype, got ",
+                g.scalar_type());
+    TORCH_CHECK(g.scalar_type() == students[0].scalar_type() && f.scalar_type() == g.scalar_type(),
+                "teacher_maps[", m, "]: expected dtype ", students[0].scalar_type(), " like student_maps[0]");
+    TORCH_CHECK(g.device() == students[0].device() && f.device() == g.device(), "teacher_maps[", m,
+                "]: expected device ", students[0].device());
+    TORCH_CHECK(g.is_non_overlapping_and_dense() && (g.size(0) == 1 || g.stride(0) == g[0].numel()),
+                "student_maps[", m, "]: expected each sample's values dense (contiguous or channels_last)");
+    TORCH_CHECK(f.strides() == g.strides(), "teacher_maps[", m, "]: expected the strides of student_maps[", m,
+                "] ", g.strides(), ", got ", f.strides());
+  }
+  check_weights_arg("weights", weights, B, M, acc_dtype(students[0].scalar_type()), students[0].device());
+  return B;
+}
+
+// Map layouts the pooled-cosine kernels walk: NCHW contiguous or channels_last.
+inline bool is_channels_last_map(const at::Tensor& g) {
+  return !g.is_contiguous() && g.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline int64_t check_pooled_cosine_args(at::TensorList maps, at::TensorList embeddings, double eps) {
+  const int64_t M = static_cast<int64_t>(maps.size());
+  TORCH_CHECK(M >= 1, "student_maps: expected at least one map");
+  TORCH_CHECK(static_cast<int64_t>(embeddings.size()) == M, "teacher_embeddings: expected ", M,
+              " embeddings, got ", embeddings.size());
+  const int64_t B = maps[0].dim() == 4 ? maps[0].size(0) : -1;
+  for (int64_t m = 0; m < M; ++m) {
+    const auto &g = maps[m], &e = embeddings[m];
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B, "student_maps[", m, "]: expected shape [", B, ", C, H, W], got ",
+                g.sizes());
+    TORCH_CHECK(is_float_dtype(g.scalar_type()) && g.scalar_type() == maps[0].scalar_type(), "student_maps[", m,
+                "]: expected the floating dtype of student_maps[0]");
+    TORCH_CHECK(g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast), "student_maps[", m,
+                "]: expected a contiguous or channels_last map");
+    TORCH_CHECK(e.dim() == 2 && e.size(0) == B && e.size(1) == g.size(1), "teacher_embeddings[", m,
+                "]: expected shape [", B, ", ", g.size(1), "], got ", e.sizes());
+    TORCH_CHECK(e.scalar_type() == g.scalar_type() && e.is_contiguous(), "teacher_embeddings[", m,
+                "]: expected a contiguous tensor of dtype ", g.scalar_type());
+    TORCH_CHECK(g.device() == maps[0].device() && e.device() == g.device(), "teacher_embeddings[", m,
+                "]: expected device ", maps[0].device());
+  }
+  TORCH_CHECK(eps >= 0, "eps: expected a non-negative number, got ", eps);
+  return B;
+}
+
+inline void check_reward_args(const at::Tensor& sce, const at::Tensor& kl, const at::Tensor& wl,
+                              const std::optional<at::Tensor>& mse, const std::optional<at::Tensor>& wf) {
+  TORCH_CHECK(kl.dim() == 2, "kl: expected shape [B, M], got ", kl.sizes());
+  const int64_t B = kl.size(0), M = kl.size(1);
+  const auto acc = kl.scalar_type();
+  TORCH_CHECK(acc == at::kFloat || acc == at::kDouble, "kl: expected float32 or float64, got ", acc);
+  TORCH_CHECK(kl.is_contiguous(), "kl: expected a contiguous tensor");
+  TORCH_CHECK(sce.dim() == 1 && sce.size(0) == B && sce.scalar_type() == acc && sce.is_contiguous() &&
+                  sce.device() == kl.device(),
+              "student_ce: expected a contiguous [", B, "] tensor of dtype ", acc, " on ", kl.device());
+  check_weights_arg("logit_weights", wl, B, M, acc, kl.device());
+  TORCH_CHECK(mse.has_value() == wf.has_value(), "mse, feature_weights: give both or neither");
+  if (mse.has_value()) {
+    check_weights_arg("mse", *mse, B, M, acc, kl.device());
+    check_weights_arg("feature_weights", *wf, B, M, acc, kl.device());
+  }
+}
+
+}  // namespace mtkd

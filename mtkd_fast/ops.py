@@ -1,0 +1,360 @@
+"""Fused multi-teacher distillation operators (the compiled ``mtkd_fast::*`` custom ops) and their Python API.
+
+Each op reads its inputs once and produces, in the same pass, the loss, its gradient and every per-sample
+statistic the MTKD-RL agent needs (spec sections 2-5), so nothing is recomputed:
+
+- :func:`mtkd_logit_kd`: ``mean_i SCE_i + alpha * sum_m mean_i(w_im KL_im)`` with KL, TCE, SCE; dloss/dz_s is
+  computed in the forward pass and saved, backward only scales it by the incoming gradient.
+- :func:`mtkd_feature_kd`: ``beta * sum_m mean_i(w_im MSE_im)`` over M maps of per-teacher shapes, all teachers
+  in one kernel launch (CUDA) / one parallel region (CPU), gradients of every student map in the same pass.
+- :func:`pooled_cosine`: COS_{i,m}, the agent-state similarity (differentiable through its own backward op).
+- :func:`per_sample_loss_and_reward`: l_i and the normalised, clamped reward r_hat (spec section 5).
+
+Dtypes: inputs may be float16, bfloat16, float32 or float64 (mixed inputs are promoted to a common dtype);
+accumulation is float32 (float64 for float64 inputs) and every statistic is returned in that accumulation
+dtype, gradients in the input's dtype. Only the loss (and ``pooled_cosine``, ``per_sample_loss``) carry
+gradients: the per-sample statistics are detached (the agent's state and reward never need their gradient),
+the teacher weights receive none, and no gradient flows into teacher logits or maps (teachers are frozen).
+
+The ops have fake (meta) kernels and autograd registered here, so they work under ``torch.compile``,
+autocast and ``torch.library.opcheck``. Without the compiled extension :func:`available` is False and
+:class:`mtkd_fast.MTKDLoss` uses :mod:`mtkd_fast.reference`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from ._validation import FLOAT_DTYPES, check_logits, check_maps, check_targets, check_tensor, check_weights, stack_teachers
+from .reference import FeatureKDOutput, LogitKDOutput, _check_stats
+
+__all__ = [
+    "available",
+    "mtkd_logit_kd",
+    "mtkd_feature_kd",
+    "pooled_cosine",
+    "per_sample_loss_and_reward",
+    "LogitKDOutput",
+    "FeatureKDOutput",
+    "RewardOutput",
+    "OP_NAMES",
+]
+
+OP_NAMES = ("logit_kd", "feature_kd", "pooled_cosine", "pooled_cosine_backward", "per_sample_loss_reward")
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+class RewardOutput(NamedTuple):
+    """Per-sample loss l_i [B] and the normalised, clamped reward r_hat [B] (spec section 5)."""
+
+    per_sample_loss: Tensor
+    reward: Tensor
+
+
+def available(device) -> bool:
+    """True when the compiled extension has every fused kernel for ``device`` (a torch.device or string)."""
+    device = torch.device(device)
+    key = _DISPATCH_KEYS.get(device.type)
+    if not _ext.available() or key is None:
+        return False
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mtkd_fast::{op}", key) for op in OP_NAMES)
+
+
+# --------------------------------------------------------------------------------------------
+# Python API
+# --------------------------------------------------------------------------------------------
+
+
+def mtkd_logit_kd(
+    student_logits: Tensor,
+    teacher_logits,
+    targets: Tensor,
+    weights: Tensor,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+) -> LogitKDOutput:
+    """Fused logit distillation: ``(loss, kl [B, M], teacher_ce [B, M], student_ce [B])``.
+
+    ``teacher_logits`` is a stacked [M, B, K] tensor or a list of M [B, K] tensors (not copied into a stack).
+    ``weights`` [B, M] carry no gradient. Same maths as :func:`mtkd_fast.reference.mtkd_logit_kd`.
+    """
+    _require_extension()
+    check_logits("student_logits", student_logits)
+    teachers = _teacher_list("teacher_logits", teacher_logits, student_logits)
+    B, K = student_logits.shape
+    M = len(teachers)
+    check_targets("targets", targets, B, K, student_logits.device)
+    check_weights("weights", weights, B, M, student_logits.device)
+    if not temperature > 0:
+        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+    dtype = _common_dtype([student_logits, *teachers])
+    student = student_logits.to(dtype).contiguous()
+    teachers = [t.detach().to(dtype).contiguous() for t in teachers]
+    w = weights.detach().to(_acc_dtype(dtype)).contiguous()
+    loss, kl, tce, sce, _ = torch.ops.mtkd_fast.logit_kd(
+        student, teachers, targets.contiguous(), w, float(temperature), float(alpha)
+    )
+    return LogitKDOutput(loss, kl, tce, sce)
+
+
+def mtkd_feature_kd(
+    student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], weights: Tensor, beta: float = 5.0
+) -> FeatureKDOutput:
+    """Fused feature distillation: ``(loss, mse [B, M])`` for M (student map, teacher map) pairs.
+
+    Pair m may have its own shape [B, C_m, H_m, W_m]; contiguous and channels_last maps are used as they are
+    (the gradient of a map has the map's layout). Same maths as :func:`mtkd_fast.reference.mtkd_feature_kd`.
+    """
+    _require_extension()
+    check_maps(student_maps, teacher_maps)
+    B, M = student_maps[0].shape[0], len(student_maps)
+    check_weights("weights", weights, B, M, student_maps[0].device)
+    dtype = _common_dtype([*student_maps, *teacher_maps])
+    students, teachers = [], []
+    for g, f in zip(student_maps, teacher_maps):
+        g, memory_format = _dense_map(g.to(dtype))
+        students.append(g)
+        teachers.append(_like_layout(f.detach().to(dtype), g, memory_format))
+    w = weights.detach().to(_acc_dtype(dtype)).contiguous()
+    loss, mse, _ = torch.ops.mtkd_fast.feature_kd(students, teachers, w, float(beta))
+    return FeatureKDOutput(loss, mse)
+
+
+def pooled_cosine(student_maps: Sequence[Tensor], teacher_embeddings: Sequence[Tensor], eps: float = 1e-8) -> Tensor:
+    """COS_{i,m} [B, M]: cosine similarity of the spatially averaged map m and embedding m, each norm clamped
+    below by ``eps`` (as :func:`mtkd_fast.reference.pooled_cosine`). Differentiable w.r.t. both inputs."""
+    _require_extension()
+    if not isinstance(student_maps, (list, tuple)) or not isinstance(teacher_embeddings, (list, tuple)):
+        raise TypeError("student_maps, teacher_embeddings: expected lists of tensors")
+    if len(student_maps) != len(teacher_embeddings) or len(student_maps) < 1:
+        raise ValueError(
+            f"teacher_embeddings: expected one embedding per student map ({len(student_maps)}), "
+            f"got {len(teacher_embeddings)}"
+        )
+    B = None
+    for m, (g, e) in enumerate(zip(student_maps, teacher_embeddings)):
+        check_tensor(f"student_maps[{m}]", g)
+        check_tensor(f"teacher_embeddings[{m}]", e)
+        if g.dim() != 4:
+            raise ValueError(f"student_maps[{m}]: expected a [B, C, H, W] map, got shape {tuple(g.shape)}")
+        B = g.shape[0] if B is None else B
+        if g.shape[0] != B:
+            raise ValueError(f"student_maps[{m}]: expected batch size {B} like student_maps[0], got {g.shape[0]}")
+        if e.dim() != 2 or e.shape != g.shape[:2]:
+            raise ValueError(
+                f"teacher_embeddings[{m}]: expected shape {tuple(g.shape[:2])} (the pooled map's [B, C_m]), "
+                f"got {tuple(e.shape)}"
+            )
+        for name, t in ((f"student_maps[{m}]", g), (f"teacher_embeddings[{m}]", e)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+            if t.device != student_maps[0].device:
+                raise ValueError(f"{name}: expected device {student_maps[0].device} like student_maps[0], got {t.device}")
+    if not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative number, got {eps}")
+    dtype = _common_dtype([*student_maps, *teacher_embeddings])
+    maps = [_dense_map(g.to(dtype))[0] for g in student_maps]
+    embeddings = [e.to(dtype).contiguous() for e in teacher_embeddings]
+    return torch.ops.mtkd_fast.pooled_cosine(maps, embeddings, float(eps))
+
+
+def per_sample_loss_and_reward(
+    student_ce: Tensor,
+    kl: Tensor,
+    logit_weights: Tensor,
+    mse: Tensor | None = None,
+    feature_weights: Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 5.0,
+) -> RewardOutput:
+    """l_i = SCE_i + alpha sum_m wl_im KL_im + beta sum_m wf_im MSE_im and r_hat = clamp((r - mean r) / std r,
+    0, 1) with r = -l (Bessel's std; a batch of one, or of equal losses, gets reward 0), in one pass.
+
+    Same maths as :func:`mtkd_fast.reference.per_sample_loss` and :func:`~mtkd_fast.reference.normalized_reward`;
+    ``per_sample_loss`` is differentiable w.r.t. the statistics, ``reward`` is detached.
+    """
+    _require_extension()
+    _check_stats(student_ce, kl, logit_weights, mse, feature_weights)
+    for name, t in (("student_ce", student_ce), ("kl", kl)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+    acc = _acc_dtype(kl.dtype)
+
+    def prep(t, detach=False):
+        if t is None:
+            return None
+        return (t.detach() if detach else t).to(acc).contiguous()
+
+    loss, reward = torch.ops.mtkd_fast.per_sample_loss_reward(
+        prep(student_ce), prep(kl), prep(logit_weights, True), prep(mse), prep(feature_weights, True),
+        float(alpha), float(beta),
+    )
+    return RewardOutput(loss, reward)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _require_extension() -> None:
+    if not _ext.available():
+        raise RuntimeError(
+            f"mtkd_fast.ops: the compiled extension is not available ({_ext.LOAD_ERROR}); "
+            "build it with `make build`, or use mtkd_fast.reference"
+        )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _common_dtype(tensors) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _teacher_list(name: str, teacher_logits, student_logits: Tensor) -> list[Tensor]:
+    """The M teacher [B, K] tensors as a list (views of a stacked tensor; a list is never stacked/copied)."""
+    if isinstance(teacher_logits, Tensor):
+        return list(stack_teachers(name, teacher_logits, student_logits).unbind(0))
+    if not isinstance(teacher_logits, (list, tuple)):
+        raise TypeError(f"{name}: expected a [M, B, K] tensor or a list of [B, K] tensors, got {type(teacher_logits).__name__}")
+    if len(teacher_logits) < 2:
+        raise ValueError(f"{name}: expected M >= 2 teachers, got M = {len(teacher_logits)}")
+    for m, t in enumerate(teacher_logits):
+        check_logits(f"{name}[{m}]", t)
+        if t.shape != student_logits.shape:
+            raise ValueError(f"{name}[{m}]: expected shape {tuple(student_logits.shape)} like student_logits, got {tuple(t.shape)}")
+        if t.device != student_logits.device:
+            raise ValueError(f"{name}[{m}]: expected device {student_logits.device} like student_logits, got {t.device}")
+    return list(teacher_logits)
+
+
+def _dense_map(g: Tensor) -> tuple[Tensor, torch.memory_format]:
+    """The map as the kernels walk it: NCHW-contiguous or channels_last (kept), anything else made contiguous."""
+    if g.is_contiguous():
+        return g, torch.contiguous_format
+    if g.is_contiguous(memory_format=torch.channels_last):
+        return g, torch.channels_last
+    return g.contiguous(), torch.contiguous_format
+
+
+def _like_layout(f: Tensor, g: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``f`` with exactly ``g``'s strides, so one flat index walks both maps."""
+    f = f.contiguous(memory_format=memory_format)
+    if _same_layout(f, g):
+        return f
+    out = torch.empty_like(g)
+    out.copy_(f)
+    return out
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+# --------------------------------------------------------------------------------------------
+# fake (meta) kernels and autograd of the mtkd_fast::* ops
+# --------------------------------------------------------------------------------------------
+
+
+def _register() -> None:
+    lib = "mtkd_fast::"
+
+    @torch.library.register_fake(lib + "logit_kd")
+    def _logit_kd_fake(student_logits, teacher_logits, targets, weights, temperature, alpha):
+        B, K = student_logits.shape
+        M = len(teacher_logits)
+        acc = _acc_dtype(student_logits.dtype)
+        stat = dict(dtype=acc, device=student_logits.device)
+        return (
+            torch.empty((), **stat),
+            torch.empty((B, M), **stat),
+            torch.empty((B, M), **stat),
+            torch.empty((B,), **stat),
+            torch.empty((B, K), dtype=student_logits.dtype, device=student_logits.device),
+        )
+
+    def _logit_kd_setup(ctx, inputs, output):
+        ctx.num_teachers = len(inputs[1])
+        ctx.save_for_backward(output[4])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def _logit_kd_backward(ctx, grad_loss, *_unused):
+        (grad_student,) = ctx.saved_tensors
+        # no gradient into the (frozen) teachers; the return mirrors the inputs, the list included
+        return grad_student * grad_loss.to(grad_student.dtype), [None] * ctx.num_teachers, None, None, None, None
+
+    torch.library.register_autograd(lib + "logit_kd", _logit_kd_backward, setup_context=_logit_kd_setup)
+
+    @torch.library.register_fake(lib + "feature_kd")
+    def _feature_kd_fake(student_maps, teacher_maps, weights, beta):
+        B, M = student_maps[0].shape[0], len(student_maps)
+        stat = dict(dtype=_acc_dtype(student_maps[0].dtype), device=student_maps[0].device)
+        return torch.empty((), **stat), torch.empty((B, M), **stat), [torch.empty_like(g) for g in student_maps]
+
+    def _feature_kd_setup(ctx, inputs, output):
+        ctx.save_for_backward(*output[2])
+        ctx.mark_non_differentiable(output[1], *output[2])
+
+    def _feature_kd_backward(ctx, grad_loss, *_unused):
+        grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return grads, [None] * len(grads), None, None
+
+    torch.library.register_autograd(lib + "feature_kd", _feature_kd_backward, setup_context=_feature_kd_setup)
+
+    @torch.library.register_fake(lib + "pooled_cosine")
+    def _pooled_cosine_fake(student_maps, teacher_embeddings, eps):
+        g = student_maps[0]
+        return torch.empty((g.shape[0], len(student_maps)), dtype=_acc_dtype(g.dtype), device=g.device)
+
+    @torch.library.register_fake(lib + "pooled_cosine_backward")
+    def _pooled_cosine_backward_fake(grad, student_maps, teacher_embeddings, eps):
+        return [torch.empty_like(g) for g in student_maps], [torch.empty_like(e) for e in teacher_embeddings]
+
+    def _pooled_cosine_setup(ctx, inputs, output):
+        maps, embeddings, eps = inputs
+        ctx.num_maps = len(maps)
+        ctx.eps = eps
+        ctx.save_for_backward(*maps, *embeddings)
+
+    def _pooled_cosine_backward(ctx, grad):
+        saved = ctx.saved_tensors
+        maps, embeddings = list(saved[: ctx.num_maps]), list(saved[ctx.num_maps :])
+        grad_maps, grad_embeddings = torch.ops.mtkd_fast.pooled_cosine_backward(grad, maps, embeddings, ctx.eps)
+        return grad_maps, grad_embeddings, None
+
+    torch.library.register_autograd(lib + "pooled_cosine", _pooled_cosine_backward, setup_context=_pooled_cosine_setup)
+
+    @torch.library.register_fake(lib + "per_sample_loss_reward")
+    def _reward_fake(student_ce, kl, logit_weights, mse, feature_weights, alpha, beta):
+        return torch.empty_like(student_ce), torch.empty_like(student_ce)
+
+    def _reward_setup(ctx, inputs, output):
+        _, _, logit_weights, _, feature_weights, alpha, beta = inputs
+        ctx.alpha, ctx.beta = alpha, beta
+        ctx.has_mse = feature_weights is not None
+        ctx.save_for_backward(logit_weights, feature_weights if ctx.has_mse else None)
+        ctx.mark_non_differentiable(output[1])
+
+    def _reward_backward(ctx, grad_loss, _grad_reward):
+        # l is linear in the statistics; the weights receive no gradient (they come from the agent)
+        logit_weights, feature_weights = ctx.saved_tensors
+        g = grad_loss.unsqueeze(1)
+        grad_mse = ctx.beta * feature_weights * g if ctx.has_mse else None
+        return grad_loss, ctx.alpha * logit_weights * g, None, grad_mse, None, None, None
+
+    torch.library.register_autograd(lib + "per_sample_loss_reward", _reward_backward, setup_context=_reward_setup)
+
+
+if _ext.available():
+    _register()
