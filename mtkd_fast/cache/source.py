@@ -1,0 +1,230 @@
+"""``CachedTeachers``: a TeacherSource that reads the teachers' outputs from a cache built by ``build_cache``."""
+
+from __future__ import annotations
+
+import os
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..teachers import LiveTeachers, TeacherOutputs
+from . import storage
+from .manifest import (CacheCorruptError, CacheMismatchError, dataset_identity, read_manifest, require_match,
+                       unwrap_teachers, weights_sha256)
+
+VERIFY_MODES = ("lazy", "full", "none")
+
+
+def open_arrays(path: str, manifest: dict) -> dict:
+    arrays = {}
+    for name, spec in manifest["arrays"].items():
+        try:
+            arrays[name] = storage.open_array(os.path.join(path, spec["file"]), spec["dtype"], spec["shape"])
+        except ValueError as exc:
+            raise CacheCorruptError(str(exc)) from None
+    return arrays
+
+
+def chunk_bounds(manifest: dict, c: int) -> tuple[int, int]:
+    cs, N = manifest["chunk_size"], manifest["dataset"]["num_samples"]
+    return c * cs, min(N, (c + 1) * cs)
+
+
+def verify_chunk(manifest: dict, arrays: dict, v: int, c: int, path: str = "") -> list[str]:
+    """Names of the arrays whose (view v, chunk c) block does not match its recorded checksum."""
+    s, e = chunk_bounds(manifest, c)
+    return [name for name, a in arrays.items() if storage.checksum(a[v, s:e]) != manifest["checksums"][name][v][c]]
+
+
+def verify_cache(path: str, progress: bool = False) -> dict:
+    """Check every array's size and every chunk's checksum. Returns ``{"ok": bool, "problems": [str, ...],
+    "chunks_checked": int}``; never raises for a damaged cache (that is what it reports)."""
+    manifest = read_manifest(path)
+    problems = []
+    arrays = {}
+    for name, spec in manifest["arrays"].items():
+        try:
+            arrays[name] = storage.open_array(os.path.join(path, spec["file"]), spec["dtype"], spec["shape"])
+        except (ValueError, FileNotFoundError) as exc:
+            problems.append(str(exc))
+    units = [(v, c) for v in range(manifest["views"]) for c in range(manifest["num_chunks"])]
+    it = units
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(units, unit="chunk", desc="cache verify")
+    for v, c in it:
+        for name in verify_chunk(manifest, arrays, v, c):
+            s, e = chunk_bounds(manifest, c)
+            problems.append(f"{os.path.join(path, manifest['arrays'][name]['file'])}: checksum mismatch in view {v}, "
+                            f"chunk {c} (samples {s}..{e - 1})")
+    return {"ok": not problems, "problems": problems, "chunks_checked": len(units)}
+
+
+def view_for_epoch(manifest_or_source, epoch: int) -> int:
+    """The augmentation view that epoch ``epoch`` (0-based) replays: ``epoch mod V`` for a "cyclic" cache; for a
+    "shuffled" one, position ``epoch mod V`` of a permutation of the V views drawn from (seed, epoch // V)."""
+    m = getattr(manifest_or_source, "manifest", manifest_or_source)
+    if not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch: expected a non-negative integer, got {epoch!r}")
+    V = m["views"]
+    sched = m["view_schedule"]
+    if sched["kind"] == "cyclic":
+        return epoch % V
+    g = torch.Generator().manual_seed(int(sched["seed"]) * 1_000_003 + epoch // V)
+    return int(torch.randperm(V, generator=g)[epoch % V])
+
+
+class CachedTeachers:
+    """TeacherSource backed by a teacher-output cache.
+
+    ``source(images, indices, view)`` returns the M teachers' outputs for dataset samples ``indices`` under
+    augmentation view ``view`` as float32 tensors on ``device``. Fields the cache left out (storage budget) are
+    computed by running those teachers live on ``images``.
+
+    Args:
+        path: cache directory.
+        teachers: the teacher models (or a LiveTeachers). Checked against the cache (weights hash); required
+            when the cache leaves fields out.
+        device: where outputs go.
+        dataset: the training set; checked against the cache (fingerprint, size, augmentation recipe, seed).
+        verify: "lazy" (check each chunk's checksum the first time a batch reads it; default), "full" (check
+            everything now) or "none" (sizes only).
+    """
+
+    def __init__(self, path: str, teachers=None, device="cpu", dataset=None, verify: str = "lazy"):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify: expected one of {VERIFY_MODES}, got {verify!r}")
+        self.path = path
+        self.manifest = read_manifest(path)
+        self.device = torch.device(device)
+        self.verify = verify
+        self.arrays = open_arrays(path, self.manifest)
+        self._verified: set[tuple[int, int]] = set()
+        m = self.manifest
+        self.views = m["views"]
+        self.num_samples = m["dataset"]["num_samples"]
+        self._topk = m["topk"]
+        self._live = None
+        self._live_index: list[int] = []  # teachers run live (those with fields left out)
+        missing = [(i, f) for i, t in enumerate(m["teachers"]) for f in storage.FIELDS if f not in t["stored"]]
+        if teachers is not None:
+            self.check_teachers(teachers)
+            models = unwrap_teachers(teachers)
+            self._live_index = sorted({i for i, _ in missing})
+            if self._live_index:
+                self._live = [models[i].eval().requires_grad_(False) for i in self._live_index]
+                self._live_autocast = getattr(teachers, "autocast_dtype", None)
+        elif missing:
+            i, f = missing[0]
+            raise ValueError(f"teachers: the cache at {path} leaves out teachers[{i}] ({m['teachers'][i]['arch']}) "
+                             f"field {f!r} (storage budget); pass the teacher models to compute it live")
+        if dataset is not None:
+            self.check_dataset(dataset)
+        if verify == "full":
+            for v in range(self.views):
+                for c in range(m["num_chunks"]):
+                    self._verify(v, c)
+
+    @property
+    def num_teachers(self) -> int:
+        return len(self.manifest["teachers"])
+
+    def check_teachers(self, teachers) -> None:
+        models = unwrap_teachers(teachers)
+        rec = self.manifest["teachers"]
+        if len(models) != len(rec):
+            raise CacheMismatchError(f"teachers: the teacher cache was made with a different teachers (length): "
+                                     f"cache has {len(rec)}, given {len(models)}")
+        for i, (t, model) in enumerate(zip(rec, models)):
+            require_match(t["weights_sha256"], weights_sha256(model), "teachers", f"teachers[{i}].weights_sha256 "
+                          f"(checkpoint of {t['arch']})")
+
+    def check_dataset(self, dataset) -> None:
+        require_match(self.manifest["dataset"], dataset_identity(dataset), "dataset", "dataset")
+
+    def _verify(self, v: int, c: int) -> None:
+        bad = verify_chunk(self.manifest, self.arrays, v, c)
+        if bad:
+            s, e = chunk_bounds(self.manifest, c)
+            f = os.path.join(self.path, self.manifest["arrays"][bad[0]]["file"])
+            raise CacheCorruptError(f"{f}: teacher cache data does not match its checksum in view {v}, chunk {c} "
+                                    f"(samples {s}..{e - 1}); rebuild the cache (`mtkd-fast cache verify` lists "
+                                    "every damaged chunk)")
+        self._verified.add((v, c))
+
+    def _take(self, name: str, view: int, idx: np.ndarray) -> np.ndarray:
+        return self.arrays[name][view][idx]
+
+    def __call__(self, images: Tensor | None, indices, view: int) -> TeacherOutputs:
+        if not isinstance(view, (int, np.integer)) or not 0 <= int(view) < self.views:
+            raise ValueError(f"view: expected an integer in [0, {self.views}) (the cache has V={self.views} views), "
+                             f"got {view!r}")
+        view = int(view)
+        idx = torch.as_tensor(indices).detach().cpu().long().numpy()
+        if idx.ndim != 1:
+            raise ValueError(f"indices: expected a 1-d tensor of dataset indices, got shape {tuple(idx.shape)}")
+        if images is not None and images.shape[0] != idx.shape[0]:
+            raise ValueError(f"indices: expected {images.shape[0]} indices (one per image), got {idx.shape[0]}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise ValueError(f"indices: expected dataset indices in [0, {self.num_samples - 1}], got values in "
+                             f"[{idx.min()}, {idx.max()}]")
+        if self.verify == "lazy":
+            for c in np.unique(idx // self.manifest["chunk_size"]).tolist():
+                if (view, c) not in self._verified:
+                    self._verify(view, c)
+        live_out = self._run_live(images) if self._live else {}
+        dev, enc = self.device, self.manifest["encodings"]
+        logits, embeddings, maps = [], [], []
+        for m, t in enumerate(self.manifest["teachers"]):
+            if self._topk:
+                logits.append(storage.topk_decode(
+                    self._take(f"t{m}.logits", view, idx), self._take(f"t{m}.logits.idx", view, idx),
+                    self._take(f"t{m}.logits.tail", view, idx), t["num_classes"], self._topk["temperature"],
+                    enc["logits"], dev))
+            else:
+                logits.append(storage.decode_float(self._take(f"t{m}.logits", view, idx), enc["logits"], dev))
+            if "embeddings" in t["stored"]:
+                embeddings.append(storage.decode_float(self._take(f"t{m}.embeddings", view, idx),
+                                                       enc["embeddings"], dev))
+            else:
+                embeddings.append(live_out[m].embeddings)
+            if "feature_maps" not in t["stored"]:
+                maps.append(live_out[m].feature_maps)
+            elif t["feature_map_encoding"] == "int8":
+                maps.append(storage.dequantize_int8(self._take(f"t{m}.feature_maps", view, idx),
+                                                    self._take(f"t{m}.feature_maps.scale", view, idx), dev))
+            else:
+                maps.append(storage.decode_float(self._take(f"t{m}.feature_maps", view, idx),
+                                                 t["feature_map_encoding"], dev))
+        return TeacherOutputs(torch.stack(logits), embeddings, maps)
+
+    def _run_live(self, images: Tensor | None) -> dict:
+        """Outputs of the teachers whose fields were left out, on ``images`` (to the cache's device)."""
+        if images is None:
+            raise ValueError("images: this cache leaves teacher fields out, which are computed live from the images; "
+                             "got images=None")
+        out = {}
+        with torch.inference_mode():
+            ac = self._live_autocast
+            with torch.autocast(images.device.type, dtype=ac, enabled=ac is not None):
+                for i, model in zip(self._live_index, self._live):
+                    feats, _ = model(images, is_feat=True)
+                    out[i] = (feats[-1].float(), feats[-2].float())
+        with torch.inference_mode(False):  # usable as constants in the student's graph
+            return {i: _LiveFields(e.clone().to(self.device), f.clone().to(self.device)) for i, (e, f) in out.items()}
+
+
+class _LiveFields:
+    __slots__ = ("embeddings", "feature_maps")
+
+    def __init__(self, embeddings: Tensor, feature_maps: Tensor):
+        self.embeddings, self.feature_maps = embeddings, feature_maps
+
+
+def open_teacher_source(path: str, teachers=None, device="cpu", *, dataset=None, verify: str = "lazy") -> CachedTeachers:
+    """Open the teacher-output cache at ``path`` as a TeacherSource (see :class:`CachedTeachers`).
+
+    Pass ``teachers`` to check the cache was made with them (and to compute any field the cache left out) and
+    ``dataset`` to check it was made from the same data, augmentation recipe and seed.
+    """
+    return CachedTeachers(path, teachers=teachers, device=device, dataset=dataset, verify=verify)
