@@ -1,0 +1,165 @@
+"""``TrainConfig``: every knob of a training run, with the spec's CIFAR-100 parity defaults (section 7)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+STRATEGIES = ("none", "aver", "ebkd", "camkd", "mtkd_rl")
+SCHEDULES = ("multistep", "cosine", "constant")
+OPTIMIZERS = ("sgd", "adamw")
+FEATURE_KD = ("mse", "kl")
+WARMUP_WEIGHTS = ("ones", "uniform")
+AMP = (None, "bf16", "fp16")
+AGENT_UPDATES = ("bce", "policy_gradient")
+BUFFER_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TrainConfig:
+    """A distillation (or plain training) run. Defaults are the authors' CIFAR-100 settings (parity mode).
+
+    ``batch_size`` is the GLOBAL batch: under ``torchrun`` with N processes each takes ``batch_size / N``.
+    """
+
+    # models and data
+    student: str = "resnet8"
+    teachers: list = field(default_factory=list)  # model names, one per teacher
+    teacher_checkpoints: list = field(default_factory=list)  # {"model": state_dict} files, one per teacher
+    teacher_cache: Optional[str] = None  # a mtkd_fast.cache directory to read teacher outputs from
+    dataset: str = "bundled"  # "bundled" | "cifar100" | "imagefolder"
+    data_root: Optional[str] = None
+    val_split: str = "test"
+    num_workers: int = 0
+    # method
+    strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | mtkd_rl
+    temperature: float = 4.0
+    alpha: float = 1.0
+    beta: float = 5.0
+    feature_kd: str = "mse"  # "mse" (parity) or "kl" (per-channel spatial softmax KL at T)
+    warmup_weights: str = "ones"  # epoch-0 weights of mtkd_rl: "ones" (parity) or "uniform" (1/M)
+    dynamic: bool = False
+    agent_step: int = 1000
+    agent_lr: float = 0.1
+    agent_update: str = "bce"  # "bce" (parity) or "policy_gradient"
+    agent_buffer_dtype: str = "float32"  # the replay buffer's state storage; bfloat16/float16 halve it
+    loss_backend: str = "auto"  # MTKDLoss backend: auto | fused | reference
+    # optimisation
+    epochs: int = 240
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    schedule: str = "multistep"
+    milestones: list = field(default_factory=lambda: [150, 180, 210])
+    lr_decay: float = 0.1
+    seed: int = 0
+    max_steps_per_epoch: Optional[int] = None  # cut epochs short (smoke tests, demos)
+    # speed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Optional[str] = None  # None | "bf16" | "fp16"
+    channels_last: bool = False
+    compile: bool = False
+    # output
+    out_dir: str = "runs/mtkd"
+    resume: bool = False  # continue from out_dir/checkpoint_last.pt
+    log_every: int = 50
+    progress: bool = True
+    tensorboard: bool = False
+    eval_every: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "TrainConfig":
+        def one_of(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+
+        one_of("strategy", STRATEGIES)
+        one_of("schedule", SCHEDULES)
+        one_of("optimizer", OPTIMIZERS)
+        one_of("feature_kd", FEATURE_KD)
+        one_of("warmup_weights", WARMUP_WEIGHTS)
+        one_of("amp", AMP)
+        one_of("agent_update", AGENT_UPDATES)
+        one_of("agent_buffer_dtype", BUFFER_DTYPES)
+        one_of("loss_backend", ("auto", "fused", "reference"))
+        for name in ("epochs", "batch_size", "agent_step", "log_every", "eval_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: expected a positive number, got {self.temperature}")
+        for name in ("lr", "agent_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.alpha < 0 or self.beta < 0:
+            raise ValueError("weight_decay, alpha, beta: expected non-negative numbers, got "
+                             f"{self.weight_decay}, {self.alpha}, {self.beta}")
+        if self.teacher_checkpoints and len(self.teacher_checkpoints) != len(self.teachers):
+            raise ValueError(
+                f"teacher_checkpoints: expected one checkpoint per teacher ({len(self.teachers)}), "
+                f"got {len(self.teacher_checkpoints)}"
+            )
+        if self.strategy != "none" and not self.teachers and not self.teacher_cache:
+            raise ValueError(f"teachers: strategy {self.strategy!r} needs at least 2 teachers (or a teacher_cache)")
+        if self.teachers and len(self.teachers) < 2 and self.strategy != "none":
+            raise ValueError(f"teachers: expected at least 2 teachers for multi-teacher distillation, got {self.teachers}")
+        return self
+
+    # ---- serialisation ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config: unknown option(s) {unknown}; valid options are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str, **overrides) -> "TrainConfig":
+        """Read a JSON (or, with pyyaml installed, YAML) config file; ``overrides`` win over the file."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config: no such file {path!r}")
+        with open(path) as f:
+            text = f.read()
+        if path.endswith((".yaml", ".yml")):
+            try:
+                import yaml
+            except ImportError as exc:  # pragma: no cover - depends on the environment
+                raise ValueError(f"config: {path!r} is YAML but pyyaml is not installed; use JSON") from exc
+            values = yaml.safe_load(text) or {}
+        else:
+            try:
+                values = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"config: {path!r} is not valid JSON ({exc})") from exc
+        if not isinstance(values, dict):
+            raise ValueError(f"config: expected a mapping of options in {path!r}, got {type(values).__name__}")
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# The authors' teacher pretraining (spec section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight decay
+# 5e-4, the student's schedule, plain cross-entropy.
+SMALL_LR_TEACHERS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+
+
+def teacher_config(model: str, **overrides) -> TrainConfig:
+    """A :class:`TrainConfig` for pretraining ``model`` as a teacher with the authors' settings."""
+    values = dict(student=model, strategy="none", weight_decay=5e-4, out_dir=f"runs/teacher_{model}",
+                  lr=0.01 if model in SMALL_LR_TEACHERS else 0.05)
+    values.update(overrides)
+    return TrainConfig(**values)

@@ -1,0 +1,181 @@
+"""``train(config)`` and ``train_teacher(...)``: build models, data, teacher source, agent and Trainer from a
+``TrainConfig`` and run them (under ``torchrun`` too)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..agent import MTKDAgent
+from ..teachers import LiveTeachers
+from . import distributed as D
+from .checkpoint import load_checkpoint_file
+from .config import TrainConfig, teacher_config
+from .trainer import CHECKPOINT_LAST, CONFIG_JSON, Trainer, _write_bytes_atomic
+
+__all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes", "build_teachers"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _models():
+    try:
+        from .. import models
+    except ImportError as exc:  # the model zoo is a separate part of the package
+        raise ImportError(f"mtkd_fast.models is not available ({exc}); the trainer builds its models from it") from exc
+    return models
+
+
+def _data():
+    try:
+        from .. import data
+    except ImportError as exc:
+        raise ImportError(f"mtkd_fast.data is not available ({exc}); the trainer reads its datasets through it") from exc
+    return data
+
+
+def checkpoint_num_classes(path: str) -> Optional[int]:
+    """The class count of a classifier checkpoint ({"model": state_dict} or a bare state_dict): the output size
+    of its last 2-d weight (the final linear layer)."""
+    state = load_checkpoint_file(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    last = None
+    for key, value in state.items():
+        if key.endswith("weight") and torch.is_tensor(value) and value.dim() == 2:
+            last = int(value.shape[0])
+    return last
+
+
+def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) -> list[nn.Module]:
+    """Create the teachers and load their checkpoints, checking that every teacher has ``num_classes`` classes."""
+    models = _models()
+    if config.teacher_checkpoints:
+        counts = {}
+        for name, path in zip(config.teachers, config.teacher_checkpoints):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"teacher_checkpoints: no such file {path!r} (teacher {name})")
+            counts[path] = checkpoint_num_classes(path)
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{p}: {k}" for p, k in counts.items())
+            raise ValueError(f"teacher_checkpoints: the teachers have different class counts ({listed})")
+        k = next(iter(counts.values()))
+        if k is not None and k != num_classes:
+            raise ValueError(f"teacher_checkpoints: the teachers predict {k} classes but dataset "
+                             f"{config.dataset!r} has {num_classes}")
+    teachers = []
+    for m, name in enumerate(config.teachers):
+        model = models.create_model(name, num_classes)
+        if config.teacher_checkpoints:
+            models.load_checkpoint(model, config.teacher_checkpoints[m])
+        teachers.append(model.to(device))
+    return teachers
+
+
+def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torch.device):
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
+    live = LiveTeachers(teachers, autocast_dtype=amp, channels_last=config.channels_last) if teachers else None
+    if config.teacher_cache:
+        try:
+            from ..cache import open_teacher_source
+        except ImportError as exc:
+            raise ImportError(f"teacher_cache: mtkd_fast.cache is not available ({exc})") from exc
+        if not os.path.exists(config.teacher_cache):
+            raise FileNotFoundError(f"teacher_cache: no such directory {config.teacher_cache!r}")
+        return open_teacher_source(config.teacher_cache, teachers=live, device=device)
+    return live
+
+
+def _check_data_root(config: TrainConfig) -> None:
+    if config.data_root is not None and not os.path.exists(config.data_root):
+        raise FileNotFoundError(f"data_root: no such directory {config.data_root!r} (dataset {config.dataset!r})")
+
+
+def train(config: TrainConfig) -> dict:
+    """Run ``config`` to the end (or from its last checkpoint with ``resume``). Returns the final metrics and the
+    paths of the CSV, the PNG and the checkpoints (see the README's "Training" section for the layout)."""
+    config.validate()
+    device = D.resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_info = D.init_distributed(device)
+    if config.batch_size % dist_info.world_size:
+        raise ValueError(f"batch_size: the global batch {config.batch_size} must divide over "
+                         f"{dist_info.world_size} processes")
+    local_batch = config.batch_size // dist_info.world_size
+    _check_data_root(config)
+    data = _data()
+    seed_everything(config.seed)
+    train_set = data.build_dataset(config.dataset, split="train", root=config.data_root, augment=True, seed=config.seed)
+    val_set = data.build_dataset(config.dataset, split=config.val_split, root=config.data_root, augment=False,
+                                 seed=config.seed)
+    num_classes = int(train_set.num_classes)
+
+    models = _models()
+    student = models.create_model(config.student, num_classes).to(device)
+    teachers = build_teachers(config, num_classes, device) if config.strategy != "none" else []
+    source = _teacher_source(config, teachers, device) if config.strategy != "none" else None
+
+    feature_transfer = agent = None
+    if source is not None:
+        # probe one small batch for the map shapes, embedding widths and class count
+        if hasattr(train_set, "set_view"):
+            train_set.set_view(0)
+        items = [train_set[i] for i in range(min(2, len(train_set)))]
+        images = torch.stack([torch.as_tensor(it[0]) for it in items]).to(device)
+        indices = torch.tensor([int(it[2]) for it in items])
+        probe = source(images, indices, 0)
+        if probe.logits.shape[-1] != num_classes:
+            raise ValueError(f"teachers: predict {probe.logits.shape[-1]} classes but dataset {config.dataset!r} "
+                             f"has {num_classes}")
+        student.eval()
+        with torch.no_grad():
+            feats, _ = student(images, is_feat=True)
+        student_shape = tuple(feats[-2].shape[1:])
+        teacher_shapes = [tuple(f.shape[1:]) for f in probe.feature_maps]
+        feature_transfer = models.FeatureTransfer(student_shape=student_shape, teacher_shapes=teacher_shapes)
+        if config.strategy == "mtkd_rl":
+            sizes = [int(e.shape[1]) + num_classes + 3 for e in probe.embeddings]
+            agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
+    trainer = Trainer(config, student, source, feature_transfer, agent, device=device, dist_info=dist_info)
+    if config.resume:
+        path = os.path.join(config.out_dir, CHECKPOINT_LAST)
+        trainer.resume(path)
+    if dist_info.is_main:
+        os.makedirs(config.out_dir, exist_ok=True)
+        _write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(config.to_dict(), indent=2).encode())
+
+    num_views = getattr(source, "num_views", None)
+
+    def make_train_loader(epoch: int):
+        if hasattr(train_set, "set_view"):
+            train_set.set_view(epoch % num_views if num_views else epoch)
+        return data.build_loader(train_set, local_batch, shuffle=True, seed=config.seed, epoch=epoch,
+                                 num_workers=config.num_workers, drop_last=dist_info.enabled,
+                                 rank=dist_info.rank, world_size=dist_info.world_size, device=str(device))
+
+    val_loader = data.build_loader(val_set, local_batch, shuffle=False, seed=config.seed, num_workers=config.num_workers,
+                                   rank=dist_info.rank, world_size=dist_info.world_size, device=str(device))
+    try:
+        result = trainer.fit(make_train_loader, val_loader, config.out_dir)
+    finally:
+        D.cleanup()
+    return result
+
+
+def train_teacher(model: str, **options) -> dict:
+    """Pretrain ``model`` as a teacher the authors' way (plain cross-entropy; lr 0.05, 0.01 for MobileNetV2 and
+    ShuffleNets; weight decay 5e-4; the student's schedule). ``options`` override any ``TrainConfig`` field.
+    The weights are saved as ``{"model": state_dict}`` in ``out_dir/student_best.pth`` (best validation top-1)
+    and ``student_last.pth``, the format the teacher loaders read."""
+    return train(teacher_config(model, **options))
+
+

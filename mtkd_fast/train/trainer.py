@@ -1,0 +1,514 @@
+"""The MTKD-RL trainer: alternating student / agent optimisation (spec section 7) and the baselines.
+
+``Trainer`` owns one run's modules, optimisers and metrics; ``Trainer.train_step`` is one student step (plus the
+agent update when it falls due) and never waits for the device; ``Trainer.fit`` runs epochs with progress,
+evaluation, CSV/PNG logs and atomic checkpoints. ``train(config)`` builds everything from a ``TrainConfig``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+import time
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import reference
+from ..agent import AgentReplayBuffer, MTKDAgent, make_state, normalized_reward
+from ..loss import MTKDLoss
+from . import distributed as D
+from .checkpoint import load_checkpoint_file, load_module_state, rng_state, save_atomic, set_rng_state
+from .config import TrainConfig
+from .strategies import make_strategy
+
+__all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "CHECKPOINT_LAST",
+           "CHECKPOINT_BEST", "STUDENT_BEST", "METRICS_CSV", "WEIGHTS_PNG"]
+
+CHECKPOINT_LAST = "checkpoint_last.pt"
+CHECKPOINT_BEST = "checkpoint_best.pt"
+STUDENT_BEST = "student_best.pth"
+STUDENT_LAST = "student_last.pth"
+METRICS_CSV = "metrics.csv"
+WEIGHTS_PNG = "teacher_weights.png"
+CONFIG_JSON = "config.json"
+
+_AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# device-side running sums, read back once per log interval / epoch
+_METERS = ("loss", "ce", "kd", "feat", "top1", "top5", "count", "agent_loss", "agent_batches")
+
+
+def feature_kl_per_sample(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], temperature: float) -> Tensor:
+    """The "kl" feature distillation of the authors' code (spec section 8.6): per channel, a softmax over the
+    spatial positions at temperature T; KL(teacher || student) summed over positions, averaged over channels,
+    times T^2. Returns [B, M]."""
+    cols = []
+    for g, f in zip(student_maps, teacher_maps):
+        log_ps = F.log_softmax(g.flatten(2) / temperature, dim=-1)
+        log_pt = F.log_softmax(f.detach().flatten(2) / temperature, dim=-1)
+        cols.append((log_pt.exp() * (log_pt - log_ps)).sum(-1).mean(-1) * temperature**2)
+    return torch.stack(cols, dim=1)
+
+
+class StudentWithTransfer(nn.Module):
+    """The trainable part of a step: the student and its feature transfer, as one module (one DDP wrapper)."""
+
+    def __init__(self, student: nn.Module, feature_transfer: Optional[nn.Module] = None):
+        super().__init__()
+        self.student = student
+        self.feature_transfer = feature_transfer
+
+    def forward(self, images: Tensor):
+        feats, logits = self.student(images, is_feat=True)
+        maps = self.feature_transfer(feats[-2]) if self.feature_transfer is not None else None
+        return logits, maps
+
+
+def _logits_of(output):
+    return output[-1] if isinstance(output, (tuple, list)) else output
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, device=None, amp: Optional[str] = None,
+             channels_last: bool = False) -> dict:
+    """Top-1/top-5 accuracy (in %) and mean cross-entropy of ``model`` over ``loader`` (batches of (images,
+    labels[, indices])). Sums are all-reduced when running distributed (each rank evaluates its shard)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+    dtype = _AMP_DTYPES[amp]
+    for batch in loader:
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = _logits_of(model(images)).float()
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == labels.unsqueeze(1)
+        sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), hit[:, 0].sum().double(),
+                             hit.any(1).sum().double(), torch.tensor(float(labels.shape[0]), device=device,
+                                                                     dtype=torch.float64)])
+    D.all_reduce_sum(sums)
+    model.train(was_training)
+    loss, top1, top5, count = sums.tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count, "count": int(count)}
+
+
+class Trainer:
+    """One run: student (+ feature transfer), teacher source, weighting strategy (+ agent), optimisers.
+
+    Args:
+        config: the run's :class:`TrainConfig` (method, optimisation and output options).
+        student: a model returning ``(feats, logits)`` with ``is_feat=True``.
+        teachers: a :class:`mtkd_fast.teachers.TeacherSource` (live teachers or a cache); None for strategy "none".
+        feature_transfer: maps the student's last map to one map per teacher (needed when beta > 0).
+        agent: the :class:`MTKDAgent` (strategy "mtkd_rl" only).
+        device: where the student trains.
+        dist_info: rank/world size when running under torchrun (see ``distributed``).
+    """
+
+    def __init__(self, config: TrainConfig, student: nn.Module, teachers=None, feature_transfer: Optional[nn.Module] = None,
+                 agent: Optional[MTKDAgent] = None, device="cpu", dist_info: Optional[D.DistInfo] = None):
+        self.config = config
+        self.device = torch.device(device)
+        self.dist = dist_info or D.DistInfo()
+        self.strategy = make_strategy(config.strategy, agent, config.warmup_weights)
+        if self.strategy.needs_teachers:
+            if teachers is None:
+                raise ValueError(f"teachers: strategy {config.strategy!r} needs a teacher source")
+            if feature_transfer is None and config.beta > 0:
+                raise ValueError("feature_transfer: feature distillation (beta > 0) needs a feature transfer module")
+        self.teachers = teachers if self.strategy.needs_teachers else None
+        self.agent = agent.to(self.device) if (agent is not None and config.strategy == "mtkd_rl") else None
+        self.student = student.to(self.device)
+        self.feature_transfer = feature_transfer.to(self.device) if (feature_transfer is not None and self.teachers is not None) else None
+        self.net = StudentWithTransfer(self.student, self.feature_transfer)
+        if config.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_module: nn.Module = DDP(self.net, device_ids=ids)
+            if self.agent is not None:
+                D.broadcast_module(self.agent)
+        else:
+            self.train_module = self.net
+        if config.compile:
+            self.train_module = torch.compile(self.train_module)
+        self.optimizer = _build_optimizer(config, self.net.parameters())
+        self.scheduler = _build_scheduler(config, self.optimizer)
+        self.agent_optimizer = torch.optim.SGD(self.agent.parameters(), lr=config.agent_lr) if self.agent else None
+        self.loss_fn = MTKDLoss(config.temperature, config.alpha, config.beta, backend=config.loss_backend)
+        self.amp_dtype = _AMP_DTYPES[config.amp]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.buffer: Optional[AgentReplayBuffer] = None
+        self.num_teachers = getattr(self.teachers, "num_teachers", 0) if self.teachers is not None else 0
+        self.epoch = 0
+        self.start_epoch = 0
+        self.step_in_epoch = 0
+        self.steps_this_epoch: Optional[int] = None
+        self.best_top1 = -math.inf
+        self.history: list[dict] = []
+        self._reset_meters()
+
+    # ------------------------------------------------------------------ one step
+    def _reset_meters(self):
+        self.meters = torch.zeros(len(_METERS), dtype=torch.float64, device=self.device)
+        self.weight_sums = torch.zeros(2, max(self.num_teachers, 1), dtype=torch.float64, device=self.device)
+
+    def begin_epoch(self, epoch: int, steps: Optional[int] = None) -> None:
+        """Start epoch ``epoch`` (0 is the warm-up); ``steps`` sizes the agent's replay buffer."""
+        self.epoch = epoch
+        self.step_in_epoch = 0
+        self.steps_this_epoch = steps
+        self._reset_meters()
+
+    def train_step(self, images: Tensor, labels: Tensor, indices: Optional[Tensor] = None, view: int = 0) -> dict:
+        """One student step on a batch (and the agent update when it falls due). Returns device tensors
+        (``loss``, ``logit_weights``, ``feature_weights``, ``reward``); nothing here reads back to the host."""
+        cfg = self.config
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        self.net.train()
+        t_out = _on_device(self.teachers(images, indices, view), self.device) if self.teachers is not None else None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            logits, maps = self.train_module(images)
+        if self.amp_dtype is not None:  # the losses run in float32 whatever the student's autocast dtype
+            logits = logits.float()
+            maps = [m.float() for m in maps] if maps is not None else None
+        wl = wf = reward = state = actions = None
+        zero = torch.zeros((), device=self.device)
+        if t_out is None:
+            per_sample = F.cross_entropy(logits, labels, reduction="none")
+            loss = per_sample.mean()
+            ce, kd, feat = loss.detach(), zero, zero
+        else:
+            tl = t_out.logits.to(self.device)
+            with torch.no_grad():
+                tce = reference.teacher_cross_entropy(tl, labels) if self.strategy.needs_teacher_ce else None
+                if self.strategy.needs_state:
+                    kl = reference.kl_per_sample(logits.detach(), tl, cfg.temperature)
+                    cos = (reference.pooled_cosine([m.detach() for m in maps], t_out.embeddings) if maps is not None
+                           else torch.zeros_like(kl))
+                    state = make_state(cos, kl, tce, t_out.embeddings, tl)
+            wl, wf, actions = self.strategy.weights(self.epoch, tl, tce, state)
+            if maps is not None and cfg.feature_kd == "mse":
+                out = self.loss_fn(logits, tl, labels, wl, maps, t_out.feature_maps, wf)
+                loss, per_sample = out.loss, out.per_sample_loss
+                feat = cfg.beta * (wf * out.mse).mean(0).sum()
+            else:
+                out = self.loss_fn(logits, tl, labels, wl)
+                loss, per_sample, feat = out.loss, out.per_sample_loss, zero
+                if maps is not None:  # "kl" feature distillation
+                    fkl = feature_kl_per_sample(maps, t_out.feature_maps, cfg.temperature)
+                    feat_loss = cfg.beta * (wf * fkl).mean(0).sum()
+                    loss = loss + feat_loss
+                    per_sample = per_sample + cfg.beta * (wf * fkl.detach()).sum(1)
+                    feat = feat_loss.detach()
+            ce = out.student_ce.mean()
+            kd = cfg.alpha * (wl * out.kl).mean(0).sum()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+        batch_index = self.step_in_epoch
+        self.step_in_epoch += 1
+        with torch.no_grad():
+            B = labels.shape[0]
+            k = min(5, logits.shape[1])
+            hit = logits.detach().topk(k, dim=1).indices == labels.unsqueeze(1)
+            self.meters += torch.stack([loss.detach() * B, ce * B, kd * B, feat * B, hit[:, 0].sum(), hit.any(1).sum(),
+                                        torch.tensor(float(B), device=self.device), zero, zero]).double()
+            if wl is not None:
+                self.weight_sums += torch.stack([wl.sum(0), wf.sum(0)]).double()
+        if self.agent is not None:
+            reward = self._reward(per_sample.detach())
+            self._store(state, reward, actions)
+            # the authors' trigger: after batch index agent_step, 2 agent_step, ... (and at the epoch's end)
+            if batch_index % cfg.agent_step == 0 and batch_index != 0:
+                self.update_agent()
+        return {"loss": loss.detach(), "logit_weights": wl, "feature_weights": wf, "reward": reward}
+
+    def _reward(self, per_sample: Tensor) -> Tensor:
+        """Normalised reward over the global batch (all ranks' samples), this rank's slice."""
+        gathered, offset = D.all_gather_cat(per_sample)
+        return normalized_reward(gathered)[offset:offset + per_sample.shape[0]]
+
+    def _store(self, state, reward, actions) -> None:
+        if self.buffer is None:
+            capacity = self.config.agent_step + 1
+            if self.steps_this_epoch:
+                capacity = min(capacity, self.steps_this_epoch)
+            self.buffer = AgentReplayBuffer(capacity, state.features.shape[0], state.features.shape[1],
+                                            state.kl.shape[1], dtype=_BUFFER_DTYPES[self.config.agent_buffer_dtype],
+                                            device=self.device, store_actions=actions is not None)
+        self.buffer.append(state, reward, actions)
+
+    def update_agent(self) -> None:
+        """One SGD step of the agent per stored mini-batch, in order, then clear the store (spec section 6)."""
+        if self.agent is None or self.buffer is None or len(self.buffer) == 0:
+            return
+        self.agent.train()
+        params = list(self.agent.parameters())
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for state, reward, actions in self.buffer:
+            loss = self.agent.loss(state, reward, actions)
+            self.agent_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            D.average_gradients(params)
+            self.agent_optimizer.step()
+            total += loss.detach().double()
+        self.meters[_METERS.index("agent_loss")] += total
+        self.meters[_METERS.index("agent_batches")] += len(self.buffer)
+        self.buffer.clear()
+        self.agent.eval()
+
+    def end_epoch(self) -> dict:
+        """Final agent update of the epoch, learning-rate schedule step, and the epoch's training metrics."""
+        self.update_agent()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        sums = D.all_reduce_sum(self.meters.clone())
+        weights = D.all_reduce_sum(self.weight_sums.clone())
+        m = dict(zip(_METERS, sums.tolist()))
+        n = max(m["count"], 1.0)
+        metrics = {"lr": lr, "train_loss": m["loss"] / n, "train_ce": m["ce"] / n, "train_kd": m["kd"] / n,
+                   "train_feat": m["feat"] / n, "train_top1": 100 * m["top1"] / n, "train_top5": 100 * m["top5"] / n,
+                   "agent_loss": m["agent_loss"] / m["agent_batches"] if m["agent_batches"] else float("nan"),
+                   "images": int(m["count"])}
+        if self.num_teachers and self.strategy.needs_teachers:
+            w = (weights / n).tolist()
+            for t in range(self.num_teachers):
+                metrics[f"wl_t{t}"] = w[0][t]
+                metrics[f"wf_t{t}"] = w[1][t]
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "format": 1,
+            "epoch": self.epoch + 1,  # epochs completed
+            "student": self.student.state_dict(),
+            "feature_transfer": self.feature_transfer.state_dict() if self.feature_transfer is not None else None,
+            "agent": self.agent.state_dict() if self.agent is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "agent_optimizer": self.agent_optimizer.state_dict() if self.agent_optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_top1": self.best_top1,
+            "history": self.history,
+            "config": self.config.to_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, ckpt: dict, path: str = "<checkpoint>") -> None:
+        load_module_state(self.student, ckpt["student"], path, "student")
+        if self.feature_transfer is not None:
+            if ckpt.get("feature_transfer") is None:
+                raise ValueError(f"{path}: has no feature transfer state, but this run distils features")
+            load_module_state(self.feature_transfer, ckpt["feature_transfer"], path, "feature transfer")
+        if self.agent is not None:
+            if ckpt.get("agent") is None:
+                raise ValueError(f"{path}: has no agent state, but this run uses strategy 'mtkd_rl'")
+            load_module_state(self.agent, ckpt["agent"], path, "agent")
+            self.agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.epoch = self.start_epoch
+        self.best_top1 = float(ckpt["best_top1"])
+        self.history = list(ckpt["history"])
+        set_rng_state(ckpt["rng"])
+
+    def resume(self, path: str) -> None:
+        self.load_state_dict(load_checkpoint_file(path, map_location=self.device), path)
+
+    # ------------------------------------------------------------------ epochs
+    def view_for_epoch(self, epoch: int) -> int:
+        """The augmentation view of epoch ``epoch``: the epoch, or epoch mod V for a cache holding V views."""
+        num_views = getattr(self.teachers, "num_views", None)
+        return epoch % num_views if num_views else epoch
+
+    def fit(self, make_train_loader: Callable[[int], Iterable], val_loader: Optional[Iterable] = None,
+            out_dir: Optional[str] = None) -> dict:
+        """Train epochs ``start_epoch .. config.epochs - 1``. ``make_train_loader(epoch)`` gives the epoch's
+        batches (images, labels, indices), already in view ``view_for_epoch(epoch)``. Writes the CSV, the PNG and
+        the checkpoints into ``out_dir`` (rank 0) and returns the final metrics and paths."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        out_dir = out_dir or cfg.out_dir
+        main = self.dist.is_main
+        if main:
+            os.makedirs(out_dir, exist_ok=True)
+        writer = _tensorboard_writer(os.path.join(out_dir, "tensorboard")) if (cfg.tensorboard and main) else None
+        last = {}
+        for epoch in range(self.start_epoch, cfg.epochs):
+            loader = make_train_loader(epoch)
+            view = self.view_for_epoch(epoch)
+            steps = len(loader) if hasattr(loader, "__len__") else None
+            if cfg.max_steps_per_epoch:
+                steps = min(steps, cfg.max_steps_per_epoch) if steps is not None else cfg.max_steps_per_epoch
+            self.begin_epoch(epoch, steps)
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                       disable=not (cfg.progress and main), dynamic_ncols=True, leave=False)
+            t0 = time.perf_counter()
+            images_seen = 0
+            for i, (images, labels, indices) in enumerate(loader):
+                if steps is not None and i >= steps:
+                    break
+                self.train_step(images, labels, indices, view)
+                images_seen += images.shape[0] * self.dist.world_size
+                bar.update(1)
+                if (i + 1) % cfg.log_every == 0:  # the only per-interval host read-back
+                    n = max(float(self.meters[_METERS.index("count")]), 1.0)
+                    bar.set_postfix(loss=f"{float(self.meters[0]) / n:.3f}",
+                                    img_s=f"{images_seen / (time.perf_counter() - t0):.0f}")
+            bar.close()
+            metrics = self.end_epoch()
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, **metrics, "time_s": seconds, "images_per_s": metrics["images"] / max(seconds, 1e-9)}
+            if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+                val = evaluate(self.student, val_loader, self.device, cfg.amp, cfg.channels_last)
+                row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+            is_best = "val_top1" in row and row["val_top1"] > self.best_top1
+            if is_best:
+                self.best_top1 = row["val_top1"]
+            self.history.append(row)
+            if main:
+                self._write_outputs(out_dir, is_best, writer)
+                print(_summary_line(row, cfg.epochs), flush=True)
+            D.barrier()
+            last = row
+        if writer is not None:
+            writer.close()
+        return {
+            "out_dir": out_dir,
+            "epochs": cfg.epochs,
+            "final": last,
+            "best_top1": self.best_top1 if self.best_top1 > -math.inf else None,
+            "history": self.history,
+            "csv": os.path.join(out_dir, METRICS_CSV),
+            "png": os.path.join(out_dir, WEIGHTS_PNG) if self.num_teachers else None,
+            "checkpoint": os.path.join(out_dir, CHECKPOINT_LAST),
+            "best_checkpoint": os.path.join(out_dir, CHECKPOINT_BEST),
+            "student_checkpoint": os.path.join(out_dir, STUDENT_BEST),
+        }
+
+    def _write_outputs(self, out_dir: str, is_best: bool, writer) -> None:
+        state = self.state_dict()
+        save_atomic(state, os.path.join(out_dir, CHECKPOINT_LAST))
+        save_atomic({"model": self.student.state_dict()}, os.path.join(out_dir, STUDENT_LAST))
+        if is_best:
+            save_atomic(state, os.path.join(out_dir, CHECKPOINT_BEST))
+            save_atomic({"model": self.student.state_dict()}, os.path.join(out_dir, STUDENT_BEST))
+        write_csv_atomic(os.path.join(out_dir, METRICS_CSV), self.history)
+        if self.num_teachers:
+            plot_teacher_weights(self.history, self.num_teachers, os.path.join(out_dir, WEIGHTS_PNG))
+        if writer is not None:
+            row = self.history[-1]
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    writer.add_scalar(key, value, row["epoch"])
+            writer.flush()
+
+
+# ---------------------------------------------------------------------- helpers
+def _on_device(t_out, device):
+    """Teacher outputs on the student's device (a cache may hand them over on the CPU)."""
+    if t_out.logits.device == device:
+        return t_out
+    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    return type(t_out)(move(t_out.logits), [move(e) for e in t_out.embeddings], [move(f) for f in t_out.feature_maps])
+
+
+def _build_optimizer(cfg: TrainConfig, params):
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _build_scheduler(cfg: TrainConfig, optimizer):
+    """Stepped once per epoch: multistep (x lr_decay at each milestone), cosine to 0 over the epochs, constant."""
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.lr_decay)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def _summary_line(row: dict, epochs: int) -> str:
+    text = (f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} train top-1 {row['train_top1']:.2f}% "
+            f"lr {row['lr']:.4g} {row['images_per_s']:.0f} img/s")
+    if "val_top1" in row:
+        text += f" | val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
+    return text
+
+
+def write_csv_atomic(path: str, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: row.get(k, "") for k in columns})
+    _write_bytes_atomic(path, buf.getvalue().encode())
+
+
+def _write_bytes_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def plot_teacher_weights(history: list[dict], num_teachers: int, path: str) -> None:
+    """Mean logit and feature weight of each teacher per epoch (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, key, title in ((axes[0], "wl", "logit KD weight"), (axes[1], "wf", "feature KD weight")):
+        for t in range(num_teachers):
+            ax.plot(epochs, [r.get(f"{key}_t{t}", float("nan")) for r in history], marker="o", ms=3, label=f"teacher {t}")
+        ax.set_title(f"mean {title} per teacher")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("weight")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    _write_bytes_atomic(path, buf.getvalue())
+
+
+def _tensorboard_writer(log_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard: not installed, skipping (pip install tensorboard)", flush=True)
+        return None
+    return SummaryWriter(log_dir)
