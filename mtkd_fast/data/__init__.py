@@ -1,0 +1,144 @@
+"""Data for mtkd_fast: the bundled Fashion-MNIST subset, CIFAR-100 and ImageNet-layout folders, with
+replayable augmentation (view ``v`` of sample ``i`` is a pure function of ``(seed, v, i)``).
+
+    from mtkd_fast.data import build_dataset, build_loader, view_params
+    ds = build_dataset("bundled", split="train", augment=True, seed=0)
+    ds.set_view(epoch % V)
+    for images, labels, indices in build_loader(ds, 64, shuffle=True, seed=0, epoch=epoch):
+        ...
+
+Loaders: in-memory datasets are augmented a batch at a time (on the training device when it is a GPU);
+image folders go through NVIDIA DALI when it is installed (GPU decode with a GPU, CPU decode otherwise)
+and through PIL + torchvision DataLoader workers when it is not (the user is told once).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .augment import PadCrop, ResizedCrop, ViewParams, pixel_box, view_params
+from .loader import ArrayLoader, FolderLoader, epoch_indices, split_batches
+
+__all__ = ["build_dataset", "build_loader", "view_params", "pixel_box", "PadCrop", "ResizedCrop", "ViewParams",
+           "epoch_indices", "DATASETS", "dali_available"]
+
+DATASETS = ("bundled", "cifar100", "imagefolder")
+_told_no_dali = False
+
+
+def _check_split(split: str) -> str:
+    if split == "train":
+        return "train"
+    if split in ("test", "val"):
+        return "test"
+    raise ValueError(f"split: expected 'train', 'test' or 'val' ('test' and 'val' both mean the evaluation split), "
+                     f"got {split!r}")
+
+
+def _limit_per_class(images, labels, limit_per_class):
+    """The first ``limit_per_class`` samples of each class, in the stored order (class-balanced, deterministic)."""
+    import numpy as np
+
+    if limit_per_class is None:
+        return images, labels
+    if isinstance(limit_per_class, bool) or not isinstance(limit_per_class, int) or limit_per_class < 1:
+        raise ValueError(f"limit_per_class: expected an int >= 1 or None, got {limit_per_class!r}")
+    keep = np.sort(np.concatenate([np.flatnonzero(labels == k)[:limit_per_class] for k in np.unique(labels)]))
+    return images[keep], labels[keep]
+
+
+def build_dataset(name: str, split: str = "train", root=None, augment: bool = True, seed: int = 0, *,
+                  limit_per_class: int | None = None, **options):
+    """A dataset whose items are ``(image FloatTensor[C,H,W] normalised, label int, index int)``.
+
+    ``name``: ``"bundled"`` (the Fashion-MNIST subset in the package, 10 classes, 1000 train / 200 test
+    images per class, delivered 3x32x32; ``root`` = a folder of Fashion-MNIST IDX files uses those
+    instead), ``"cifar100"`` (``root`` = the ``cifar-100-python`` folder) or ``"imagefolder"`` (``root`` =
+    an ImageNet-layout folder with ``train/`` and ``val/``; options: ``image_size`` (224),
+    ``resize_size`` (256), ``mean``, ``std``, ``on_bad_image`` ('error' or 'skip'), ``scale``, ``ratio``).
+    ``split``: ``"train"``, or ``"test"``/``"val"`` (same meaning). ``augment=False``: the deterministic
+    eval transform. ``limit_per_class`` (bundled, cifar100): keep the first N samples of each class, a
+    cheap smaller class-balanced subset. Attributes: ``num_classes``, ``image_shape``, ``class_names``,
+    ``recipe``, ``seed``, ``view``, ``fingerprint``, ``describe()``; ``set_view(v)`` selects view v.
+    """
+    from .arrays import ArrayDataset
+    from .augment import _check_nonneg_int
+
+    seed = _check_nonneg_int("seed", seed)
+    split_key = _check_split(split)
+    if name == "imagefolder":
+        from .folder import ImageFolderDataset
+
+        if root is None:
+            raise ValueError("root: expected the path of an ImageNet-layout folder for dataset 'imagefolder', got None")
+        if limit_per_class is not None:
+            raise ValueError("limit_per_class: not supported for 'imagefolder' (export a smaller folder instead)")
+        return ImageFolderDataset(root, "train" if split_key == "train" else "val", augment=augment, seed=seed,
+                                  **options)
+    if options:
+        raise ValueError(f"options: {sorted(options)} apply only to 'imagefolder', not to {name!r}")
+    if name == "bundled":
+        from . import fashion_mnist
+
+        images, labels, mean, std, source = fashion_mnist.load_arrays(split_key, root)
+        images, labels = _limit_per_class(images, labels, limit_per_class)
+        return ArrayDataset("bundled", split_key, images, labels, fashion_mnist.CLASS_NAMES, list(mean) * 3,
+                            list(std) * 3, augment=augment, seed=seed, recipe=PadCrop(padding=4), base_padding=2,
+                            channels=3, source=source)
+    if name == "cifar100":
+        from . import cifar
+
+        images, labels, class_names = cifar.load_arrays(split_key, root)
+        images, labels = _limit_per_class(images, labels, limit_per_class)
+        return ArrayDataset("cifar100", split_key, images, labels, class_names, cifar.MEAN, cifar.STD,
+                            augment=augment, seed=seed, recipe=PadCrop(padding=4), source=f"cifar-100-python:{root}")
+    raise ValueError(f"name: expected one of {DATASETS}, got {name!r}")
+
+
+def dali_available() -> bool:
+    from . import dali
+
+    return dali.DALI_AVAILABLE
+
+
+def build_loader(ds, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0, num_workers: int = 0,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, device="cpu", *, backend: str = "auto"):
+    """An iterable of ``(images [B,C,H,W] float, labels [B] int64, indices [B] int64)`` on ``device``.
+
+    The order is ``DistributedSampler``'s for (seed, epoch, rank, world_size) (so runs are reproducible and
+    ranks see disjoint shards, padded by wrapping to equal length); ``len(loader)`` is the number of
+    batches. ``backend`` (image folders only): ``"auto"`` (DALI when installed and
+    ``on_bad_image="error"``, else torchvision), ``"dali"`` or ``"torchvision"``; DALI uses
+    ``max(1, num_workers)`` threads.
+    """
+    global _told_no_dali
+    from .arrays import ArrayDataset
+    from .folder import ImageFolderDataset
+
+    if backend not in ("auto", "dali", "torchvision"):
+        raise ValueError(f"backend: expected 'auto', 'dali' or 'torchvision', got {backend!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
+    indices = epoch_indices(len(ds), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
+    batches = split_batches(indices, batch_size, drop_last)
+    if isinstance(ds, ArrayDataset):
+        return ArrayLoader(ds, batches, num_workers=num_workers, device=device)
+    if not isinstance(ds, ImageFolderDataset):
+        raise TypeError(f"ds: expected a dataset from build_dataset, got {type(ds).__name__}")
+    from . import dali
+
+    use_dali = backend == "dali" or (backend == "auto" and dali.DALI_AVAILABLE and ds.on_bad_image == "error")
+    if backend == "auto" and not dali.DALI_AVAILABLE and not _told_no_dali:
+        _told_no_dali = True
+        print(f"mtkd_fast.data: NVIDIA DALI is not installed ({dali.DALI_IMPORT_ERROR}); image folders are "
+              "decoded with PIL + torchvision instead (pip install nvidia-dali-cuda130 for DALI)", file=sys.stderr)
+    if use_dali:
+        all_ranks = [epoch_indices(len(ds), shuffle=shuffle, seed=seed, epoch=epoch, rank=r, world_size=world_size)
+                     for r in range(world_size)]
+        import numpy as np
+
+        return dali.DaliLoader(ds, indices, all_ranks_indices=np.concatenate(all_ranks), batch_size=batch_size,
+                               drop_last=drop_last, rank=rank, world_size=world_size, num_threads=num_workers,
+                               device=device)
+    return FolderLoader(ds, batches, num_workers=num_workers, device=device)
+
