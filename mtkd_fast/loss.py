@@ -118,7 +118,8 @@ class MTKDLoss(nn.Module):
                     check_finite(f"teacher_maps[{m}]", teacher_maps[m])
                 check_finite("feature_weights", feature_weights)
 
-        impl = _fused_impl() if self.resolve_backend(student_logits.device) == "fused" else reference
+        fused = self.resolve_backend(student_logits.device) == "fused"
+        impl = _fused_impl() if fused else reference
         logit = impl.mtkd_logit_kd(student_logits, teachers, targets, logit_weights, self.temperature, self.alpha)
         loss = logit.loss
         mse = cos = None
@@ -130,8 +131,11 @@ class MTKDLoss(nn.Module):
                 with torch.no_grad():
                     cos = impl.pooled_cosine([s.detach() for s in student_maps], list(teacher_embeddings))
         kl, tce, sce = logit.kl.detach(), logit.teacher_ce.detach(), logit.student_ce.detach()
-        per_sample = reference.per_sample_loss(sce, kl, logit_weights, mse, feature_weights if has_maps else None,
-                                               self.alpha, self.beta)
+        wf = feature_weights if has_maps else None
+        if fused:  # one pass; the reward it also returns is the trainer's business (ops.per_sample_loss_and_reward)
+            per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights, mse, wf, self.alpha, self.beta).per_sample_loss
+        else:
+            per_sample = reference.per_sample_loss(sce, kl, logit_weights, mse, wf, self.alpha, self.beta)
         return MTKDLossOutput(loss, kl, tce, sce, mse, cos, per_sample.detach())
 
 

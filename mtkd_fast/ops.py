@@ -57,13 +57,20 @@ class RewardOutput(NamedTuple):
 
 def available(device) -> bool:
     """True when the compiled extension has every fused kernel for ``device`` (a torch.device or string)."""
-    device = torch.device(device)
-    key = _DISPATCH_KEYS.get(device.type)
-    if not _ext.available() or key is None:
+    device_type = torch.device(device).type
+    if device_type == "cuda" and not torch.cuda.is_available():
         return False
-    if device.type == "cuda" and not torch.cuda.is_available():
+    return _HAS_KERNELS.get(device_type, False)
+
+
+def _has_kernels(dispatch_key: str) -> bool:
+    if not _ext.available():
         return False
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mtkd_fast::{op}", key) for op in OP_NAMES)
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"mtkd_fast::{op}", dispatch_key) for op in OP_NAMES)
+
+
+# looked up once: the dispatcher query is not traceable by torch.compile, and the answer never changes
+_HAS_KERNELS = {device_type: _has_kernels(key) for device_type, key in _DISPATCH_KEYS.items()}
 
 
 # --------------------------------------------------------------------------------------------

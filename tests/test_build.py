@@ -24,6 +24,10 @@ def test_build_info_reports_the_compiled_extension():
         # on these machines the CUDA toolkit is present: the CUDA part must have been compiled and linked
         assert info["cuda_compiled"], info
         assert info["cuda_archs"] and info["cuda_compiled_version"] >= 12000
+    fused = {"logit_kd", "feature_kd", "pooled_cosine", "pooled_cosine_backward", "per_sample_loss_reward"}
+    assert fused <= set(info["cpu_kernels"]), info["cpu_kernels"]
+    if info["cuda_compiled"]:
+        assert fused <= set(info["cuda_kernels"]), info["cuda_kernels"]
 
 
 def test_import_without_extension_falls_back_and_warns_once(tmp_path):

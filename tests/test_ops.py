@@ -1,0 +1,400 @@
+"""The fused mtkd_fast::* ops (CPU kernels) against the float64 reference: forward and gradients, odd sizes,
+reduced precision, layouts, extreme logits, opcheck, torch.compile, autocast and argument errors.
+
+Tolerances: float64 inputs are computed in float64 and match the reference to ~1e-12. float16/bfloat16
+inputs are compared with the float64 reference of the SAME rounded inputs: statistics are accumulated in
+float32 (rtol/atol 1e-4); gradients are returned in the input dtype, so they carry its rounding
+(float16: rtol 2e-3, bfloat16: rtol 1.6e-2, atol a matching fraction of the largest gradient).
+"""
+
+import pytest
+import torch
+
+import mtkd_fast
+from mtkd_fast import MTKDLoss, ops, reference as ref
+
+pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
+
+F64 = torch.float64
+GRAD_RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _logit_inputs(B, K, M, seed=0, scale=3.0, dtype=F64):
+    g = _gen(seed)
+    zs = (scale * torch.randn(B, K, generator=g, dtype=F64)).to(dtype)
+    zt = (scale * torch.randn(M, B, K, generator=g, dtype=F64)).to(dtype)
+    y = torch.randint(0, K, (B,), generator=g)
+    w = 2.0 * torch.rand(B, M, generator=g, dtype=F64)  # rows do not sum to one
+    w[0, 0] = 0.0  # a zero weight
+    return zs, zt, y, w
+
+
+def _ref_logit(zs, zt, y, w, T, alpha):
+    """float64 reference on the same (possibly rounded) inputs: outputs and dL/dz_s."""
+    zs64 = zs.detach().to(F64).requires_grad_(True)
+    out = ref.mtkd_logit_kd(zs64, zt.to(F64), y, w.to(F64), T, alpha)
+    (grad,) = torch.autograd.grad(out.loss, zs64)
+    return out, grad
+
+
+def _fused_logit(zs, zt, y, w, T, alpha):
+    zs = zs.detach().clone().requires_grad_(True)
+    out = ops.mtkd_logit_kd(zs, zt, y, w, T, alpha)
+    (grad,) = torch.autograd.grad(out.loss, zs)
+    return out, grad
+
+
+def _assert_stats_close(out, exp, rtol, atol):
+    for name, a, b in zip(out._fields, out, exp):
+        torch.testing.assert_close(a.to(F64), b.to(F64), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# Every B in (1, 3, 64, 129), K in (2, 10, 100, 1000, 1001) and M in (2, 3, 5, 8) appears; the cross
+# product is sampled to keep the suite fast.
+LOGIT_SIZES = [
+    (1, 2, 2), (3, 10, 3), (64, 100, 5), (129, 1000, 8), (3, 1001, 2), (129, 2, 3),
+    (64, 1001, 8), (1, 1000, 5), (129, 10, 2), (64, 2, 8), (3, 100, 3),
+]
+
+
+@pytest.mark.parametrize("B,K,M", LOGIT_SIZES)
+def test_logit_kd_matches_reference_float64(B, K, M):
+    zs, zt, y, w = _logit_inputs(B, K, M, seed=B * 7 + K + M)
+    T, alpha = 1.0 + (K % 5), 0.25 + M / 4
+    out, grad = _fused_logit(zs, zt, y, w, T, alpha)
+    exp, exp_grad = _ref_logit(zs, zt, y, w, T, alpha)
+    assert out.loss.dtype == out.kl.dtype == F64
+    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, exp_grad, rtol=1e-10, atol=1e-13)
+    # the closed-form gradient of the spec (section 3) agrees too
+    torch.testing.assert_close(grad, ref.logit_kd_grad(zs, zt, y, w, T, alpha), rtol=1e-10, atol=1e-13)
+
+
+def test_logit_kd_teacher_list_and_stack_agree_and_grad_scales_with_grad_output():
+    zs, zt, y, w = _logit_inputs(7, 13, 3, seed=1)
+    a = ops.mtkd_logit_kd(zs, zt, y, w)
+    b = ops.mtkd_logit_kd(zs, list(zt), y, w)
+    for x, z in zip(a, b):
+        torch.testing.assert_close(x, z, rtol=0, atol=0)
+    zs = zs.clone().requires_grad_(True)
+    (g3,) = torch.autograd.grad(3.5 * ops.mtkd_logit_kd(zs, zt, y, w).loss, zs)
+    (g1,) = torch.autograd.grad(ops.mtkd_logit_kd(zs, zt, y, w).loss, zs)
+    torch.testing.assert_close(g3, 3.5 * g1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,K,M", [(3, 1001, 3), (64, 100, 4), (1, 10, 2)])
+def test_logit_kd_reduced_precision(dtype, B, K, M):
+    zs, zt, y, w = _logit_inputs(B, K, M, seed=K + 1, dtype=dtype)
+    out, grad = _fused_logit(zs, zt, y, w.float(), 4.0, 1.0)
+    assert grad.dtype == dtype and out.kl.dtype == torch.float32
+    exp, exp_grad = _ref_logit(zs, zt, y, w, 4.0, 1.0)
+    _assert_stats_close(out, exp, rtol=1e-4, atol=1e-4)
+    rtol = GRAD_RTOL[dtype]
+    torch.testing.assert_close(grad.to(F64), exp_grad, rtol=rtol, atol=rtol * exp_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_logit_kd_is_stable_for_logits_of_magnitude_1e4(dtype):
+    zs, zt, y, w = _logit_inputs(9, 100, 3, seed=5, scale=1.0, dtype=F64)
+    zs, zt = (1e4 * zs.sign() * zs.abs().clamp(0.3, 1.0)).to(dtype), (1e4 * zt.clamp(-1, 1)).to(dtype)
+    out, grad = _fused_logit(zs, zt, y, w.to(torch.float64 if dtype == F64 else torch.float32), 2.0, 1.0)
+    assert all(bool(torch.isfinite(t).all()) for t in (*out, grad))
+    exp, exp_grad = _ref_logit(zs, zt, y, w, 2.0, 1.0)
+    # the statistics are ~1e4 in size: float32 accumulation keeps ~7 digits of them
+    tol = 1e-10 if dtype == F64 else 1e-5
+    _assert_stats_close(out, exp, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.to(F64), exp_grad, rtol=GRAD_RTOL.get(dtype, 1e-10), atol=1e-3 if dtype == torch.float16 else 1e-6)
+
+
+def test_logit_kd_zero_weights_leave_the_cross_entropy_only():
+    zs, zt, y, _ = _logit_inputs(5, 17, 3, seed=2)
+    w = torch.zeros(5, 3, dtype=F64)
+    out, grad = _fused_logit(zs, zt, y, w, 4.0, 1.0)
+    torch.testing.assert_close(out.loss, out.student_ce.mean())
+    expected = (torch.softmax(zs, 1) - torch.nn.functional.one_hot(y, 17)) / 5
+    torch.testing.assert_close(grad, expected)
+    assert bool((out.kl > 0).all())  # the statistics are still computed
+
+
+def test_logit_kd_non_contiguous_and_mixed_dtype_inputs():
+    zs, zt, y, w = _logit_inputs(6, 11, 3, seed=3)
+    zs_nc = zs.t().contiguous().t()  # [B, K] with column-major strides
+    zt_nc = zt.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not zs_nc.is_contiguous() and not zt_nc.is_contiguous()
+    out, grad = _fused_logit(zs_nc, zt_nc, y, w[:, :].t().contiguous().t(), 4.0, 1.0)
+    exp, exp_grad = _ref_logit(zs, zt, y, w, 4.0, 1.0)
+    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, exp_grad)
+    # float32 student with float16 teachers: computed in float32
+    out = ops.mtkd_logit_kd(zs.float(), zt.half(), y, w.float())
+    exp, _ = _ref_logit(zs.float(), zt.half(), y, w, 4.0, 1.0)
+    _assert_stats_close(out, exp, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ feature distillation
+
+FEATURE_CASES = [  # (B, per-teacher (C, H, W)), M = 2, 3, 5, 8
+    (1, [(3, 2, 2), (5, 1, 3)]),
+    (3, [(4, 3, 3), (6, 2, 2), (3, 1, 2)]),
+    (64, [(8, 4, 4), (16, 2, 2), (5, 3, 1), (7, 2, 3), (4, 4, 4)]),
+    (129, [(3, 2, 2), (4, 1, 1), (2, 3, 3), (5, 2, 1), (3, 3, 2), (6, 1, 2), (2, 2, 2), (1, 4, 3)]),
+]
+
+
+def _feature_inputs(B, shapes, seed=0, dtype=F64, channels_last=False):
+    g = _gen(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    w = 1.5 * torch.rand(B, len(shapes), generator=g, dtype=F64)
+    w[-1, 0] = 0.0
+    return gs, fs, w
+
+
+def _ref_feature(gs, fs, w, beta):
+    g64 = [x.detach().to(F64).requires_grad_(True) for x in gs]
+    out = ref.mtkd_feature_kd(g64, [f.to(F64) for f in fs], w.to(F64), beta)
+    return out, torch.autograd.grad(out.loss, g64)
+
+
+def _fused_feature(gs, fs, w, beta):
+    gs = [x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True) for x in gs]
+    out = ops.mtkd_feature_kd(gs, fs, w, beta)
+    return out, torch.autograd.grad(out.loss, gs)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("B,shapes", FEATURE_CASES)
+def test_feature_kd_matches_reference_float64(B, shapes, channels_last):
+    gs, fs, w = _feature_inputs(B, shapes, seed=B + len(shapes), channels_last=channels_last)
+    out, grads = _fused_feature(gs, fs, w, 2.5)
+    exp, exp_grads = _ref_feature(gs, fs, w, 2.5)
+    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    for g, e, x in zip(grads, exp_grads, gs):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)
+        assert g.stride() == x.stride()  # the gradient keeps the map's layout
+    for g, e in zip(grads, ref.feature_kd_grad(gs, fs, w, 2.5)):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_feature_kd_reduced_precision(dtype):
+    gs, fs, w = _feature_inputs(5, [(32, 7, 7), (16, 3, 5), (8, 1, 1)], seed=4, dtype=dtype)
+    out, grads = _fused_feature(gs, fs, w.float(), 5.0)
+    exp, exp_grads = _ref_feature(gs, fs, w, 5.0)
+    _assert_stats_close(out, exp, rtol=1e-4, atol=1e-5)
+    rtol = GRAD_RTOL[dtype]
+    for g, e in zip(grads, exp_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.to(F64), e, rtol=rtol, atol=rtol * e.abs().max().item())
+
+
+def test_feature_kd_mixed_layouts_and_non_contiguous_maps():
+    gs, fs, w = _feature_inputs(4, [(6, 3, 3), (4, 2, 5), (3, 4, 4)], seed=6)
+    gs_mixed = [gs[0].contiguous(memory_format=torch.channels_last), gs[1].transpose(2, 3).contiguous().transpose(2, 3), gs[2]]
+    fs_mixed = [fs[0], fs[1].contiguous(memory_format=torch.channels_last), fs[2][:, :, :, :].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)]
+    big = torch.randn(4, 6, 8, 8, dtype=F64)
+    gs_mixed.append(big[:, ::2, ::2, 1::2])  # strided slice: neither layout
+    fs_mixed.append(torch.randn(4, 3, 4, 4, dtype=F64))
+    w = torch.cat([w, torch.rand(4, 1, dtype=F64)], 1)
+    out, grads = _fused_feature(gs_mixed, fs_mixed, w, 1.0)
+    exp, exp_grads = _ref_feature(gs_mixed, fs_mixed, w, 1.0)
+    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, exp_grads):
+        torch.testing.assert_close(g, e)
+
+
+# ------------------------------------------------------------------ state helpers
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("B,shapes", FEATURE_CASES[:3])
+def test_pooled_cosine_matches_reference_with_gradients(B, shapes, channels_last):
+    gs, _, _ = _feature_inputs(B, shapes, seed=9, channels_last=channels_last)
+    g = _gen(10)
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
+    emb[0][0].zero_()  # a zero embedding: its norm is clamped to eps
+    gs = [x.requires_grad_(True) for x in gs]
+    emb = [e.requires_grad_(True) for e in emb]
+    out = ops.pooled_cosine(gs, emb)
+    exp = ref.pooled_cosine(gs, emb)
+    torch.testing.assert_close(out, exp, rtol=1e-10, atol=1e-12)
+    upstream = torch.randn(out.shape, generator=g, dtype=F64)
+    got = torch.autograd.grad((out * upstream).sum(), gs + emb)
+    want = torch.autograd.grad((exp * upstream).sum(), gs + emb)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_pooled_cosine_float16_and_tiny_norms():
+    gs, _, _ = _feature_inputs(6, [(32, 4, 4), (16, 2, 2)], seed=11)
+    emb = [torch.randn(6, c, dtype=F64) for c in (32, 16)]
+    out = ops.pooled_cosine([x.half() for x in gs], [e.half() for e in emb])
+    exp = ref.pooled_cosine([x.half().double() for x in gs], [e.half().double() for e in emb])
+    torch.testing.assert_close(out.double(), exp, rtol=1e-4, atol=1e-4)
+    tiny = [1e-12 * x for x in gs]  # norms below eps: values and gradients follow cosine_similarity's clamp
+    tiny = [x.requires_grad_(True) for x in tiny]
+    torch.testing.assert_close(ops.pooled_cosine(tiny, emb), ref.pooled_cosine(tiny, emb))
+    a = torch.autograd.grad(ops.pooled_cosine(tiny, emb).sum(), tiny)
+    b = torch.autograd.grad(ref.pooled_cosine(tiny, emb).sum(), tiny)
+    for x, z in zip(a, b):
+        torch.testing.assert_close(x, z)
+
+
+@pytest.mark.parametrize("B,M,with_features", [(1, 2, True), (3, 3, False), (64, 5, True), (129, 8, True)])
+def test_per_sample_loss_and_reward_match_reference(B, M, with_features):
+    g = _gen(B + M)
+    sce, kl = torch.rand(B, generator=g, dtype=F64), 3 * torch.rand(B, M, generator=g, dtype=F64)
+    wl, wf, mse = torch.rand(B, M, generator=g, dtype=F64), torch.rand(B, M, generator=g, dtype=F64), torch.rand(B, M, generator=g, dtype=F64)
+    if not with_features:
+        mse = wf = None
+    kl.requires_grad_(True)
+    out = ops.per_sample_loss_and_reward(sce, kl, wl, mse, wf, 0.7, 4.0)
+    exp = ref.per_sample_loss(sce, kl, wl, mse, wf, 0.7, 4.0)
+    torch.testing.assert_close(out.per_sample_loss, exp)
+    torch.testing.assert_close(out.reward, ref.normalized_reward(exp))
+    assert not out.reward.requires_grad
+    torch.testing.assert_close(torch.autograd.grad(out.per_sample_loss.sum(), kl)[0], torch.autograd.grad(exp.sum(), kl)[0])
+    # equal losses: std 0, reward 0 (not NaN)
+    flat = ops.per_sample_loss_and_reward(torch.ones(B, dtype=F64), torch.zeros(B, M, dtype=F64), wl)
+    assert bool((flat.reward == 0).all())
+
+
+# ------------------------------------------------------------------ the drop-in module
+
+
+def test_mtkd_loss_auto_picks_fused_and_matches_reference():
+    zs, zt, y, wl = _logit_inputs(5, 9, 3, seed=12)
+    gs, fs, wf = _feature_inputs(5, [(4, 3, 3), (6, 2, 2), (3, 1, 2)], seed=13)
+    emb = [torch.randn(5, c, dtype=F64) for c in (4, 6, 3)]
+    crit = MTKDLoss(temperature=3.0, alpha=0.5, beta=2.0)
+    assert crit.resolve_backend(torch.device("cpu")) == "fused"
+    outs, grads = [], []
+    for backend in ("fused", "reference"):
+        z = zs.clone().requires_grad_(True)
+        g = [x.clone().requires_grad_(True) for x in gs]
+        out = MTKDLoss(3.0, 0.5, 2.0, backend=backend)(z, zt, y, wl, g, fs, wf, emb)
+        out.loss.backward()
+        outs.append(out)
+        grads.append([z.grad] + [x.grad for x in g])
+    for name, a, b in zip(outs[0]._fields, outs[0], outs[1]):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_autocast_bfloat16_model_outputs():
+    torch.manual_seed(0)
+    B, D, K, M = 8, 16, 10, 3
+    head = torch.nn.Linear(D, K)
+    x, zt, y = torch.randn(B, D), torch.randn(M, B, K), torch.randint(0, K, (B,))
+    w = torch.full((B, M), 1.0 / M)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zs = head(x)
+        assert zs.dtype == torch.bfloat16
+        out = MTKDLoss(backend="fused")(zs, zt, y, w)
+    out.loss.backward()
+    grad_fused = head.weight.grad.clone()
+    head.weight.grad = None
+    ref_out = MTKDLoss(backend="reference")(head(x), zt, y, w)
+    ref_out.loss.backward()
+    torch.testing.assert_close(out.loss.float(), ref_out.loss, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(grad_fused, head.weight.grad, rtol=5e-2, atol=5e-3)
+
+
+# ------------------------------------------------------------------ custom-op machinery
+
+
+def _opcheck_cases():
+    zs, zt, y, w = _logit_inputs(3, 7, 2, seed=14, dtype=torch.float32)
+    gs, fs, wf = _feature_inputs(3, [(4, 2, 2), (2, 3, 1)], seed=15, dtype=torch.float32)
+    gs_cl = [x.contiguous(memory_format=torch.channels_last) for x in gs]
+    fs_cl = [x.contiguous(memory_format=torch.channels_last) for x in fs]
+    emb = [torch.randn(3, 4), torch.randn(3, 2)]
+    kl, sce = torch.rand(3, 2), torch.rand(3)
+    w = w.float()
+    wf = wf.float()
+    req = lambda t: t.clone(memory_format=torch.preserve_format).requires_grad_(True)
+    op = torch.ops.mtkd_fast
+    return [
+        (op.logit_kd.default, (req(zs), list(zt), y, w, 4.0, 1.0)),
+        (op.feature_kd.default, ([req(g) for g in gs], fs, wf, 5.0)),
+        (op.feature_kd.default, ([req(g) for g in gs_cl], fs_cl, wf, 5.0)),
+        (op.pooled_cosine.default, ([req(g) for g in gs], [req(e) for e in emb], 1e-8)),
+        (op.pooled_cosine_backward.default, (torch.randn(3, 2), gs_cl, emb, 1e-8)),
+        (op.per_sample_loss_reward.default, (req(sce), req(kl), w, req(torch.rand(3, 2)), wf, 1.0, 5.0)),
+        (op.per_sample_loss_reward.default, (sce, kl, w, None, None, 1.0, 5.0)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_build_lists_the_fused_cpu_kernels():
+    assert set(ops.OP_NAMES) <= set(mtkd_fast.build_info()["cpu_kernels"])
+
+
+@pytest.mark.slow  # ~45 s cold: inductor compiles C++ around the custom ops
+def test_torch_compile_runs_the_fused_loss():
+    zs, zt, y, wl = _logit_inputs(6, 12, 3, seed=16, dtype=torch.float32)
+    gs, fs, wf = _feature_inputs(6, [(4, 3, 3), (8, 2, 2), (2, 1, 3)], seed=17, dtype=torch.float32)
+    wl, wf = wl.float(), wf.float()
+    crit = MTKDLoss(backend="fused")
+
+    def step(z, g):
+        out = crit(z, zt, y, wl, g, fs, wf)
+        return out.loss, out.per_sample_loss
+
+    compiled = torch.compile(step, fullgraph=True)  # inductor: real codegen around the custom ops
+    results = []
+    for fn in (step, compiled):
+        z = zs.clone().requires_grad_(True)
+        g = [x.clone().requires_grad_(True) for x in gs]
+        loss, per_sample = fn(z, g)
+        loss.backward()
+        results.append((loss, per_sample, z.grad, *[x.grad for x in g]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ errors name the argument
+
+
+def test_bad_input_names_the_argument():
+    zs, zt, y, w = _logit_inputs(4, 6, 3, seed=18)
+    with pytest.raises(ValueError, match="student_logits"):
+        ops.mtkd_logit_kd(zs.long(), zt, y, w)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        ops.mtkd_logit_kd(zs, zt[:, :3], y, w)
+    with pytest.raises(ValueError, match=r"teacher_logits\[1\]"):
+        ops.mtkd_logit_kd(zs, [zt[0], zt[1, :, :5]], y, w)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        ops.mtkd_logit_kd(zs, zt[:1], y, w[:, :1])
+    with pytest.raises(ValueError, match="weights"):
+        ops.mtkd_logit_kd(zs, zt, y, w[:, :2])
+    with pytest.raises(ValueError, match="targets"):
+        ops.mtkd_logit_kd(zs, zt, y.int(), w)
+    with pytest.raises(ValueError, match="targets"):
+        ops.mtkd_logit_kd(zs, zt, torch.full_like(y, 6), w)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.mtkd_logit_kd(zs, zt, y, w, temperature=0.0)
+    gs, fs, wf = _feature_inputs(4, [(3, 2, 2), (2, 2, 2)], seed=19)
+    with pytest.raises(ValueError, match=r"teacher_maps\[1\]"):
+        ops.mtkd_feature_kd(gs, [fs[0], fs[1][:, :1]], wf)
+    with pytest.raises(ValueError, match="weights"):
+        ops.mtkd_feature_kd(gs, fs, wf[:3])
+    with pytest.raises(ValueError, match=r"teacher_embeddings\[0\]"):
+        ops.pooled_cosine(gs, [torch.randn(4, 5, dtype=F64), torch.randn(4, 2, dtype=F64)])
+    with pytest.raises(ValueError, match="logit_weights"):
+        ops.per_sample_loss_and_reward(torch.rand(4, dtype=F64), torch.rand(4, 3, dtype=F64), w[:, :2])
+    # the compiled op names its own argument too when called directly
+    with pytest.raises(RuntimeError, match="weights"):
+        torch.ops.mtkd_fast.logit_kd(zs, list(zt), y, w.float(), 4.0, 1.0)
