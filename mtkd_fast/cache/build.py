@@ -185,17 +185,9 @@ def _write_unit(live: LiveTeachers, layout: dict, arrays: dict, dataset, v: int,
     enc = layout["encodings"]
     if hasattr(dataset, "set_view"):
         dataset.set_view(v)
-    loader = DataLoader(Subset(dataset, range(s, e)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    pos = s
-    for batch in loader:
-        images = batch[0]
+    for pos, images in _batches(dataset, s, e, batch_size, num_workers, device):
         b = images.shape[0]
-        if len(batch) >= 3:
-            got = torch.as_tensor(batch[2]).long()
-            if not torch.equal(got, torch.arange(pos, pos + b)):
-                raise ValueError(f"dataset: expected item i to return index i as its third element, got indices "
-                                 f"{got[:4].tolist()}... for items {pos}..{pos + b - 1}")
-        out = live(images.to(device))
+        out = live(images)
         for m, t in enumerate(layout["teachers"]):
             if topk:
                 vals, idx, tail = storage.topk_encode(out.logits[m], topk["k"], topk["temperature"], enc["logits"])
@@ -215,9 +207,30 @@ def _write_unit(live: LiveTeachers, layout: dict, arrays: dict, dataset, v: int,
                 else:
                     arrays[f"t{m}.feature_maps"][v, pos:pos + b] = storage.encode_float(
                         out.feature_maps[m], t["feature_map_encoding"])
-        pos += b
         if pbar is not None:
             pbar.update(b)
+
+
+def _batches(dataset, s: int, e: int, batch_size: int, num_workers: int, device):
+    """(first index, images) of samples s..e-1 of the current view, in batches of ``batch_size``."""
+    get_batch = getattr(dataset, "get_batch", None)
+    if get_batch is not None:  # mtkd_fast.data datasets augment whole batches at once (same pixels as ds[i])
+        for pos in range(s, e, batch_size):
+            images = get_batch(torch.arange(pos, min(e, pos + batch_size)), device=device)[0]
+            yield pos, images
+        return
+    loader = DataLoader(Subset(dataset, range(s, e)), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    pos = s
+    for batch in loader:
+        images = batch[0]
+        b = images.shape[0]
+        if len(batch) >= 3:
+            got = torch.as_tensor(batch[2]).long()
+            if not torch.equal(got, torch.arange(pos, pos + b)):
+                raise ValueError(f"dataset: expected item i to return index i as its third element, got indices "
+                                 f"{got[:4].tolist()}... for items {pos}..{pos + b - 1}")
+        yield pos, images.to(device)
+        pos += b
     if pos != e:
         raise ValueError(f"dataset: expected {e - s} samples for items {s}..{e - 1}, the loader gave {pos - s}")
 

@@ -142,6 +142,8 @@ def _jsonable(x):
         return float(x)
     if isinstance(x, torch.Tensor):
         return _jsonable(x.tolist())
+    if hasattr(x, "to_dict"):  # augmentation recipes
+        return _jsonable(x.to_dict())
     if x is None or isinstance(x, (bool, int, float, str)):
         return x
     return repr(x)
@@ -150,19 +152,22 @@ def _jsonable(x):
 def dataset_identity(dataset, sample_count: int = 64) -> dict:
     """Name, size, fingerprint, augmentation recipe and seed of a dataset with replayable views.
 
-    Uses the dataset's own ``fingerprint`` / ``recipe`` / ``seed`` / ``name`` attributes when it has them
-    (``mtkd_fast.data`` datasets do). Without a ``fingerprint``, one is computed from the labels and the
-    pixels of up to ``sample_count`` evenly spaced samples under view 0.
+    ``mtkd_fast.data`` datasets describe themselves (``describe()``: source, recipe, normalisation, seed,
+    fingerprint of pixels and labels). Otherwise the dataset's ``fingerprint`` / ``recipe`` / ``seed`` /
+    ``name`` attributes are used, and without a ``fingerprint`` one is computed from the labels and pixels
+    of up to ``sample_count`` evenly spaced samples under view 0.
     """
     n = len(dataset)
+    describe = getattr(dataset, "describe", None)
+    if callable(describe):
+        d = _jsonable(describe())
+        d["num_samples"] = n
+        return {k: d.get(k) for k in ("name", "num_samples", "fingerprint", "recipe", "seed")} | \
+            {k: v for k, v in sorted(d.items()) if k not in ("name", "num_samples", "fingerprint", "recipe", "seed")}
     name = getattr(dataset, "name", None) or type(dataset).__name__
     recipe = getattr(dataset, "recipe", None)
-    if callable(recipe):
-        recipe = recipe()
     seed = getattr(dataset, "seed", None)
     fp = getattr(dataset, "fingerprint", None)
-    if callable(fp):
-        fp = fp()
     if fp is None:
         h = hashlib.sha256(f"{name}|{n}|".encode())
         set_view = getattr(dataset, "set_view", None)

@@ -1,0 +1,191 @@
+"""``mtkd-fast cache build | info | verify | size``: the teacher-output cache (``mtkd_fast.cache``)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def register(sub):
+    p = sub.add_parser("cache", help="teacher-output cache: build, inspect, verify, estimate its size")
+    verbs = p.add_subparsers(dest="cache_command", metavar="ACTION")
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    b = verbs.add_parser("build", help="run every teacher once on every (training sample, view) and store the outputs "
+                                       "(resumable; under torchrun the ranks split the work)")
+    b.add_argument("--out", required=True, help="cache directory (created; an unfinished build there is resumed)")
+    b.add_argument("--dataset", default="bundled", help="bundled | cifar100 | imagefolder (default: bundled)")
+    b.add_argument("--data-root", default=None)
+    b.add_argument("--seed", type=int, default=0, help="augmentation seed: view v of sample i depends on (seed, v, i)")
+    b.add_argument("--teachers", nargs="+", required=True, metavar="ARCH", help="teacher model names")
+    b.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE", help="one checkpoint per teacher")
+    b.add_argument("--views", type=int, default=1, help="V, augmentation views per sample (default 1)")
+    b.add_argument("--view-schedule", default="cyclic", choices=["cyclic", "shuffled"])
+    b.add_argument("--schedule-seed", type=int, default=0)
+    b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="encoding of logits and embeddings")
+    b.add_argument("--feature-dtype", default=None, choices=["float16", "bfloat16", "float32", "int8"],
+                   help="encoding of feature maps (default: --dtype; int8 has per-(sample, channel) scales)")
+    b.add_argument("--topk", type=int, default=None, help="store only the k largest logits (+ indices, tail mass)")
+    b.add_argument("--topk-temperature", type=float, default=4.0, help="T of the stored tail mass (use the KD T)")
+    b.add_argument("--fields", nargs="+", default=["logits", "embeddings", "feature_maps"],
+                   choices=["logits", "embeddings", "feature_maps"])
+    b.add_argument("--budget", default=None, help="storage budget, e.g. 200G: fields that do not fit are left out "
+                                                  "(feature maps first) and computed live in training")
+    b.add_argument("--chunk-size", type=int, default=1024)
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--workers", type=int, default=0)
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=run_build)
+
+    i = verbs.add_parser("info", help="what a cache was made from and what it holds")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print the manifest without the checksums, as JSON")
+    i.set_defaults(func=run_info)
+
+    v = verbs.add_parser("verify", help="check every array's size and every chunk's checksum (exit 1 if damaged)")
+    v.add_argument("path")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=run_verify)
+
+    s = verbs.add_parser("size", help="storage a cache would take, from the real models' output shapes")
+    s.add_argument("--teachers", nargs="+", required=True, metavar="ARCH")
+    s.add_argument("--num-classes", type=int, required=True)
+    s.add_argument("--image-size", type=int, required=True)
+    s.add_argument("--samples", type=int, required=True)
+    s.add_argument("--views", type=int, default=1)
+    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    s.add_argument("--feature-dtype", default=None, choices=["float16", "bfloat16", "float32", "int8"])
+    s.add_argument("--topk", type=int, default=None)
+    s.add_argument("--fields", nargs="+", default=["logits", "embeddings", "feature_maps"],
+                   choices=["logits", "embeddings", "feature_maps"])
+    s.set_defaults(func=run_size)
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def run_build(args):
+    import torch
+    import torch.distributed as dist
+
+    from mtkd_fast import models
+    from mtkd_fast.cache import build_cache
+    from mtkd_fast.cache.storage import format_bytes, parse_bytes
+    from mtkd_fast.data import build_dataset
+
+    if args.checkpoints is not None and len(args.checkpoints) != len(args.teachers):
+        raise ValueError(f"--checkpoints: expected {len(args.teachers)} files (one per teacher), "
+                         f"got {len(args.checkpoints)}")
+    for path in args.checkpoints or []:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--checkpoints: no such file {path!r}")
+    device = _device(args.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    started_dist = False
+    if world > 1 and not dist.is_initialized():  # under torchrun
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started_dist = True
+    try:
+        ds = build_dataset(args.dataset, split="train", root=args.data_root, augment=True, seed=args.seed)
+        teachers = []
+        for m, name in enumerate(args.teachers):
+            model = models.create_model(name, int(ds.num_classes))
+            if args.checkpoints:
+                models.load_checkpoint(model, args.checkpoints[m])
+            teachers.append(model)
+        manifest = build_cache(
+            args.out, ds, teachers, views=args.views, teacher_names=args.teachers, checkpoints=args.checkpoints,
+            dtype=args.dtype, feature_dtype=args.feature_dtype, topk=args.topk,
+            topk_temperature=args.topk_temperature, fields=args.fields,
+            budget_bytes=parse_bytes(args.budget) if args.budget else None, chunk_size=args.chunk_size,
+            batch_size=args.batch_size, num_workers=args.workers, device=device, view_schedule=args.view_schedule,
+            schedule_seed=args.schedule_seed, progress=not args.no_progress)
+    finally:
+        if started_dist:
+            dist.destroy_process_group()
+    if manifest is not None:
+        print(f"teacher cache written to {args.out}: {manifest['views']} view(s) x "
+              f"{manifest['dataset']['num_samples']} samples, {format_bytes(manifest['total_bytes'])}")
+        _print_left_out(manifest)
+    return 0
+
+
+def _print_left_out(manifest) -> None:
+    for m, t in enumerate(manifest["teachers"]):
+        left = [f for f in ("embeddings", "feature_maps") if f not in t["stored"]]
+        if left:
+            print(f"  teachers[{m}] {t['arch']}: {', '.join(left)} left out (computed live in training)")
+
+
+def run_info(args):
+    from mtkd_fast.cache import read_manifest
+    from mtkd_fast.cache.storage import format_bytes
+
+    m = read_manifest(args.path)
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "checksums"}, indent=1))
+        return 0
+    d = m["dataset"]
+    print(f"teacher cache {args.path}")
+    print(f"  dataset: {d['name']}, {d['num_samples']} samples, seed {d['seed']}, fingerprint {str(d['fingerprint'])[:16]}")
+    print(f"  recipe: {json.dumps(d['recipe'])}")
+    sched = m["view_schedule"]
+    print(f"  views: V={m['views']} ({sched['kind']}{'' if sched['seed'] is None else ', seed %d' % sched['seed']})")
+    enc = m["encodings"]
+    topk = m["topk"]
+    print(f"  encodings: logits {enc['logits']}{' top-%d (T=%g)' % (topk['k'], topk['temperature']) if topk else ''}, "
+          f"embeddings {enc['embeddings']}, feature maps {enc['feature_maps']}")
+    for i, t in enumerate(m["teachers"]):
+        print(f"  teachers[{i}] {t['arch']}: K={t['num_classes']} D={t['embedding_dim']} "
+              f"map={'x'.join(map(str, t['feature_map_shape']))} stored={','.join(t['stored'])} "
+              f"weights {t['weights_sha256'][:12]}")
+    print(f"  size: {format_bytes(m['total_bytes'])} in {len(m['arrays'])} arrays, "
+          f"{m['num_chunks']} chunks of {m['chunk_size']} samples per view")
+    return 0
+
+
+def run_verify(args):
+    from mtkd_fast.cache import verify_cache
+
+    report = verify_cache(args.path, progress=not args.no_progress)
+    if report["ok"]:
+        print(f"{args.path}: OK ({report['chunks_checked']} chunks checked)")
+        return 0
+    for line in report["problems"]:
+        print(line)
+    print(f"{args.path}: DAMAGED ({len(report['problems'])} problem(s)); rebuild the damaged cache")
+    return 1
+
+
+def run_size(args):
+    import torch
+
+    from mtkd_fast import models
+    from mtkd_fast.cache.storage import format_bytes, per_sample_bytes
+
+    total = 0
+    feature_dtype = args.feature_dtype or args.dtype
+    for name in args.teachers:
+        model = models.create_model(name, args.num_classes).eval()
+        with torch.no_grad():
+            feats, z = model(torch.zeros(1, 3, args.image_size, args.image_size), is_feat=True)
+        K, D, shape = z.shape[1], feats[-1].shape[1], tuple(feats[-2].shape[1:])
+        b = per_sample_bytes(K, D, shape, logits=args.dtype,
+                             embeddings=args.dtype if "embeddings" in args.fields else None,
+                             feature_maps=feature_dtype if "feature_maps" in args.fields else None, topk=args.topk)
+        total += b
+        print(f"{name}: K={K} D={D} map={'x'.join(map(str, shape))}: {b} bytes per (sample, view)")
+    print(f"total: {total} bytes per (sample, view) x {args.samples} samples x {args.views} view(s) = "
+          f"{format_bytes(total * args.samples * args.views)}")
+    return 0
