@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["save_atomic", "load_checkpoint_file", "rng_state", "set_rng_state", "load_module_state"]
+__all__ = ["save_atomic", "write_bytes_atomic", "load_checkpoint_file", "rng_state", "set_rng_state", "load_module_state"]
 
 
 def save_atomic(obj: Any, path: str) -> None:
@@ -23,11 +23,34 @@ def save_atomic(obj: Any, path: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        os.chmod(tmp, public_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, public_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def public_mode() -> int:
+    """rw-r--r-- under the usual umask (mkstemp creates files readable by the owner only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:

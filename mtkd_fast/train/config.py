@@ -33,6 +33,7 @@ class TrainConfig:
     dataset: str = "bundled"  # "bundled" | "cifar100" | "imagefolder"
     data_root: Optional[str] = None
     val_split: str = "test"
+    limit_per_class: Optional[int] = None  # keep the first N samples per class (bundled, cifar100): quick runs
     num_workers: int = 0
     # method
     strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | mtkd_rl

@@ -15,9 +15,9 @@ from torch import nn
 from ..agent import MTKDAgent
 from ..teachers import LiveTeachers
 from . import distributed as D
-from .checkpoint import load_checkpoint_file
 from .config import TrainConfig, teacher_config
-from .trainer import CHECKPOINT_LAST, CONFIG_JSON, Trainer, _write_bytes_atomic
+from .checkpoint import write_bytes_atomic
+from .trainer import CHECKPOINT_LAST, CONFIG_JSON, Trainer
 
 __all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes", "build_teachers"]
 
@@ -47,7 +47,7 @@ def _data():
 def checkpoint_num_classes(path: str) -> Optional[int]:
     """The class count of a classifier checkpoint ({"model": state_dict} or a bare state_dict): the output size
     of its last 2-d weight (the final linear layer)."""
-    state = load_checkpoint_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     last = None
@@ -82,7 +82,7 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
     return teachers
 
 
-def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torch.device):
+def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torch.device, dataset=None):
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
     live = LiveTeachers(teachers, autocast_dtype=amp, channels_last=config.channels_last) if teachers else None
     if config.teacher_cache:
@@ -92,7 +92,7 @@ def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torc
             raise ImportError(f"teacher_cache: mtkd_fast.cache is not available ({exc})") from exc
         if not os.path.exists(config.teacher_cache):
             raise FileNotFoundError(f"teacher_cache: no such directory {config.teacher_cache!r}")
-        return open_teacher_source(config.teacher_cache, teachers=live, device=device)
+        return open_teacher_source(config.teacher_cache, teachers=live, device=device, dataset=dataset)
     return live
 
 
@@ -114,21 +114,22 @@ def train(config: TrainConfig) -> dict:
     _check_data_root(config)
     data = _data()
     seed_everything(config.seed)
-    train_set = data.build_dataset(config.dataset, split="train", root=config.data_root, augment=True, seed=config.seed)
+    subset = {"limit_per_class": config.limit_per_class} if config.limit_per_class else {}
+    train_set = data.build_dataset(config.dataset, split="train", root=config.data_root, augment=True, seed=config.seed,
+                                   **subset)
     val_set = data.build_dataset(config.dataset, split=config.val_split, root=config.data_root, augment=False,
-                                 seed=config.seed)
+                                 seed=config.seed, **subset)
     num_classes = int(train_set.num_classes)
 
     models = _models()
     student = models.create_model(config.student, num_classes).to(device)
     teachers = build_teachers(config, num_classes, device) if config.strategy != "none" else []
-    source = _teacher_source(config, teachers, device) if config.strategy != "none" else None
+    source = _teacher_source(config, teachers, device, train_set) if config.strategy != "none" else None
 
     feature_transfer = agent = None
     if source is not None:
         # probe one small batch for the map shapes, embedding widths and class count
-        if hasattr(train_set, "set_view"):
-            train_set.set_view(0)
+        train_set.set_view(0)
         items = [train_set[i] for i in range(min(2, len(train_set)))]
         images = torch.stack([torch.as_tensor(it[0]) for it in items]).to(device)
         indices = torch.tensor([int(it[2]) for it in items])
@@ -151,13 +152,10 @@ def train(config: TrainConfig) -> dict:
         trainer.resume(path)
     if dist_info.is_main:
         os.makedirs(config.out_dir, exist_ok=True)
-        _write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(config.to_dict(), indent=2).encode())
-
-    num_views = getattr(source, "num_views", None)
+        write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(config.to_dict(), indent=2).encode())
 
     def make_train_loader(epoch: int):
-        if hasattr(train_set, "set_view"):
-            train_set.set_view(epoch % num_views if num_views else epoch)
+        train_set.set_view(trainer.view_for_epoch(epoch))
         return data.build_loader(train_set, local_batch, shuffle=True, seed=config.seed, epoch=epoch,
                                  num_workers=config.num_workers, drop_last=dist_info.enabled,
                                  rank=dist_info.rank, world_size=dist_info.world_size, device=str(device))

@@ -11,7 +11,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 import time
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -23,7 +22,7 @@ from .. import reference
 from ..agent import AgentReplayBuffer, MTKDAgent, make_state, normalized_reward
 from ..loss import MTKDLoss
 from . import distributed as D
-from .checkpoint import load_checkpoint_file, load_module_state, rng_state, save_atomic, set_rng_state
+from .checkpoint import load_checkpoint_file, load_module_state, rng_state, save_atomic, set_rng_state, write_bytes_atomic
 from .config import TrainConfig
 from .strategies import make_strategy
 
@@ -339,9 +338,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs
     def view_for_epoch(self, epoch: int) -> int:
-        """The augmentation view of epoch ``epoch``: the epoch, or epoch mod V for a cache holding V views."""
-        num_views = getattr(self.teachers, "num_views", None)
-        return epoch % num_views if num_views else epoch
+        """The augmentation view of epoch ``epoch``: the epoch itself with live teachers; the cache's schedule
+        (``mtkd_fast.cache.view_for_epoch``: epoch mod V for a cyclic cache of V views) with a teacher cache."""
+        if hasattr(self.teachers, "manifest"):
+            from ..cache import view_for_epoch
+
+            return view_for_epoch(self.teachers, epoch)
+        return epoch
 
     def fit(self, make_train_loader: Callable[[int], Iterable], val_loader: Optional[Iterable] = None,
             out_dir: Optional[str] = None) -> dict:
@@ -364,20 +367,19 @@ class Trainer:
             if cfg.max_steps_per_epoch:
                 steps = min(steps, cfg.max_steps_per_epoch) if steps is not None else cfg.max_steps_per_epoch
             self.begin_epoch(epoch, steps)
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=not (cfg.progress and main), dynamic_ncols=True, leave=False)
+            per_step = (cfg.batch_size // self.dist.world_size) * self.dist.world_size
+            # counted in images, so the bar's rate is images/s and its ETA the epoch's remaining time
+            bar = tqdm(total=steps * per_step if steps is not None else None, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       unit="img", unit_scale=True, disable=not (cfg.progress and main), dynamic_ncols=True, leave=False)
             t0 = time.perf_counter()
-            images_seen = 0
             for i, (images, labels, indices) in enumerate(loader):
                 if steps is not None and i >= steps:
                     break
                 self.train_step(images, labels, indices, view)
-                images_seen += images.shape[0] * self.dist.world_size
-                bar.update(1)
+                bar.update(images.shape[0] * self.dist.world_size)
                 if (i + 1) % cfg.log_every == 0:  # the only per-interval host read-back
                     n = max(float(self.meters[_METERS.index("count")]), 1.0)
-                    bar.set_postfix(loss=f"{float(self.meters[0]) / n:.3f}",
-                                    img_s=f"{images_seen / (time.perf_counter() - t0):.0f}")
+                    bar.set_postfix(loss=f"{float(self.meters[0]) / n:.3f}")
             bar.close()
             metrics = self.end_epoch()
             seconds = time.perf_counter() - t0
@@ -470,15 +472,7 @@ def write_csv_atomic(path: str, rows: list[dict]) -> None:
     w.writeheader()
     for row in rows:
         w.writerow({k: row.get(k, "") for k in columns})
-    _write_bytes_atomic(path, buf.getvalue().encode())
-
-
-def _write_bytes_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buf.getvalue().encode())
 
 
 def plot_teacher_weights(history: list[dict], num_teachers: int, path: str) -> None:
@@ -502,7 +496,7 @@ def plot_teacher_weights(history: list[dict], num_teachers: int, path: str) -> N
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    _write_bytes_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _tensorboard_writer(log_dir: str):
