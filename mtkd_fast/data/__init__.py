@@ -35,14 +35,19 @@ def _check_split(split: str) -> str:
                      f"got {split!r}")
 
 
+def _check_limit(limit_per_class):
+    if limit_per_class is not None and (isinstance(limit_per_class, bool) or not isinstance(limit_per_class, int)
+                                        or limit_per_class < 1):
+        raise ValueError(f"limit_per_class: expected an int >= 1 or None, got {limit_per_class!r}")
+    return limit_per_class
+
+
 def _limit_per_class(images, labels, limit_per_class):
     """The first ``limit_per_class`` samples of each class, in the stored order (class-balanced, deterministic)."""
     import numpy as np
 
-    if limit_per_class is None:
+    if _check_limit(limit_per_class) is None:
         return images, labels
-    if isinstance(limit_per_class, bool) or not isinstance(limit_per_class, int) or limit_per_class < 1:
-        raise ValueError(f"limit_per_class: expected an int >= 1 or None, got {limit_per_class!r}")
     keep = np.sort(np.concatenate([np.flatnonzero(labels == k)[:limit_per_class] for k in np.unique(labels)]))
     return images[keep], labels[keep]
 
@@ -57,8 +62,8 @@ def build_dataset(name: str, split: str = "train", root=None, augment: bool = Tr
     an ImageNet-layout folder with ``train/`` and ``val/``; options: ``image_size`` (224),
     ``resize_size`` (256), ``mean``, ``std``, ``on_bad_image`` ('error' or 'skip'), ``scale``, ``ratio``).
     ``split``: ``"train"``, or ``"test"``/``"val"`` (same meaning). ``augment=False``: the deterministic
-    eval transform. ``limit_per_class`` (bundled, cifar100): keep the first N samples of each class, a
-    cheap smaller class-balanced subset. Attributes: ``num_classes``, ``image_shape``, ``class_names``,
+    eval transform. ``limit_per_class``: keep the first N samples of each class (stored order; sorted file
+    names for image folders), a cheap smaller class-balanced subset. Attributes: ``num_classes``, ``image_shape``, ``class_names``,
     ``recipe``, ``seed``, ``view``, ``fingerprint``, ``describe()``; ``set_view(v)`` selects view v.
     """
     from .arrays import ArrayDataset
@@ -71,10 +76,9 @@ def build_dataset(name: str, split: str = "train", root=None, augment: bool = Tr
 
         if root is None:
             raise ValueError("root: expected the path of an ImageNet-layout folder for dataset 'imagefolder', got None")
-        if limit_per_class is not None:
-            raise ValueError("limit_per_class: not supported for 'imagefolder' (export a smaller folder instead)")
+        _check_limit(limit_per_class)
         return ImageFolderDataset(root, "train" if split_key == "train" else "val", augment=augment, seed=seed,
-                                  **options)
+                                  limit_per_class=limit_per_class, **options)
     if options:
         raise ValueError(f"options: {sorted(options)} apply only to 'imagefolder', not to {name!r}")
     if name == "bundled":

@@ -31,7 +31,7 @@ class ArrayDataset(Dataset):
         if labels.shape != (images.shape[0],):
             raise ValueError(f"labels: expected shape ({images.shape[0]},), got {labels.shape}")
         self.name, self.split, self.source = name, split, source
-        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.images = torch.from_numpy(np.require(images, requirements=["C", "W"]))  # copies read-only buffers
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)

@@ -92,7 +92,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root, split="train", *, augment=True, seed=0, image_size=224, resize_size=256,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, on_bad_image="error", scale=(0.08, 1.0),
-                 ratio=(3.0 / 4.0, 4.0 / 3.0)):
+                 ratio=(3.0 / 4.0, 4.0 / 3.0), limit_per_class=None):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image: expected 'error' or 'skip', got {on_bad_image!r}")
         if image_size < 1 or resize_size < image_size:
@@ -102,6 +102,11 @@ class ImageFolderDataset(Dataset):
         self.folder = split_folder(self.root, split)
         paths, labels, classes, ignored = scan_split(self.folder)
         check_same_classes(self.root, classes, self.folder)
+        if limit_per_class is not None:  # the first N files of each class in sorted order
+            labels_np = np.asarray(labels)
+            keep = np.sort(np.concatenate([np.flatnonzero(labels_np == k)[:limit_per_class]
+                                           for k in range(len(classes))]))
+            paths, labels = [paths[k] for k in keep], labels_np[keep].tolist()
         self.name, self.split = "imagefolder", split
         self.paths = paths
         self.labels = torch.tensor(labels, dtype=torch.int64)
