@@ -86,7 +86,9 @@ def build_pipeline(ds, files, labels, shard_list, *, batch_size, rank, world_siz
                                               output_layout="CHW")
             return images, index, fed
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-        images = fn.resize(images, resize_shorter=ds.resize_size, interp_type=types.INTERP_LINEAR, antialias=True)
+        # stretch to whole pixels as PIL does (subpixel_scale=False); see folder.eval_geometry
+        images = fn.resize(images, resize_shorter=ds.resize_size, interp_type=types.INTERP_LINEAR, antialias=True,
+                           subpixel_scale=False)
         images = fn.crop_mirror_normalize(images, crop=(S, S), mean=mean, std=std, dtype=types.FLOAT,
                                           output_layout="CHW")
         return images, index

@@ -17,6 +17,7 @@ Bad input, and what happens (each message names the file or folder):
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 
@@ -85,6 +86,22 @@ def check_same_classes(root: Path, classes: list[str], folder: Path) -> None:
             only_there = sorted(set(theirs) - set(classes))
             raise ValueError(f"root: class folders differ between {folder} and {other}: only in {folder.name}: "
                              f"{only_here[:10]}, only in {other.name}: {only_there[:10]}")
+
+
+def eval_geometry(height: int, width: int, resize_size: int, image_size: int) -> tuple[int, int, int, int]:
+    """The validation transform's geometry: (resized height, resized width, crop top, crop left).
+
+    The shorter side becomes ``resize_size``, the longer one ``round(long * resize_size / short)``; the
+    ``image_size`` crop is centred, its offset rounded half up. These are DALI's rules
+    (``fn.resize(resize_shorter=..., subpixel_scale=False)``, ``fn.crop_mirror_normalize(crop=...)``), used
+    by the torchvision path too (torchvision truncates the longer side and rounds the offset half to even).
+    """
+    short, long = min(height, width), max(height, width)
+    long_new = math.floor(long * resize_size / short + 0.5)
+    new_h, new_w = (resize_size, long_new) if height <= width else (long_new, resize_size)
+    top = math.floor((new_h - image_size) / 2 + 0.5)
+    left = math.floor((new_w - image_size) / 2 + 0.5)
+    return new_h, new_w, top, left
 
 
 class ImageFolderDataset(Dataset):
@@ -176,6 +193,8 @@ class ImageFolderDataset(Dataset):
             if p.flip:
                 img = F.hflip(img)
         else:
-            img = F.center_crop(F.resize(img, self.resize_size, InterpolationMode.BILINEAR, antialias=True), S)
+            new_h, new_w, top, left = eval_geometry(img.height, img.width, self.resize_size, S)
+            img = F.resize(img, [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
+            img = F.crop(img, top, left, S, S)
         x = F.normalize(F.to_tensor(img), self.mean, self.std)
         return x, int(self.labels[index]), int(index)
