@@ -61,6 +61,21 @@ class _ResolutionGroup(NamedTuple):
     pool: bool  # the spec's resize: pooling (H_s >= H) or bilinear
     conv_first: bool  # convolve at the student's resolution, then resize (cheaper when it is smaller)
     same_size: bool  # no resize at all
+    resize_matrix: str | None  # buffer name of the resize as a [H_s*W_s, H*W] matrix, when that is used
+
+
+# Upsampling a small map is faster as one matrix product with the interpolation weights than through
+# upsample_bilinear2d (whose CPU backward is slow for many channels); kept for sources up to 8x8 pixels,
+# where the dense matrix stays small.
+_MATRIX_RESIZE_MAX_SOURCE_PIXELS = 64
+
+
+def _resize_matrix(source: tuple[int, int], size: tuple[int, int], pool: bool) -> Tensor:
+    """The resize as a [H_s*W_s, H*W] matrix: the spec's resize applied to each one-hot source pixel."""
+    n = source[0] * source[1]
+    basis = torch.eye(n, dtype=torch.float64).view(n, 1, *source)
+    # float64 (exact weights such as 1/3); forward casts it to the input's dtype
+    return resize(basis, size, pool).reshape(n, size[0] * size[1])
 
 
 class FeatureTransfer(nn.Module):
@@ -70,7 +85,8 @@ class FeatureTransfer(nn.Module):
         student_shape: (C_s, H_s, W_s) of the student's feats[-2].
         teacher_shapes: M triples (C_m, H_m, W_m), one per teacher's feats[-2].
 
-    ``forward(student_map)`` takes F_s [B, C_s, H_s, W_s] and returns the M maps G_m [B, C_m, H_m, W_m].
+    ``forward(student_map)`` takes F_s [B, C_s, H_s, W_s] and returns the M maps G_m [B, C_m, H_m, W_m]
+    (teachers that share a resolution get channel slices of one tensor: views, not contiguous copies).
     """
 
     def __init__(self, student_shape: Sequence[int], teacher_shapes: Sequence[Sequence[int]]):
@@ -86,17 +102,16 @@ class FeatureTransfer(nn.Module):
         by_size: dict[tuple[int, int], list[int]] = {}
         for m, (_, h, w) in enumerate(self.teacher_shapes):
             by_size.setdefault((h, w), []).append(m)
-        self._groups = [
-            _ResolutionGroup(
-                size=(h, w),
-                members=tuple(members),
-                channels=tuple(self.teacher_shapes[m][0] for m in members),
-                pool=h_s >= h,
-                conv_first=h_s * w_s < h * w,
-                same_size=(h_s, w_s) == (h, w),
-            )
-            for (h, w), members in by_size.items()
-        ]
+        self._groups = []
+        for g, ((h, w), members) in enumerate(by_size.items()):
+            pool, conv_first, same_size = h_s >= h, h_s * w_s < h * w, (h_s, w_s) == (h, w)
+            matrix_name = None
+            if conv_first and h_s * w_s <= _MATRIX_RESIZE_MAX_SOURCE_PIXELS:
+                matrix_name = f"_resize_matrix{g}"
+                # not persistent: derived from the shapes, so it stays out of the state_dict
+                self.register_buffer(matrix_name, _resize_matrix((h_s, w_s), (h, w), pool), persistent=False)
+            channels = tuple(self.teacher_shapes[m][0] for m in members)
+            self._groups.append(_ResolutionGroup((h, w), tuple(members), channels, pool, conv_first, same_size, matrix_name))
 
     @property
     def heads(self) -> list[TransferHead]:
@@ -124,19 +139,63 @@ class FeatureTransfer(nn.Module):
         outputs: list[Tensor | None] = [None] * len(heads)
         for group in self._groups:
             convs = [heads[m].transfer[0] for m in group.members]
-            if len(convs) == 1:
-                weight, bias = convs[0].weight, convs[0].bias
-            else:
-                weight = torch.cat([c.weight for c in convs])
-                bias = torch.cat([c.bias for c in convs])
+            bns = [heads[m].transfer[1] for m in group.members]
+            weight = _cat([c.weight for c in convs])
+            bias = _cat([c.bias for c in convs])
             if group.same_size:
                 mixed = F.conv2d(student_map, weight, bias)
+            elif group.resize_matrix is not None:
+                mixed = F.conv2d(student_map, weight, bias)
+                b, c, h, w = mixed.shape[0], mixed.shape[1], *group.size
+                matrix = getattr(self, group.resize_matrix).to(mixed.dtype)
+                mixed = (mixed.reshape(b * c, -1) @ matrix).view(b, c, h, w)
             elif group.conv_first:
                 mixed = resize(F.conv2d(student_map, weight, bias), group.size, group.pool)
             else:
                 mixed = F.conv2d(resize(student_map, group.size, group.pool), weight, bias)
-            parts = mixed.split(group.channels, dim=1) if len(convs) > 1 else (mixed,)
-            for m, part in zip(group.members, parts):
-                bn = heads[m].transfer[1]
-                outputs[m] = F.relu(bn(part))
+            normed = _group_batch_norm(mixed, bns)
+            if normed is None:  # BatchNorms that cannot share one call: one call each
+                parts = mixed.split(group.channels, dim=1)
+                for m, part, bn in zip(group.members, parts, bns):
+                    outputs[m] = F.relu(bn(part))
+            else:
+                for m, part in zip(group.members, F.relu(normed).split(group.channels, dim=1)):
+                    outputs[m] = part
         return outputs  # type: ignore[return-value]
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _group_batch_norm(x: Tensor, bns: list[nn.BatchNorm2d]) -> Tensor | None:
+    """The BatchNorms of one resolution group as ONE batch_norm call over their concatenated channels.
+
+    BatchNorm is per channel, so this is the same computation; the running statistics are updated in
+    the concatenated buffers and written back, and each module's batch counter advances as nn.BatchNorm2d
+    would. Returns None when the modules differ in settings that one call cannot express.
+    """
+    first = bns[0]
+    if len(bns) == 1:
+        return first(x)
+    same = all(
+        bn.training == first.training and bn.eps == first.eps and bn.momentum == first.momentum
+        and bn.affine and bn.track_running_stats
+        for bn in bns
+    )
+    if not same or first.momentum is None or not first.affine or not first.track_running_stats:
+        return None
+    running_mean = torch.cat([bn.running_mean for bn in bns])
+    running_var = torch.cat([bn.running_var for bn in bns])
+    out = F.batch_norm(
+        x, running_mean, running_var, _cat([bn.weight for bn in bns]), _cat([bn.bias for bn in bns]),
+        first.training, first.momentum, first.eps,
+    )
+    if first.training:
+        with torch.no_grad():
+            for bn, mean, var in zip(bns, running_mean.split([bn.num_features for bn in bns]),
+                                     running_var.split([bn.num_features for bn in bns])):
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.add_(1)
+    return out

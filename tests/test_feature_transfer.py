@@ -1,0 +1,178 @@
+"""FeatureTransfer (spec section 1): the fast order equals the plain (authors') order within float rounding.
+
+Checked in float64 on random inputs of odd sizes, forward and gradients (input and every parameter) and
+BatchNorm running statistics, for upsampling, downsampling (including non-divisible adaptive pooling),
+equal sizes and a mix of resolutions, in train and eval mode. The plain order is itself checked against
+the spec written out with torch.nn.functional calls.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtkd_fast.models import FeatureTransfer
+
+CASES = {
+    # student (C, H, W), teachers [(C, H, W)]
+    "up": ((12, 4, 4), [(7, 8, 8), (5, 8, 8), (9, 6, 6)]),
+    "down": ((12, 9, 9), [(7, 4, 4), (5, 4, 4), (6, 3, 3)]),
+    "equal": ((11, 5, 5), [(7, 5, 5), (3, 5, 5)]),
+    "mixed": ((10, 6, 6), [(4, 8, 8), (5, 6, 6), (3, 3, 3), (6, 8, 8), (7, 4, 10)]),
+    "mtkd_rl_cifar": ((24, 4, 4), [(16, 8, 8), (16, 8, 8), (8, 8, 8), (8, 8, 8)]),
+    "up_large_source": ((6, 9, 9), [(4, 12, 12), (5, 12, 12), (3, 10, 11)]),  # resize by upsample_bilinear2d
+}
+
+
+def _randomise(module: FeatureTransfer, seed: int) -> FeatureTransfer:
+    """Non-trivial BN affine parameters and running statistics, so a mix-up between teachers would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in module.heads:
+            conv, bn = head.transfer[0], head.transfer[1]
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=conv.weight.dtype))
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=g, dtype=conv.bias.dtype))
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=g, dtype=bn.weight.dtype) + 0.5)
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=g, dtype=bn.bias.dtype))
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=g, dtype=bn.running_mean.dtype))
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g, dtype=bn.running_var.dtype) + 0.5)
+    return module
+
+
+def _run(module: FeatureTransfer, x: torch.Tensor, plain: bool, upstream: list[torch.Tensor]):
+    x = x.clone().requires_grad_(True)
+    outs = module.forward_plain(x) if plain else module(x)
+    loss = sum((o * u).sum() for o, u in zip(outs, upstream))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    return outs, x.grad, grads
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fast_order_equals_plain_order(case, train):
+    student_shape, teacher_shapes = CASES[case]
+    torch.manual_seed(sorted(CASES).index(case))
+    plain = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=3).train(train)
+    fast = copy.deepcopy(plain)
+    x = torch.randn(5, *student_shape, dtype=torch.float64)
+    upstream = [torch.randn(5, *s, dtype=torch.float64) for s in teacher_shapes]
+
+    outs_p, gx_p, grads_p = _run(plain, x, plain=True, upstream=upstream)
+    outs_f, gx_f, grads_f = _run(fast, x, plain=False, upstream=upstream)
+
+    for m, (a, b) in enumerate(zip(outs_p, outs_f)):
+        assert b.shape == (5, *teacher_shapes[m])
+        assert (a > 0).any() and (a == 0).any()  # the ReLU is active on both sides: a meaningful comparison
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-10, atol=1e-10)
+    assert gx_p.abs().max() > 0
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-10, atol=1e-10, msg=name)
+    for (name, a), (_, b) in zip(plain.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None], ids=["momentum_differs", "cumulative"])
+def test_fast_order_with_batchnorms_that_cannot_share_a_call(momentum):
+    """BatchNorm settings that one batch_norm call cannot express fall back to one call per teacher."""
+    student_shape, teacher_shapes = CASES["up"]
+    plain = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=7).train()
+    plain.heads[1].transfer[1].momentum = momentum
+    fast = copy.deepcopy(plain)
+    x = torch.randn(3, *student_shape, dtype=torch.float64)
+    upstream = [torch.randn(3, *s, dtype=torch.float64) for s in teacher_shapes]
+    for _ in range(2):  # twice: the cumulative average depends on the batch counter
+        outs_p, gx_p, _ = _run(plain, x, plain=True, upstream=upstream)
+        outs_f, gx_f, _ = _run(fast, x, plain=False, upstream=upstream)
+    for a, b in zip(outs_p, outs_f):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-10, atol=1e-10)
+    for (name, a), (_, b) in zip(plain.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_float32_orders_agree_within_rounding():
+    student_shape, teacher_shapes = (64, 4, 4), [(96, 8, 8), (96, 8, 8), (64, 8, 8), (64, 8, 8)]
+    torch.manual_seed(0)
+    plain = FeatureTransfer(student_shape, teacher_shapes).train()
+    fast = copy.deepcopy(plain)
+    x = torch.randn(8, *student_shape)
+    for a, b in zip(plain.forward_plain(x), fast(x)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["up", "down", "mixed"])
+def test_plain_order_is_the_spec(case):
+    """forward_plain against the spec written out with functional calls (train-mode BN: batch statistics)."""
+    student_shape, teacher_shapes = CASES[case]
+    module = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=5).train()
+    x = torch.randn(4, *student_shape, dtype=torch.float64)
+    outs = module.forward_plain(x)
+    h_s = student_shape[1]
+    for m, (c, h, w) in enumerate(teacher_shapes):
+        if h_s >= h:
+            resized = F.adaptive_avg_pool2d(x, (h, w))
+        else:
+            resized = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        conv, bn = module.heads[m].transfer[0], module.heads[m].transfer[1]
+        y = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], resized) + conv.bias[None, :, None, None]
+        mean, var = y.mean(dim=(0, 2, 3), keepdim=True), y.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        expected = torch.relu((y - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None])
+        torch.testing.assert_close(outs[m], expected, rtol=1e-10, atol=1e-10)
+
+
+def test_fast_path_plan():
+    """Teachers sharing a resolution form one group (one matrix product); convolution at the smaller size."""
+    ft = FeatureTransfer((24, 4, 4), [(16, 8, 8), (16, 8, 8), (8, 8, 8), (8, 2, 2)])
+    plan = {g.size: (g.members, g.conv_first, g.pool, g.resize_matrix is not None) for g in ft._groups}
+    assert plan == {(8, 8): ((0, 1, 2), True, False, True), (2, 2): ((3,), False, True, False)}
+    assert "_resize_matrix0" not in ft.state_dict()
+
+
+def test_parameter_names_are_the_authors():
+    """MTKD-RL models/util.py: TransFeat has embed{i} = Embed(dim_in, dim_out), Embed.transfer = Sequential(
+    Conv2d(dim_in, dim_out, 1), BatchNorm2d(dim_out), ReLU)."""
+    ft = FeatureTransfer((1024, 4, 4), [(384, 8, 8), (256, 8, 8)])
+    shapes = {k: tuple(v.shape) for k, v in ft.state_dict().items()}
+    assert shapes == {
+        "embed0.transfer.0.weight": (384, 1024, 1, 1),
+        "embed0.transfer.0.bias": (384,),
+        "embed0.transfer.1.weight": (384,),
+        "embed0.transfer.1.bias": (384,),
+        "embed0.transfer.1.running_mean": (384,),
+        "embed0.transfer.1.running_var": (384,),
+        "embed0.transfer.1.num_batches_tracked": (),
+        "embed1.transfer.0.weight": (256, 1024, 1, 1),
+        "embed1.transfer.0.bias": (256,),
+        "embed1.transfer.1.weight": (256,),
+        "embed1.transfer.1.bias": (256,),
+        "embed1.transfer.1.running_mean": (256,),
+        "embed1.transfer.1.running_var": (256,),
+        "embed1.transfer.1.num_batches_tracked": (),
+    }
+
+
+@pytest.mark.parametrize(
+    "student_shape,teacher_shapes,match",
+    [
+        ((12, 4), [(7, 8, 8)], "student_shape"),
+        ((12, 4, 0), [(7, 8, 8)], "student_shape"),
+        ((12, 4, 4), [], "teacher_shapes"),
+        ((12, 4, 4), [(7, 8, 8), (7, 8.0, 8)], r"teacher_shapes\[1\]"),
+    ],
+)
+def test_bad_shapes(student_shape, teacher_shapes, match):
+    with pytest.raises(ValueError, match=match):
+        FeatureTransfer(student_shape, teacher_shapes)
+
+
+def test_bad_input_shape():
+    ft = FeatureTransfer((12, 4, 4), [(7, 8, 8)])
+    with pytest.raises(ValueError, match=r"student_map: expected shape \[B, 12, 4, 4\], got \(2, 12, 5, 5\)"):
+        ft(torch.randn(2, 12, 5, 5))
+    with pytest.raises(ValueError, match="student_map"):
+        ft.forward_plain(torch.randn(12, 4, 4))
