@@ -55,7 +55,11 @@ def build_pipeline(ds, files, labels, shard_list, *, batch_size, rank, world_siz
     the indices the crops were made for."""
     require_dali()
     gpu = torch.device(device).type == "cuda"
-    device_id = (torch.device(device).index or 0) if gpu else None  # None: CPU-only pipeline (DALI 2.4)
+    if gpu:
+        index = torch.device(device).index
+        device_id = torch.cuda.current_device() if index is None else index
+    else:
+        device_id = None  # a CPU-only pipeline (types.CPU_ONLY_DEVICE_ID fails in DALI 2.4)
     S = ds.image_size
     mean = [255.0 * m for m in ds.mean]
     std = [255.0 * s for s in ds.std]
@@ -97,12 +101,20 @@ def build_pipeline(ds, files, labels, shard_list, *, batch_size, rank, world_siz
 
 
 def _to_torch(tensor_list, device) -> torch.Tensor:
+    """Copy a pipeline output into a new torch tensor (DALI reuses its output buffers on the next run)."""
+    from nvidia.dali.tensors import TensorGPU
+
     t = tensor_list.as_tensor()
-    if hasattr(t, "as_cpu") and torch.device(device).type == "cpu":
+    on_gpu = isinstance(t, TensorGPU)
+    if on_gpu and torch.device(device).type == "cuda":
+        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
+        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(out.device))
+        return out
+    if on_gpu:  # a GPU output asked for on the CPU
         t = t.as_cpu()
-    if torch.device(device).type == "cuda":
-        return torch.from_dlpack(t).to(device)
-    return torch.from_numpy(np.array(t))
+    return torch.from_numpy(np.array(t)).to(device)  # np.array copies
 
 
 class DaliLoader:
