@@ -1,0 +1,72 @@
+#pragma once
+// Shared device helpers of the mtkd_fast CUDA kernels: warp/block reductions, vector loads, the launch
+// context. Only ATen/c10 headers (never torch/extension.h) so nvcc compiles these files quickly.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+namespace mtkd {
+namespace cuda {
+
+// At most this many teachers per call: their pointers travel by value in the kernel parameters.
+constexpr int kMaxTeachers = 32;
+constexpr int kWarp = 32;
+
+struct SumOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Reduce v over the block (blockDim.x a multiple of 32) and return the result to every thread.
+// smem: kWarp slots of T in shared memory, reusable by the next call.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_allreduce(T v, T* smem, Op op, T identity) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, num_warps = blockDim.x / kWarp;
+  v = warp_reduce(v, op);
+  __syncthreads();  // the previous call's readers are done with smem
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T w = lane < num_warps ? smem[lane] : identity;
+    w = warp_reduce(w, op);
+    if (lane == 0) smem[kWarp - 1] = w;  // slot 31 is only read after the barrier below
+  }
+  __syncthreads();
+  return smem[kWarp - 1];
+}
+
+// N values of T loaded/stored as one aligned access (16 bytes).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// "Last block done": every block calls this after writing its results; it returns true in exactly one
+// block (the last to finish), whose threads then see every other block's writes. counter: zeroed int.
+__device__ __forceinline__ bool is_last_block(unsigned int* counter) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y * gridDim.z - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace cuda
+}  // namespace mtkd

@@ -1,0 +1,243 @@
+// CUDA kernels of the agent-state helpers: pooled cosine COS_{i,m} (forward and backward: one launch each
+// for all teachers, a block per (sample, teacher)) and the per-sample loss with the normalised reward
+// (one block). Same maths as csrc/cpu/state_ops.cpp.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "cpu/op_checks.h"
+#include "cuda/common.cuh"
+
+namespace mtkd {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t>
+struct CosineArgs {
+  const scalar_t* map[kMaxTeachers];
+  const scalar_t* emb[kMaxTeachers];
+  scalar_t* grad_map[kMaxTeachers];
+  scalar_t* grad_emb[kMaxTeachers];
+  int64_t channels[kMaxTeachers];
+  int64_t spatial[kMaxTeachers];  // H * W
+  bool channels_last[kMaxTeachers];
+};
+
+// Pools sample i of map m into x (shared, C values) and returns (dot, |x|^2, |e|^2) reduced over the block.
+template <typename scalar_t, typename acc_t>
+__device__ void pool_and_dots(const CosineArgs<scalar_t>& a, int m, int64_t i, acc_t* x, acc_t* red, acc_t& dot,
+                              acc_t& xx, acc_t& ee) {
+  const int64_t C = a.channels[m], HW = a.spatial[m];
+  const scalar_t* base = a.map[m] + i * C * HW;
+  const scalar_t* e = a.emb[m] + i * C;
+  const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
+  acc_t d = 0, sx = 0, se = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    acc_t s = 0;
+    if (a.channels_last[m]) {
+      for (int64_t p = 0; p < HW; ++p) s += static_cast<acc_t>(base[p * C + c]);  // coalesced over c
+    } else {
+      for (int64_t p = 0; p < HW; ++p) s += static_cast<acc_t>(base[c * HW + p]);
+    }
+    s *= inv_hw;
+    x[c] = s;
+    const acc_t ev = static_cast<acc_t>(e[c]);
+    d += s * ev;
+    sx += s * s;
+    se += ev * ev;
+  }
+  dot = block_allreduce(d, red, SumOp{}, acc_t(0));
+  xx = block_allreduce(sx, red, SumOp{}, acc_t(0));
+  ee = block_allreduce(se, red, SumOp{}, acc_t(0));
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) pooled_cosine_kernel(CosineArgs<scalar_t> a, int M, acc_t eps,
+                                                                acc_t* __restrict__ cos) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* x = reinterpret_cast<acc_t*>(smem_raw);
+  __shared__ acc_t red[kWarp];
+  const int64_t i = blockIdx.x / M;
+  const int m = blockIdx.x % M;
+  acc_t dot, xx, ee;
+  pool_and_dots<scalar_t, acc_t>(a, m, i, x, red, dot, xx, ee);
+  if (threadIdx.x == 0) cos[blockIdx.x] = (dot / max(sqrt(xx), eps)) / max(sqrt(ee), eps);
+}
+
+// dcos/dx = e / (n_x n_e) - cos x / (n_x |x|) with n = max(|.|, eps) (clamp not differentiated), / (H W).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) pooled_cosine_backward_kernel(CosineArgs<scalar_t> a, int M, acc_t eps,
+                                                                         const acc_t* __restrict__ grad) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* x = reinterpret_cast<acc_t*>(smem_raw);
+  __shared__ acc_t red[kWarp];
+  const int64_t i = blockIdx.x / M;
+  const int m = blockIdx.x % M;
+  acc_t dot, xx, ee;
+  pool_and_dots<scalar_t, acc_t>(a, m, i, x, red, dot, xx, ee);
+  const acc_t nx = sqrt(xx), ne = sqrt(ee), cx = max(nx, eps), ce = max(ne, eps);
+  const acc_t cosv = (dot / cx) / ce, go = grad[blockIdx.x];
+  const acc_t coef_e = go / (cx * ce);
+  const acc_t coef_x = nx > 0 ? go * cosv / (cx * nx) : acc_t(0);
+  const acc_t coef_ee = ne > 0 ? go * cosv / (ce * ne) : acc_t(0);
+  const int64_t C = a.channels[m], HW = a.spatial[m];
+  const scalar_t* e = a.emb[m] + i * C;
+  const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
+  __syncthreads();
+  // x now holds dcos/dx_c / (H W) (each thread rewrites only its own channels)
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const acc_t ev = static_cast<acc_t>(e[c]), xv = x[c];
+    a.grad_emb[m][i * C + c] = static_cast<scalar_t>(coef_e * xv - coef_ee * ev);
+    x[c] = (coef_e * ev - coef_x * xv) * inv_hw;
+  }
+  __syncthreads();
+  scalar_t* out = a.grad_map[m] + i * C * HW;
+  const bool cl = a.channels_last[m];
+  for (int64_t j = threadIdx.x; j < C * HW; j += blockDim.x) {
+    const int64_t c = cl ? j % C : j / HW;
+    out[j] = static_cast<scalar_t>(x[c]);
+  }
+}
+
+template <typename scalar_t>
+CosineArgs<scalar_t> cosine_args(at::TensorList maps, at::TensorList embeddings, int64_t& max_c) {
+  CosineArgs<scalar_t> a{};
+  max_c = 0;
+  for (size_t m = 0; m < maps.size(); ++m) {
+    a.map[m] = maps[m].const_data_ptr<scalar_t>();
+    a.emb[m] = embeddings[m].const_data_ptr<scalar_t>();
+    a.channels[m] = maps[m].size(1);
+    a.spatial[m] = maps[m].size(2) * maps[m].size(3);
+    a.channels_last[m] = is_channels_last_map(maps[m]);
+    max_c = std::max(max_c, maps[m].size(1));
+  }
+  return a;
+}
+
+int64_t check_cuda_cosine(at::TensorList maps, at::TensorList embeddings, double eps, c10::ScalarType dtype) {
+  const int64_t B = check_pooled_cosine_args(maps, embeddings, eps);
+  TORCH_CHECK(static_cast<int64_t>(maps.size()) <= kMaxTeachers, "student_maps: the CUDA kernel takes at most ",
+              kMaxTeachers, " maps");
+  int64_t max_c = 0;
+  for (const auto& g : maps) max_c = std::max(max_c, g.size(1));
+  TORCH_CHECK(max_c * static_cast<int64_t>(c10::elementSize(acc_dtype(dtype))) <= 48 * 1024,
+              "student_maps: at most ", 48 * 1024 / c10::elementSize(acc_dtype(dtype)), " channels on CUDA");
+  return B;
+}
+
+at::Tensor pooled_cosine_cuda(at::TensorList maps, at::TensorList embeddings, double eps) {
+  const auto dtype = maps.empty() ? at::kFloat : maps[0].scalar_type();
+  const int64_t B = check_cuda_cosine(maps, embeddings, eps, dtype);
+  const int64_t M = static_cast<int64_t>(maps.size());
+  c10::cuda::CUDAGuard guard(maps[0].device());
+  at::Tensor cos = at::empty({B, M}, maps[0].options().dtype(acc_dtype(dtype)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mtkd_pooled_cosine_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    int64_t max_c = 0;
+    const auto args = cosine_args<scalar_t>(maps, embeddings, max_c);
+    pooled_cosine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * M), kThreads, max_c * sizeof(acc_t),
+                                            c10::cuda::getCurrentCUDAStream()>>>(args, static_cast<int>(M),
+                                                                                 static_cast<acc_t>(eps),
+                                                                                 cos.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return cos;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_cosine_backward_cuda(
+    const at::Tensor& grad, at::TensorList maps, at::TensorList embeddings, double eps) {
+  const auto dtype = maps.empty() ? at::kFloat : maps[0].scalar_type();
+  const int64_t B = check_cuda_cosine(maps, embeddings, eps, dtype);
+  const int64_t M = static_cast<int64_t>(maps.size());
+  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == M, "grad: expected shape [", B, ", ", M,
+              "], got ", grad.sizes());
+  c10::cuda::CUDAGuard guard(maps[0].device());
+  const at::Tensor grad_acc = grad.to(acc_dtype(dtype)).contiguous();
+  std::vector<at::Tensor> grad_maps, grad_emb;
+  for (int64_t m = 0; m < M; ++m) {
+    grad_maps.push_back(at::empty_like(maps[m]));
+    grad_emb.push_back(at::empty_like(embeddings[m]));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mtkd_pooled_cosine_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    int64_t max_c = 0;
+    auto args = cosine_args<scalar_t>(maps, embeddings, max_c);
+    for (int64_t m = 0; m < M; ++m) {
+      args.grad_map[m] = grad_maps[m].data_ptr<scalar_t>();
+      args.grad_emb[m] = grad_emb[m].data_ptr<scalar_t>();
+    }
+    pooled_cosine_backward_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * M), kThreads, max_c * sizeof(acc_t),
+                                                     c10::cuda::getCurrentCUDAStream()>>>(
+        args, static_cast<int>(M), static_cast<acc_t>(eps), grad_acc.const_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_maps, grad_emb};
+}
+
+// One block: l_i, then its mean and Bessel's std, then r_hat (B is a batch: a few hundred values).
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads) reward_kernel(const acc_t* __restrict__ sce, const acc_t* __restrict__ kl,
+                                                         const acc_t* __restrict__ wl, const acc_t* __restrict__ mse,
+                                                         const acc_t* __restrict__ wf, int64_t B, int64_t M,
+                                                         acc_t alpha, acc_t beta, acc_t* __restrict__ loss,
+                                                         acc_t* __restrict__ reward) {
+  __shared__ acc_t red[kWarp];
+  acc_t sum = 0;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    acc_t kd = 0, fd = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      kd += wl[i * M + m] * kl[i * M + m];
+      if (mse != nullptr) fd += wf[i * M + m] * mse[i * M + m];
+    }
+    const acc_t l = sce[i] + alpha * kd + beta * fd;
+    loss[i] = l;
+    sum += l;
+  }
+  const acc_t mean = block_allreduce(sum, red, SumOp{}, acc_t(0)) / static_cast<acc_t>(B);
+  acc_t var = 0;
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) var += (loss[i] - mean) * (loss[i] - mean);
+  var = block_allreduce(var, red, SumOp{}, acc_t(0));
+  const acc_t std_dev = B > 1 ? sqrt(var / static_cast<acc_t>(B - 1)) : acc_t(0);
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
+    const acc_t z = std_dev > 0 ? (mean - loss[i]) / std_dev : acc_t(0);  // r = -l
+    reward[i] = min(acc_t(1), max(acc_t(0), z));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> per_sample_loss_reward_cuda(const at::Tensor& sce, const at::Tensor& kl,
+                                                               const at::Tensor& wl,
+                                                               const std::optional<at::Tensor>& mse,
+                                                               const std::optional<at::Tensor>& wf, double alpha,
+                                                               double beta) {
+  check_reward_args(sce, kl, wl, mse, wf);
+  c10::cuda::CUDAGuard guard(kl.device());
+  const int64_t B = kl.size(0), M = kl.size(1);
+  at::Tensor loss = at::empty({B}, kl.options()), reward = at::empty({B}, kl.options());
+  AT_DISPATCH_FLOATING_TYPES(kl.scalar_type(), "mtkd_per_sample_loss_reward_cuda", [&] {
+    reward_kernel<scalar_t><<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        sce.const_data_ptr<scalar_t>(), kl.const_data_ptr<scalar_t>(), wl.const_data_ptr<scalar_t>(),
+        mse ? mse->const_data_ptr<scalar_t>() : nullptr, wf ? wf->const_data_ptr<scalar_t>() : nullptr, B, M,
+        static_cast<scalar_t>(alpha), static_cast<scalar_t>(beta), loss.data_ptr<scalar_t>(),
+        reward.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, reward};
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(mtkd_fast, CUDA, m) {
+  m.impl("pooled_cosine", &cuda::pooled_cosine_cuda);
+  m.impl("pooled_cosine_backward", &cuda::pooled_cosine_backward_cuda);
+  m.impl("per_sample_loss_reward", &cuda::per_sample_loss_reward_cuda);
+}
+
+}  // namespace mtkd
