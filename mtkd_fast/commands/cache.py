@@ -17,6 +17,7 @@ def register(sub):
     b.add_argument("--dataset", default="bundled", help="bundled | cifar100 | imagefolder (default: bundled)")
     b.add_argument("--data-root", default=None)
     b.add_argument("--seed", type=int, default=0, help="augmentation seed: view v of sample i depends on (seed, v, i)")
+    b.add_argument("--limit-per-class", type=int, default=None, help="use the first N training samples of each class")
     b.add_argument("--teachers", nargs="+", required=True, metavar="ARCH", help="teacher model names")
     b.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE", help="one checkpoint per teacher")
     b.add_argument("--views", type=int, default=1, help="V, augmentation views per sample (default 1)")
@@ -97,7 +98,8 @@ def run_build(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started_dist = True
     try:
-        ds = build_dataset(args.dataset, split="train", root=args.data_root, augment=True, seed=args.seed)
+        ds = build_dataset(args.dataset, split="train", root=args.data_root, augment=True, seed=args.seed,
+                           limit_per_class=args.limit_per_class)
         teachers = []
         for m, name in enumerate(args.teachers):
             model = models.create_model(name, int(ds.num_classes))
