@@ -11,6 +11,8 @@ shared CIFAR-100 teacher checkpoints were trained with:
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,11 +170,14 @@ def test_bad_num_classes(num_classes):
         create_model("resnet8", num_classes)
 
 
+@functools.lru_cache(maxsize=None)
+def _state_shapes(name: str) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in create_model(name, 100).state_dict().items()}
+
+
 @pytest.mark.parametrize("name,key,shape", LINEAGE_KEYS)
-def test_state_dict_matches_lineage(name, key, shape, _model_cache={}):
-    if name not in _model_cache:
-        _model_cache[name] = {k: tuple(v.shape) for k, v in create_model(name, 100).state_dict().items()}
-    state = _model_cache[name]
+def test_state_dict_matches_lineage(name, key, shape):
+    state = _state_shapes(name)
     if shape is None:
         assert key not in state
     else:
