@@ -176,3 +176,13 @@ def test_bad_input_shape():
         ft(torch.randn(2, 12, 5, 5))
     with pytest.raises(ValueError, match="student_map"):
         ft.forward_plain(torch.randn(12, 4, 4))
+
+
+@pytest.mark.parametrize("case", ["up", "down"])
+def test_channels_last_student_map(case):
+    student_shape, teacher_shapes = CASES[case]
+    module = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=9).eval()
+    x = torch.randn(3, *student_shape, dtype=torch.float64)
+    expected = module.forward_plain(x)
+    for a, b in zip(expected, module(x.contiguous(memory_format=torch.channels_last))):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
