@@ -15,12 +15,12 @@ from mtkd_fast.teachers import TeacherOutputs
 class TinyNet(nn.Module):
     """conv-BN-ReLU, strided conv-BN-ReLU (the last map), pooled embedding, dropout, linear classifier."""
 
-    def __init__(self, num_classes=5, width=6, stride=2, dropout=0.1):
+    def __init__(self, num_classes=5, width=6, stride=2, dropout=0.1, norm=True):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(4)
+        self.bn1 = nn.BatchNorm2d(4) if norm else nn.Identity()
         self.conv2 = nn.Conv2d(4, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = nn.BatchNorm2d(width) if norm else nn.Identity()
         self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(width, num_classes)
 
@@ -35,12 +35,12 @@ class TinyNet(nn.Module):
 class TinyTransfer(nn.Module):
     """Spec section 1: resize the student map to each teacher's size, then 1x1 conv -> BN -> ReLU."""
 
-    def __init__(self, student_shape, teacher_shapes):
+    def __init__(self, student_shape, teacher_shapes, norm=True):
         super().__init__()
         self.sizes = [tuple(s[1:]) for s in teacher_shapes]
         self.student_hw = tuple(student_shape[1:])
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(student_shape[0], s[0], 1), nn.BatchNorm2d(s[0]), nn.ReLU()) for s in teacher_shapes
+            nn.Sequential(nn.Conv2d(student_shape[0], s[0], 1), nn.BatchNorm2d(s[0]) if norm else nn.Identity(), nn.ReLU()) for s in teacher_shapes
         )
 
     def forward(self, x):
@@ -77,17 +77,17 @@ class ExactTeachers(nn.Module):
 
 
 def make_setup(num_classes=5, teacher_widths=(6, 8, 7), teacher_strides=(2, 1, 4), student_width=5, seed=0,
-               dtype=torch.float32, hw=8):
+               dtype=torch.float32, hw=8, norm=True):
     """Student, teachers (different map sizes), feature transfer and agent input sizes."""
     torch.manual_seed(seed)
-    student = TinyNet(num_classes, student_width).to(dtype)
+    student = TinyNet(num_classes, student_width, norm=norm).to(dtype)
     teachers = [TinyNet(num_classes, w, s, dropout=0.0).to(dtype) for w, s in zip(teacher_widths, teacher_strides)]
     x = torch.randn(2, 3, hw, hw, dtype=dtype)
     with torch.no_grad():
         s_shape = tuple(student.eval()(x, is_feat=True)[0][-2].shape[1:])
         t_shapes = [tuple(t.eval()(x, is_feat=True)[0][-2].shape[1:]) for t in teachers]
     student.train()
-    transfer = TinyTransfer(s_shape, t_shapes).to(dtype)
+    transfer = TinyTransfer(s_shape, t_shapes, norm=norm).to(dtype)
     sizes = [w + num_classes + 3 for w in teacher_widths]
     return student, teachers, transfer, sizes
 
