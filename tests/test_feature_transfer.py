@@ -186,3 +186,21 @@ def test_channels_last_student_map(case):
     expected = module.forward_plain(x)
     for a, b in zip(expected, module(x.contiguous(memory_format=torch.channels_last))):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["up", "down", "mixed"])
+def test_fast_order_equals_plain_order_on_cuda(case):
+    student_shape, teacher_shapes = CASES[case]
+    plain = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=11).train().cuda()
+    fast = copy.deepcopy(plain)
+    x = torch.randn(4, *student_shape, dtype=torch.float64, device="cuda")
+    upstream = [torch.randn(4, *s, dtype=torch.float64, device="cuda") for s in teacher_shapes]
+    outs_p, gx_p, grads_p = _run(plain, x, plain=True, upstream=upstream)
+    outs_f, gx_f, grads_f = _run(fast, x, plain=False, upstream=upstream)
+    for a, b in zip(outs_p, outs_f):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-10, atol=1e-10)
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-10, atol=1e-10, msg=name)
