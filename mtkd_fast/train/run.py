@@ -96,6 +96,14 @@ def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torc
     return live
 
 
+def _check_model_names(config: TrainConfig) -> None:
+    """Fail before any data is read when a model name is unknown (the error lists the valid names)."""
+    valid = set(_models().list_models())
+    for what, name in [("student", config.student)] + [(f"teachers[{m}]", t) for m, t in enumerate(config.teachers)]:
+        if name not in valid:
+            raise ValueError(f"{what}: unknown model {name!r}; valid names: {', '.join(sorted(valid))}")
+
+
 def _check_data_root(config: TrainConfig) -> None:
     if config.data_root is not None and not os.path.exists(config.data_root):
         raise FileNotFoundError(f"data_root: no such directory {config.data_root!r} (dataset {config.dataset!r})")
@@ -111,7 +119,10 @@ def train(config: TrainConfig) -> dict:
         raise ValueError(f"batch_size: the global batch {config.batch_size} must divide over "
                          f"{dist_info.world_size} processes")
     local_batch = config.batch_size // dist_info.world_size
+    _check_model_names(config)
     _check_data_root(config)
+    if config.strategy != "none" and config.teachers and not config.teacher_checkpoints and dist_info.is_main:
+        print("warning: no teacher_checkpoints given: the teachers keep their random initial weights", flush=True)
     data = _data()
     seed_everything(config.seed)
     subset = {"limit_per_class": config.limit_per_class} if config.limit_per_class else {}

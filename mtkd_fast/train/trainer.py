@@ -196,7 +196,7 @@ class Trainer:
         else:
             tl = t_out.logits.to(self.device)
             with torch.no_grad():
-                tce = reference.teacher_cross_entropy(tl, labels) if self.strategy.needs_teacher_ce else None
+                tce = _teacher_ce(tl, labels) if self.strategy.needs_teacher_ce else None
                 if self.strategy.needs_state:
                     kl = reference.kl_per_sample(logits.detach(), tl, cfg.temperature)
                     cos = (reference.pooled_cosine([m.detach() for m in maps], t_out.embeddings) if maps is not None
@@ -430,6 +430,13 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+def _teacher_ce(teacher_logits: Tensor, labels: Tensor) -> Tensor:
+    """TCE [B, M], as ``reference.teacher_cross_entropy`` but without its label-range check, which reads the
+    labels back to the host every step."""
+    M, B, K = teacher_logits.shape
+    return F.cross_entropy(teacher_logits.reshape(M * B, K), labels.repeat(M), reduction="none").reshape(M, B).T
+
+
 def _on_device(t_out, device):
     """Teacher outputs on the student's device (a cache may hand them over on the CPU)."""
     if t_out.logits.device == device:
