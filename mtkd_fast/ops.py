@@ -291,12 +291,18 @@ def _register() -> None:
             torch.empty((B, K), dtype=student_logits.dtype, device=student_logits.device),
         )
 
+    # Every setup turns off materialize_grads: autograd would otherwise fill zero gradients for the
+    # non-differentiable outputs (for feature_kd, tensors the size of every student map) on each backward.
+
     def _logit_kd_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
         ctx.num_teachers = len(inputs[1])
         ctx.save_for_backward(output[4])
         ctx.mark_non_differentiable(*output[1:])
 
     def _logit_kd_backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:
+            return None, [None] * ctx.num_teachers, None, None, None, None
         (grad_student,) = ctx.saved_tensors
         # no gradient into the (frozen) teachers; the return mirrors the inputs, the list included
         return grad_student * grad_loss.to(grad_student.dtype), [None] * ctx.num_teachers, None, None, None, None
@@ -310,10 +316,14 @@ def _register() -> None:
         return torch.empty((), **stat), torch.empty((B, M), **stat), [torch.empty_like(g) for g in student_maps]
 
     def _feature_kd_setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.num_maps = len(output[2])
         ctx.save_for_backward(*output[2])
         ctx.mark_non_differentiable(output[1], *output[2])
 
     def _feature_kd_backward(ctx, grad_loss, *_unused):
+        if grad_loss is None:
+            return [None] * ctx.num_maps, [None] * ctx.num_maps, None, None
         grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
         return grads, [None] * len(grads), None, None
 
@@ -330,11 +340,14 @@ def _register() -> None:
 
     def _pooled_cosine_setup(ctx, inputs, output):
         maps, embeddings, eps = inputs
+        ctx.set_materialize_grads(False)
         ctx.num_maps = len(maps)
         ctx.eps = eps
         ctx.save_for_backward(*maps, *embeddings)
 
     def _pooled_cosine_backward(ctx, grad):
+        if grad is None:
+            return [None] * ctx.num_maps, [None] * ctx.num_maps, None
         saved = ctx.saved_tensors
         maps, embeddings = list(saved[: ctx.num_maps]), list(saved[ctx.num_maps :])
         grad_maps, grad_embeddings = torch.ops.mtkd_fast.pooled_cosine_backward(grad, maps, embeddings, ctx.eps)
@@ -348,6 +361,7 @@ def _register() -> None:
 
     def _reward_setup(ctx, inputs, output):
         _, _, logit_weights, _, feature_weights, alpha, beta = inputs
+        ctx.set_materialize_grads(False)
         ctx.alpha, ctx.beta = alpha, beta
         ctx.has_mse = feature_weights is not None
         ctx.save_for_backward(logit_weights, feature_weights if ctx.has_mse else None)
@@ -355,6 +369,8 @@ def _register() -> None:
 
     def _reward_backward(ctx, grad_loss, _grad_reward):
         # l is linear in the statistics; the weights receive no gradient (they come from the agent)
+        if grad_loss is None:
+            return None, None, None, None, None, None, None
         logit_weights, feature_weights = ctx.saved_tensors
         g = grad_loss.unsqueeze(1)
         grad_mse = ctx.beta * feature_weights * g if ctx.has_mse else None

@@ -48,6 +48,7 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
       TORCH_CHECK(y >= 0 && y < K, "targets: expected class indices in [0, ", K - 1, "], got ", y);
       // student: max, log-sum-exp at T = 1 and at T; ps = p^T(z_s)
       acc_t smax = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : smax)
       for (int64_t k = 0; k < K; ++k) smax = std::max(smax, static_cast<acc_t>(zs[k]));
       acc_t s1 = 0, sT = 0;
       for (int64_t k = 0; k < K; ++k) {
@@ -68,6 +69,7 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
         const acc_t w = w_all[i * M + m];
         w_total += w;
         acc_t tmax = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : tmax)
         for (int64_t k = 0; k < K; ++k) tmax = std::max(tmax, static_cast<acc_t>(zt[k]));
         acc_t t1 = 0, tT = 0;
         for (int64_t k = 0; k < K; ++k) {

@@ -33,6 +33,7 @@ void pool_sample(const at::Tensor& g, int64_t i, acc_t* x) {
     for (int64_t c = 0; c < C; ++c) {
       acc_t s = 0;
       const scalar_t* row = base + c * HW;
+#pragma omp simd reduction(+ : s)
       for (int64_t p = 0; p < HW; ++p) s += static_cast<acc_t>(row[p]);
       x[c] = s * inv_hw;
     }
@@ -48,6 +49,7 @@ struct CosParts {
 template <typename scalar_t, typename acc_t>
 CosParts<acc_t> cosine_parts(const acc_t* x, const scalar_t* e, int64_t C, double eps) {
   acc_t dot = 0, xx = 0, ee = 0;
+#pragma omp simd reduction(+ : dot, xx, ee)
   for (int64_t c = 0; c < C; ++c) {
     const acc_t ev = static_cast<acc_t>(e[c]);
     dot += x[c] * ev;

@@ -1,0 +1,230 @@
+"""Fused ops vs the authors' way, the eager reference and the compiled reference (forward + backward of one
+step's loss, agent state, priors and reward), at the CIFAR and ImageNet shapes of the brief.
+
+    .venv/bin/python -m pytest benchmarks/bench_ops.py -q --benchmark-only \
+        --benchmark-columns=min,median,mean,stddev,rounds
+
+Besides pytest-benchmark's table, the module writes benchmarks/results/bench_ops.{json,csv,png}: per shape the
+median time of each variant, the ratios to the fused step measured in the same run, and for the fused ops
+alone the bytes they must move and the bandwidth reached (next to this machine's copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+
+from mtkd_fast import MTKDLoss, ops, reference as ref
+
+try:
+    from authors_way import authors_step
+except ImportError:  # run from the repository root as a package path
+    from benchmarks.authors_way import authors_step
+
+pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+SHAPES = {
+    # B, K, per-teacher maps (C, H, W)
+    "cifar": dict(B=64, K=100, maps=[(384, 8, 8), (384, 8, 8), (256, 8, 8), (256, 8, 8)], rounds=30),
+    "imagenet": dict(B=256, K=1000, maps=[(2048, 7, 7)] * 3, rounds=5),
+}
+T, ALPHA, BETA = 4.0, 1.0, 5.0
+
+
+def _inputs(shape):
+    cfg = SHAPES[shape]
+    B, K, maps = cfg["B"], cfg["K"], cfg["maps"]
+    M = len(maps)
+    g = torch.Generator().manual_seed(0)
+    zs = torch.randn(B, K, generator=g).requires_grad_(True)
+    zt = list(torch.randn(M, B, K, generator=g))
+    y = torch.randint(0, K, (B,), generator=g)
+    gs = [torch.randn(B, *s, generator=g).requires_grad_(True) for s in maps]
+    fs = [torch.randn(B, *s, generator=g) for s in maps]
+    emb = [f.mean(dim=(2, 3)) for f in fs]
+    wl = torch.softmax(torch.randn(B, M, generator=g), 1)
+    wf = torch.softmax(torch.randn(B, M, generator=g), 1)
+    return zs, zt, y, gs, fs, emb, wl, wf
+
+
+def _module_step(backend):
+    crit = MTKDLoss(T, ALPHA, BETA, backend=backend)
+
+    def step(zs, zt, y, gs, fs, emb, wl, wf):
+        out = crit(zs, zt, y, wl, gs, fs, wf, emb)
+        state = ref.agent_state(out.cos, out.kl, out.teacher_ce, emb, zt)
+        priors = (ref.confidence_prior(out.teacher_ce), ref.gap_prior(out.kl), ref.similarity_prior(out.cos))
+        if backend == "fused":
+            reward = ops.per_sample_loss_and_reward(out.student_ce, out.kl, wl, out.mse, wf, ALPHA, BETA).reward
+        else:
+            reward = ref.normalized_reward(out.per_sample_loss)
+        return out.loss, state, priors, reward
+
+    return step
+
+
+def _authors(zs, zt, y, gs, fs, emb, wl, wf):
+    return authors_step(zs, zt, y, gs, fs, emb, wl, wf, T, ALPHA, BETA)
+
+
+def _train_step(step, args):
+    zs, zt, y, gs = args[:4]
+    loss = step(*args)[0]
+    torch.autograd.grad(loss, [zs, *gs])
+
+
+_compiled = {}
+
+
+def _variant(name):
+    if name == "fused":
+        return _module_step("fused")
+    if name == "reference":
+        return _module_step("reference")
+    if name == "compiled_reference":
+        if name not in _compiled:
+            _compiled[name] = torch.compile(_module_step("reference"), dynamic=False)
+        return _compiled[name]
+    return _authors
+
+
+def _fused_bytes(shape):
+    """Bytes the fused ops move for forward + backward (float32), and the floor of the maths itself."""
+    cfg = SHAPES[shape]
+    B, K, M = cfg["B"], cfg["K"], len(cfg["maps"])
+    n_maps = sum(B * c * h * w for c, h, w in cfg["maps"])
+    logit_read = (M + 1) * B * K * 4
+    # forward reads student + teachers, writes the gradient; backward reads it and writes it scaled
+    logit = logit_read + B * K * 4 + 2 * B * K * 4
+    # forward reads G, F and writes dG; backward reads dG and writes it scaled
+    feature = 3 * n_maps * 4 + 2 * n_maps * 4
+    pooled = n_maps * 4  # pooled cosine reads each student map once
+    floor = logit_read + B * K * 4 + 3 * n_maps * 4  # read every input once, write each gradient once
+    return dict(logit_kd=logit, feature_kd=feature, pooled_cosine=pooled, step=logit + feature + pooled, floor=floor)
+
+
+def _copy_bandwidth():
+    """This machine's bandwidth for a large tensor copy (read + write), best of 5: the practical ceiling."""
+    src = torch.randn(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    return 2 * src.numel() * 4 / best
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _write_atomic(path, write):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@pytest.fixture(scope="module")
+def report():
+    medians: dict = {}
+    yield medians
+    if not medians:
+        return
+    os.makedirs(RESULTS, exist_ok=True)
+    copy_bw = _copy_bandwidth()
+    rows = []
+    for shape in SHAPES:
+        got = medians.get(shape, {})
+        if "fused" not in got:
+            continue
+        fused = got["fused"]
+        nbytes = _fused_bytes(shape)
+        row = dict(shape=shape, threads=torch.get_num_threads(), copy_bandwidth_GBps=copy_bw / 1e9)
+        for name, sec in got.items():
+            row[f"{name}_ms"] = sec * 1e3
+            if not name.startswith("op_") and name != "fused":
+                row[f"speedup_vs_{name}"] = sec / fused
+        for op in ("logit_kd", "feature_kd"):
+            if f"op_{op}" in got:
+                row[f"{op}_MB"] = nbytes[op] / 1e6
+                row[f"{op}_GBps"] = nbytes[op] / got[f"op_{op}"] / 1e9
+        row["step_MB"] = nbytes["step"] / 1e6
+        row["step_floor_MB"] = nbytes["floor"] / 1e6
+        row["fused_step_GBps"] = nbytes["step"] / fused / 1e9
+        rows.append(row)
+    _write_atomic(os.path.join(RESULTS, "bench_ops.json"), lambda p: json.dump(rows, open(p, "w"), indent=2))
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "shape", k))
+
+    def write_csv(p):
+        with open(p, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+
+    _write_atomic(os.path.join(RESULTS, "bench_ops.csv"), write_csv)
+    _plot(rows)
+    for r in rows:
+        print("\n" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+
+
+def _plot(rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = ["authors", "reference", "compiled_reference", "fused"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.5), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        names = [v for v in variants if f"{v}_ms" in r]
+        ax.bar(names, [r[f"{v}_ms"] for v in names], color=["#999", "#69c", "#36a", "#c33"][: len(names)])
+        ax.set_title(f"{r['shape']}: one step, forward + backward (CPU, {r['threads']} threads)")
+        ax.set_ylabel("ms (median)")
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    _write_atomic(os.path.join(RESULTS, "bench_ops.png"), lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def _record(report, shape, name, benchmark):
+    if benchmark.stats is not None:
+        report.setdefault(shape, {})[name] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("variant", ["fused", "authors", "reference", "compiled_reference"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_step(benchmark, report, shape, variant):
+    args = _inputs(shape)
+    step = _variant(variant)
+    _train_step(step, args)  # warm-up (and compilation for the compiled reference)
+    benchmark.group = f"step-{shape}"
+    benchmark.pedantic(_train_step, args=(step, args), rounds=SHAPES[shape]["rounds"], warmup_rounds=1)
+    _record(report, shape, variant, benchmark)
+
+
+@pytest.mark.parametrize("op", ["logit_kd", "feature_kd"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_op(benchmark, report, shape, op):
+    zs, zt, y, gs, fs, emb, wl, wf = _inputs(shape)
+    if op == "logit_kd":
+        def run():
+            torch.autograd.grad(ops.mtkd_logit_kd(zs, zt, y, wl, T, ALPHA).loss, zs)
+    else:
+        def run():
+            torch.autograd.grad(ops.mtkd_feature_kd(gs, fs, wf, BETA).loss, gs)
+    run()
+    benchmark.group = f"op-{shape}"
+    benchmark.pedantic(run, rounds=SHAPES[shape]["rounds"] * 2, warmup_rounds=1)
+    _record(report, shape, f"op_{op}", benchmark)
