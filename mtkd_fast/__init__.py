@@ -2,6 +2,8 @@
 
 - ``mtkd_fast.reference``: pure-PyTorch reference of the method's maths (the ground truth).
 - ``mtkd_fast.MTKDLoss``: the drop-in multi-teacher distillation loss (with the agent's per-sample statistics).
+- ``mtkd_fast.agent``: the MTKD-RL agent (``MTKDAgent``, ``AgentState``) and its replay buffer.
+- ``mtkd_fast.train``: the trainer (``TrainConfig``, ``train``, ``train_teacher``, ``evaluate``, ``Trainer``).
 - ``mtkd_fast.build_info()``: what the compiled extension contains.
 """
 

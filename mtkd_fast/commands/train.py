@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 
 OPTIONAL_INT = {"max_steps_per_epoch", "limit_per_class"}
 LIST_OF_INT = {"milestones"}
@@ -67,6 +68,8 @@ def register(sub):
 
 
 def print_result(result: dict) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     summary = {k: v for k, v in result.items() if k != "history"}
     print(json.dumps(summary, indent=2, default=str))
 

@@ -420,7 +420,8 @@ class Trainer:
             save_atomic({"model": self.student.state_dict()}, os.path.join(out_dir, STUDENT_BEST))
         write_csv_atomic(os.path.join(out_dir, METRICS_CSV), self.history)
         if self.num_teachers:
-            plot_teacher_weights(self.history, self.num_teachers, os.path.join(out_dir, WEIGHTS_PNG))
+            names = list(self.config.teachers) if len(self.config.teachers) == self.num_teachers else None
+            plot_teacher_weights(self.history, self.num_teachers, os.path.join(out_dir, WEIGHTS_PNG), names)
         if writer is not None:
             row = self.history[-1]
             for key, value in row.items():
@@ -482,7 +483,7 @@ def write_csv_atomic(path: str, rows: list[dict]) -> None:
     write_bytes_atomic(path, buf.getvalue().encode())
 
 
-def plot_teacher_weights(history: list[dict], num_teachers: int, path: str) -> None:
+def plot_teacher_weights(history: list[dict], num_teachers: int, path: str, names: Optional[list] = None) -> None:
     """Mean logit and feature weight of each teacher per epoch (PNG)."""
     import matplotlib
 
@@ -493,7 +494,7 @@ def plot_teacher_weights(history: list[dict], num_teachers: int, path: str) -> N
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, key, title in ((axes[0], "wl", "logit KD weight"), (axes[1], "wf", "feature KD weight")):
         for t in range(num_teachers):
-            ax.plot(epochs, [r.get(f"{key}_t{t}", float("nan")) for r in history], marker="o", ms=3, label=f"teacher {t}")
+            ax.plot(epochs, [r.get(f"{key}_t{t}", float("nan")) for r in history], marker="o", ms=3, label=f"teacher {t}" + (f" ({names[t]})" if names else ""))
         ax.set_title(f"mean {title} per teacher")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
