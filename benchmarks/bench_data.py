@@ -4,7 +4,9 @@ threads, on real JPEGs: the bundled Fashion-MNIST training images exported at 37
 by ``mtkd_fast.data.export``. One round = one epoch of the training loader (batch 64, 224x224 crops,
 random resized crop + flip), pipeline start included; both produce the same batches. The DALI test
 records images/s and its speed as a ratio of torchvision's measured in the same run
-(``extra_info["speedup_vs_torchvision"]``).
+(``extra_info["speedup_vs_torchvision"]``). Wall time suffers when other work shares the cores, so each test
+also records the CPU time it used per image (this process and its DataLoader workers, from getrusage):
+``extra_info["cpu_ms_per_image"]`` and, for DALI, ``cpu_ratio_vs_torchvision``.
 
     .venv/bin/python -m pytest benchmarks/bench_data.py --benchmark-only -q
 """
@@ -12,6 +14,7 @@ records images/s and its speed as a ratio of torchvision's measured in the same 
 from __future__ import annotations
 
 import os
+import resource
 
 import pytest
 
@@ -32,10 +35,18 @@ def jpeg_train(tmp_path_factory):
     return build_dataset("imagefolder", root=root, split="train", augment=True, seed=0)
 
 
-def _epoch(ds, backend):
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers, joined each epoch)."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def _epoch(ds, backend, cpu_log):
     n = 0
+    start = _cpu_seconds()
     for images, _, _ in build_loader(ds, 64, shuffle=True, seed=0, epoch=0, num_workers=THREADS, backend=backend):
         n += images.shape[0]
+    cpu_log.append((_cpu_seconds() - start) / n)
     return n
 
 
@@ -44,13 +55,68 @@ def test_image_folder_epoch(benchmark, jpeg_train, backend):
     if backend == "dali" and not dali_module.DALI_AVAILABLE:
         pytest.skip("NVIDIA DALI is not installed")
     benchmark.group = f"image folder epoch, CPU, {len(jpeg_train)} JPEGs {SIZE[0]}x{SIZE[1]} -> 224, {THREADS} threads"
-    n = benchmark.pedantic(_epoch, args=(jpeg_train, backend), rounds=3, warmup_rounds=1)
+    cpu_log = []
+    n = benchmark.pedantic(_epoch, args=(jpeg_train, backend, cpu_log), rounds=3, warmup_rounds=1)
     assert n == len(jpeg_train)
     median = benchmark.stats.stats.median
-    _medians[backend] = median
-    benchmark.extra_info.update(threads=THREADS, images=n, images_per_s=round(n / median, 1))
-    print(f"\n{backend}: {n / median:.0f} images/s ({THREADS} threads)")
+    cpu_ms = 1000 * sorted(cpu_log)[len(cpu_log) // 2]
+    _medians[backend] = (median, cpu_ms)
+    benchmark.extra_info.update(threads=THREADS, images=n, images_per_s=round(n / median, 1),
+                                cpu_ms_per_image=round(cpu_ms, 3))
+    print(f"\n{backend}: {n / median:.0f} images/s, {cpu_ms:.2f} CPU ms/image ({THREADS} threads)")
     if backend == "dali" and "torchvision" in _medians:
-        speedup = _medians["torchvision"] / median
-        benchmark.extra_info["speedup_vs_torchvision"] = round(speedup, 3)
-        print(f"dali / torchvision speed: {speedup:.2f}x")
+        speedup = _medians["torchvision"][0] / median
+        cpu_ratio = cpu_ms / _medians["torchvision"][1]
+        benchmark.extra_info.update(speedup_vs_torchvision=round(speedup, 3), cpu_ratio_vs_torchvision=round(cpu_ratio, 3))
+        print(f"dali / torchvision: {speedup:.2f}x the speed, {cpu_ratio:.2f}x the CPU time per image")
+
+
+# In-memory data (the bundled set, as CIFAR-100 is used): mtkd_fast's batched augmentation against the
+# usual per-sample torchvision transforms (PIL RandomCrop(32, padding=4), flip, ToTensor, Normalize) in a
+# DataLoader, both in this process, one epoch of 10000 images in batches of 64.
+_array_medians: dict[str, float] = {}
+
+
+class _PerSampleTorchvision:
+    def __init__(self, ds):
+        from torchvision import transforms as T
+
+        self.images = ds.images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()  # [N, 28, 28, 3] uint8
+        self.labels = ds.labels
+        self.transform = T.Compose([T.Pad(2), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(),
+                                    T.ToTensor(), T.Normalize(ds.mean, ds.std)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i]), i
+
+
+def _array_epoch(loader):
+    return sum(images.shape[0] for images, _, _ in loader)
+
+
+@pytest.mark.parametrize("path", ["torchvision_per_sample", "batched"])
+def test_in_memory_epoch(benchmark, path):
+    import torch
+
+    ds = build_dataset("bundled", split="train", augment=True, seed=0)
+    if path == "batched":
+        make = lambda: build_loader(ds, 64, shuffle=True, seed=0, epoch=0)  # noqa: E731
+    else:
+        baseline = _PerSampleTorchvision(ds)
+        make = lambda: torch.utils.data.DataLoader(baseline, batch_size=64, shuffle=True)  # noqa: E731
+    benchmark.group = "in-memory epoch, CPU, bundled train (10000 images), batch 64, 1 process"
+    n = benchmark.pedantic(lambda: _array_epoch(make()), rounds=3, warmup_rounds=1)
+    assert n == len(ds)
+    median = benchmark.stats.stats.median
+    _array_medians[path] = median
+    benchmark.extra_info.update(images_per_s=round(n / median, 1))
+    print(f"\n{path}: {n / median:.0f} images/s")
+    if path == "batched" and "torchvision_per_sample" in _array_medians:
+        speedup = _array_medians["torchvision_per_sample"] / median
+        benchmark.extra_info["speedup_vs_torchvision_per_sample"] = round(speedup, 2)
+        print(f"batched / per-sample torchvision speed: {speedup:.1f}x")
