@@ -157,3 +157,21 @@ def test_worker_processes_give_the_same_batches():
     assert len(here) == len(workers)
     for (x, y, i), (x2, y2, i2) in zip(here, workers):
         assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2)
+
+
+FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.isdir(FASHION_MNIST_DEBIAN),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_bundled_subset_is_remade_byte_for_byte_by_the_tool(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "subset.npz.xz"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_bundled_fashion_mnist.py"
+    subprocess.run([sys.executable, str(tool), "--src", FASHION_MNIST_DEBIAN, "--out", str(out)], check=True,
+                   capture_output=True)
+    assert out.read_bytes() == BUNDLED_PATH.read_bytes()

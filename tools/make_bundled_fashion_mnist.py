@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mtkd_fast.data.arrays import first_per_class  # noqa: E402
 from mtkd_fast.data.fashion_mnist import BUNDLED_PATH, CLASS_NAMES, IDX_FILES, _find, read_idx  # noqa: E402
 
 
-def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
-    picks = [np.flatnonzero(labels == k)[:per_class] for k in range(len(CLASS_NAMES))]
-    short = [k for k, p in enumerate(picks) if len(p) < per_class]
-    if short:
-        raise ValueError(f"per_class: classes {short} have fewer than {per_class} samples")
-    return np.sort(np.concatenate(picks))  # keep the files' (shuffled) order, classes interleaved
+def balanced_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
+    keep = first_per_class(labels, per_class)  # the files' (shuffled) order, classes interleaved
+    counts = np.bincount(labels[keep], minlength=len(CLASS_NAMES))
+    if (counts != per_class).any():
+        raise ValueError(f"per_class: some classes have fewer than {per_class} samples: {counts.tolist()}")
+    return keep
 
 
 def main(argv=None):
@@ -43,7 +44,7 @@ def main(argv=None):
     for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
         images = read_idx(_find(src, IDX_FILES[split][0]))
         labels = read_idx(_find(src, IDX_FILES[split][1]))
-        keep = first_per_class(labels, per_class)
+        keep = balanced_subset(labels, per_class)
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[keep], labels[keep]
     pixels = arrays["train_images"].astype(np.float64) / 255.0
     arrays["mean"] = np.array([pixels.mean()], np.float32)

@@ -43,12 +43,11 @@ def _check_limit(limit_per_class):
 
 
 def _limit_per_class(images, labels, limit_per_class):
-    """The first ``limit_per_class`` samples of each class, in the stored order (class-balanced, deterministic)."""
-    import numpy as np
+    from .arrays import first_per_class
 
     if _check_limit(limit_per_class) is None:
         return images, labels
-    keep = np.sort(np.concatenate([np.flatnonzero(labels == k)[:limit_per_class] for k in np.unique(labels)]))
+    keep = first_per_class(labels, limit_per_class)
     return images[keep], labels[keep]
 
 
@@ -63,8 +62,9 @@ def build_dataset(name: str, split: str = "train", root=None, augment: bool = Tr
     ``resize_size`` (256), ``mean``, ``std``, ``on_bad_image`` ('error' or 'skip'), ``scale``, ``ratio``).
     ``split``: ``"train"``, or ``"test"``/``"val"`` (same meaning). ``augment=False``: the deterministic
     eval transform. ``limit_per_class``: keep the first N samples of each class (stored order; sorted file
-    names for image folders), a cheap smaller class-balanced subset. Attributes: ``num_classes``, ``image_shape``, ``class_names``,
-    ``recipe``, ``seed``, ``view``, ``fingerprint``, ``describe()``; ``set_view(v)`` selects view v.
+    names for image folders), a cheap smaller class-balanced subset. Attributes: ``num_classes``,
+    ``image_shape``, ``class_names``, ``recipe``, ``seed``, ``view``, ``fingerprint``, ``describe()``;
+    ``set_view(v)`` selects view v.
     """
     from .arrays import ArrayDataset
     from .augment import _check_nonneg_int

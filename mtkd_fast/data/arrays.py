@@ -16,6 +16,13 @@ from torch.utils.data import Dataset
 from .augment import PadCrop, view_params
 
 
+def first_per_class(labels, limit: int) -> np.ndarray:
+    """Indices of the first ``limit`` samples of each class, in the stored order (class-balanced, deterministic)."""
+    labels = np.asarray(labels)
+    picks = [np.flatnonzero(labels == k)[:limit] for k in np.unique(labels)]
+    return np.sort(np.concatenate(picks)) if picks else np.zeros(0, dtype=np.int64)
+
+
 class ArrayDataset(Dataset):
     """Images ``[N, C, H, W]`` uint8 with labels; see :func:`mtkd_fast.data.build_dataset`.
 

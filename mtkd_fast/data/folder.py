@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .arrays import first_per_class
 from .augment import ResizedCrop, pixel_box, view_params
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -120,10 +121,8 @@ class ImageFolderDataset(Dataset):
         paths, labels, classes, ignored = scan_split(self.folder)
         check_same_classes(self.root, classes, self.folder)
         if limit_per_class is not None:  # the first N files of each class in sorted order
-            labels_np = np.asarray(labels)
-            keep = np.sort(np.concatenate([np.flatnonzero(labels_np == k)[:limit_per_class]
-                                           for k in range(len(classes))]))
-            paths, labels = [paths[k] for k in keep], labels_np[keep].tolist()
+            keep = first_per_class(labels, limit_per_class)
+            paths, labels = [paths[k] for k in keep], [labels[k] for k in keep]
         self.name, self.split = "imagefolder", split
         self.paths = paths
         self.labels = torch.tensor(labels, dtype=torch.int64)
