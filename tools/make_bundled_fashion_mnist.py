@@ -32,16 +32,11 @@ def balanced_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
     return keep
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--src", default="/usr/share/datasets/fashion-mnist")
-    ap.add_argument("--out", default=str(BUNDLED_PATH))
-    ap.add_argument("--train-per-class", type=int, default=1000)
-    ap.add_argument("--test-per-class", type=int, default=200)
-    args = ap.parse_args(argv)
-    src = Path(args.src)
+def make_arrays(src, train_per_class: int = 1000, test_per_class: int = 200) -> dict:
+    """The subset's arrays: {train,test}_{images,labels} (uint8) and the training pixels' mean and std."""
+    src = Path(src)
     arrays = {}
-    for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
         images = read_idx(_find(src, IDX_FILES[split][0]))
         labels = read_idx(_find(src, IDX_FILES[split][1]))
         keep = balanced_subset(labels, per_class)
@@ -49,6 +44,17 @@ def main(argv=None):
     pixels = arrays["train_images"].astype(np.float64) / 255.0
     arrays["mean"] = np.array([pixels.mean()], np.float32)
     arrays["std"] = np.array([pixels.std()], np.float32)
+    return arrays
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--src", default="/usr/share/datasets/fashion-mnist")
+    ap.add_argument("--out", default=str(BUNDLED_PATH))
+    ap.add_argument("--train-per-class", type=int, default=1000)
+    ap.add_argument("--test-per-class", type=int, default=200)
+    args = ap.parse_args(argv)
+    arrays = make_arrays(args.src, args.train_per_class, args.test_per_class)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     data = lzma.compress(buf.getvalue(), preset=9)
