@@ -170,7 +170,7 @@ def test_feature_kl_matches_kl_div():
         torch.testing.assert_close(got[:, m], exp)
 
 
-@pytest.mark.parametrize("opts", [dict(amp="bf16"), dict(channels_last=True), dict(agent_buffer_dtype="bfloat16"),
+@pytest.mark.parametrize("opts", [dict(amp="bf16"), dict(amp="fp16"), dict(channels_last=True), dict(agent_buffer_dtype="bfloat16"),
                                   dict(agent_update="policy_gradient")])
 def test_step_options_run(opts):
     student, teachers, transfer, sizes = make_setup(seed=14)
