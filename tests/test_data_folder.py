@@ -246,3 +246,19 @@ def test_export_arrays_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         write_jpeg(tmp_path / "x.JPEG", np.zeros((8, 8), np.float32))
     assert isinstance(ImageFolderDataset, type)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=needs_dali), "arrays"])
+def test_channels_last_gives_the_same_values(jpeg_root, backend):
+    if backend == "arrays":
+        ds = build_dataset("bundled", seed=1, limit_per_class=3)
+        kw = {}
+    else:
+        ds = build_dataset("imagefolder", root=jpeg_root, seed=1, image_size=24, resize_size=28)
+        kw = {"backend": backend}
+    plain = list(build_loader(ds, 16, seed=2, **kw))
+    last = build_loader(ds, 16, seed=2, channels_last=True, **kw)
+    assert len(last) == len(plain)
+    for (x, y, i), (x2, y2, i2) in zip(plain, last):
+        assert x2.is_contiguous(memory_format=torch.channels_last) and x2.shape == x.shape
+        assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2)

@@ -106,14 +106,16 @@ def dali_available() -> bool:
 
 
 def build_loader(ds, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0, num_workers: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1, device="cpu", *, backend: str = "auto"):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, device="cpu", *, backend: str = "auto",
+                 channels_last: bool = False):
     """An iterable of ``(images [B,C,H,W] float, labels [B] int64, indices [B] int64)`` on ``device``.
 
     The order is ``DistributedSampler``'s for (seed, epoch, rank, world_size) (so runs are reproducible and
     ranks see disjoint shards, padded by wrapping to equal length); ``len(loader)`` is the number of
     batches. ``backend`` (image folders only): ``"auto"`` (DALI when installed and
     ``on_bad_image="error"``, else torchvision), ``"dali"`` or ``"torchvision"``; DALI uses
-    ``max(1, num_workers)`` threads.
+    ``max(1, num_workers)`` threads. ``channels_last=True``: images in ``torch.channels_last`` memory format
+    (DALI writes them so directly).
     """
     global _told_no_dali
     from .arrays import ArrayDataset
@@ -126,7 +128,7 @@ def build_loader(ds, batch_size: int, shuffle: bool = True, seed: int = 0, epoch
     indices = epoch_indices(len(ds), shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size)
     batches = split_batches(indices, batch_size, drop_last)
     if isinstance(ds, ArrayDataset):
-        return ArrayLoader(ds, batches, num_workers=num_workers, device=device)
+        return _in_format(ArrayLoader(ds, batches, num_workers=num_workers, device=device), channels_last)
     if not isinstance(ds, ImageFolderDataset):
         raise TypeError(f"ds: expected a dataset from build_dataset, got {type(ds).__name__}")
     from . import dali
@@ -141,8 +143,32 @@ def build_loader(ds, batch_size: int, shuffle: bool = True, seed: int = 0, epoch
                      for r in range(world_size)]
         import numpy as np
 
-        return dali.DaliLoader(ds, indices, all_ranks_indices=np.concatenate(all_ranks), batch_size=batch_size,
-                               drop_last=drop_last, rank=rank, world_size=world_size, num_threads=num_workers,
-                               device=device)
-    return FolderLoader(ds, batches, num_workers=num_workers, device=device)
+        return _in_format(dali.DaliLoader(ds, indices, all_ranks_indices=np.concatenate(all_ranks),
+                                          batch_size=batch_size, drop_last=drop_last, rank=rank,
+                                          world_size=world_size, num_threads=num_workers, device=device,
+                                          channels_last=channels_last), channels_last)
+    return _in_format(FolderLoader(ds, batches, num_workers=num_workers, device=device), channels_last)
+
+
+class _ChannelsLast:
+    """A loader whose images come in ``torch.channels_last`` memory format (a no-op where they already do)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):  # e.g. FolderLoader.skipped
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        import torch
+
+        for images, labels, indices in self.loader:
+            yield images.contiguous(memory_format=torch.channels_last), labels, indices
+
+
+def _in_format(loader, channels_last: bool):
+    return _ChannelsLast(loader) if channels_last else loader
 

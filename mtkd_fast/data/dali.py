@@ -48,11 +48,11 @@ def _positions(batch: int, batch_size: int, shard_len: int) -> np.ndarray:
 
 
 def build_pipeline(ds, files, labels, shard_list, *, batch_size, rank, world_size, num_threads, device,
-                   prefetch=2):
+                   channels_last=False, prefetch=2):
     """The DALI pipeline for ``ds`` (an ImageFolderDataset): training (``ds.augment``: replayable resized
     crop + flip) or validation (resize the shorter side to ``ds.resize_size``, centre crop
-    ``ds.image_size``). Outputs: images [B,3,S,S] float normalised, sample indices [B,1] int32, and (training)
-    the indices the crops were made for."""
+    ``ds.image_size``). Outputs: images [B,3,S,S] float normalised ([B,S,S,3] with ``channels_last``),
+    sample indices [B,1] int32, and (training) the indices the crops were made for."""
     require_dali()
     gpu = torch.device(device).type == "cuda"
     if gpu:
@@ -61,6 +61,7 @@ def build_pipeline(ds, files, labels, shard_list, *, batch_size, rank, world_siz
     else:
         device_id = None  # a CPU-only pipeline (types.CPU_ONLY_DEVICE_ID fails in DALI 2.4)
     S = ds.image_size
+    layout = "HWC" if channels_last else "CHW"
     mean = [255.0 * m for m in ds.mean]
     std = [255.0 * s for s in ds.std]
     seed, view, recipe = ds.seed, ds.view, ds.recipe
@@ -87,14 +88,14 @@ def build_pipeline(ds, files, labels, shard_list, *, batch_size, rank, world_siz
                                              output_type=types.RGB)
             images = fn.resize(images, resize_x=S, resize_y=S, interp_type=types.INTERP_LINEAR, antialias=True)
             images = fn.crop_mirror_normalize(images, mirror=flip, mean=mean, std=std, dtype=types.FLOAT,
-                                              output_layout="CHW")
+                                              output_layout=layout)
             return images, index, fed
         images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
         # stretch to whole pixels as PIL does (subpixel_scale=False); see folder.eval_geometry
         images = fn.resize(images, resize_shorter=ds.resize_size, interp_type=types.INTERP_LINEAR, antialias=True,
                            subpixel_scale=False)
         images = fn.crop_mirror_normalize(images, crop=(S, S), mean=mean, std=std, dtype=types.FLOAT,
-                                          output_layout="CHW")
+                                          output_layout=layout)
         return images, index
 
     return pipeline()
@@ -122,8 +123,9 @@ class DaliLoader:
     with the same crops as the torchvision loader for the same (seed, epoch, rank, world_size, view)."""
 
     def __init__(self, ds, rank_indices, *, all_ranks_indices, batch_size, drop_last, rank, world_size,
-                 num_threads, device):
+                 num_threads, device, channels_last=False):
         require_dali()
+        self.channels_last = channels_last
         self.ds, self.device = ds, torch.device(device)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_threads = max(1, int(num_threads))
@@ -141,7 +143,8 @@ class DaliLoader:
             return
         pipe = build_pipeline(self.ds, [str(self.ds.folder / f) for f in self.files], self.labels,
                               self.shard_list, batch_size=self.batch_size, rank=self.rank,
-                              world_size=self.world_size, num_threads=self.num_threads, device=self.device)
+                              world_size=self.world_size, num_threads=self.num_threads, device=self.device,
+                              channels_last=self.channels_last)
         try:
             pipe.build()
             for k, expected in enumerate(self.batches):
@@ -151,6 +154,8 @@ class DaliLoader:
                     raise self._decode_error(k, exc) from exc
                 n = len(expected)
                 images = _to_torch(out[0], self.device)[:n]
+                if self.channels_last:  # [B,H,W,C] -> an NCHW view with channels_last strides
+                    images = images.permute(0, 3, 1, 2)
                 index = _to_torch(out[1], "cpu").reshape(-1)[:n].to(torch.int64)
                 fed = _to_torch(out[2], "cpu").reshape(-1)[:n].to(torch.int64) if len(out) > 2 else index
                 if not (torch.equal(index, torch.from_numpy(expected)) and torch.equal(fed, index)):
