@@ -262,3 +262,14 @@ def test_channels_last_gives_the_same_values(jpeg_root, backend):
     for (x, y, i), (x2, y2, i2) in zip(plain, last):
         assert x2.is_contiguous(memory_format=torch.channels_last) and x2.shape == x.shape
         assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(i, i2)
+
+
+def test_data_check_lists_the_unreadable_images(broken_root, capsys):
+    from mtkd_fast.cli import main
+
+    root, bad = broken_root
+    assert main(["data", "check", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "train: 50 images, 2 unreadable" in out and "val: 50 images, 0 unreadable" in out
+    assert bad[0] in out and bad[1] in out
+    assert main(["data", "check", str(root), "--split", "val", "--workers", "1"]) == 0

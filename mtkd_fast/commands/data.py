@@ -5,7 +5,7 @@ import json
 
 
 def register(sub):
-    p = sub.add_parser("data", help="datasets: info, export-jpeg")
+    p = sub.add_parser("data", help="datasets: info, export-jpeg, check")
     verbs = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     info = verbs.add_parser("info", help="size, classes, image shape, augmentation recipe and fingerprint of a dataset")
@@ -24,6 +24,12 @@ def register(sub):
     export.add_argument("--quality", type=int, default=90, help="JPEG quality 1-95 (default 90)")
     export.add_argument("--limit-per-class", type=int, default=None)
     export.set_defaults(func=run_export)
+
+    check = verbs.add_parser("check", help="decode every image of an image folder and list the unreadable ones")
+    check.add_argument("root", help="ImageNet-layout folder (train/ and val/)")
+    check.add_argument("--split", default=None, choices=["train", "val"], help="default: both that exist")
+    check.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this one)")
+    check.set_defaults(func=run_check)
 
 
 def _parse_size(text):
@@ -60,3 +66,24 @@ def run_export(args):
                             quality=args.quality, limit_per_class=args.limit_per_class)
     print(f"wrote {counts['train']} train and {counts['val']} val JPEGs under {args.out}")
     return 0
+
+
+def run_check(args):
+    """Exit status 1 when some image is unreadable, so scripts can test it."""
+    from pathlib import Path
+
+    from mtkd_fast.data import build_dataset
+    from mtkd_fast.data.folder import find_unreadable
+
+    splits = [args.split] if args.split else [s for s in ("train", "val") if (Path(args.root) / s).is_dir()]
+    if not splits:
+        raise FileNotFoundError(f"root: expected {args.root}/train or {args.root}/val")
+    bad_total = 0
+    for split in splits:
+        ds = build_dataset("imagefolder", root=args.root, split=split, augment=False)
+        bad = find_unreadable(ds, num_workers=args.workers)
+        bad_total += len(bad)
+        print(f"{split}: {len(ds)} images, {len(bad)} unreadable, {ds.ignored_files} non-image files ignored")
+        for path, reason in bad:
+            print(f"  {path}: {reason}")
+    return 1 if bad_total else 0

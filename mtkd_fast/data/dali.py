@@ -11,8 +11,9 @@ batch's indices from the reader against the ones it fed, so a mismatch cannot pa
 
 DALI 2.4 facts this relies on: a CPU-only pipeline needs ``device_id=None``; the ``"mixed"`` decoder needs
 a GPU. A corrupt file makes DALI fail the pipeline; the loader then raises ``ValueError`` naming the
-unreadable file(s) of the failing batches (found with PIL). DALI cannot skip bad files: use the
-torchvision path with ``on_bad_image="skip"`` for that.
+unreadable file(s) of the failing batches (found with PIL). DALI cannot skip bad files: list them all
+with ``mtkd-fast data check ROOT`` and remove them, or use the torchvision path with
+``on_bad_image="skip"``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ Bad input, and what happens (each message names the file or folder):
 - a corrupt or truncated image: with ``on_bad_image="error"`` (default) reading it raises ``ValueError``
   naming the file (from a DataLoader worker, the message reaches the main process); with
   ``on_bad_image="skip"`` the sample is dropped from its batch, and the loader counts it and reports the
-  files once per epoch (``loader.skipped``).
+  files once per epoch (``loader.skipped``). :func:`find_unreadable` (``mtkd-fast data check``) lists
+  them all beforehand, e.g. to remove them before using DALI, which cannot skip.
 """
 
 from __future__ import annotations
@@ -197,3 +198,28 @@ class ImageFolderDataset(Dataset):
             img = F.crop(img, top, left, S, S)
         x = F.normalize(F.to_tensor(img), self.mean, self.std)
         return x, int(self.labels[index]), int(index)
+
+
+def _unreadable_reason(path: str):
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+        return None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def find_unreadable(ds: ImageFolderDataset, num_workers: int = 0, progress: bool = True) -> list[tuple[str, str]]:
+    """Decode every image of ``ds`` with PIL; return (path, reason) for each one that fails."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm import tqdm
+
+    paths = [ds.path(i) for i in range(len(ds))]
+    bar = dict(total=len(paths), desc=f"check {ds.split}", unit="img", disable=not progress)
+    if num_workers > 0:
+        with ProcessPoolExecutor(num_workers) as pool:
+            reasons = list(tqdm(pool.map(_unreadable_reason, paths, chunksize=64), **bar))
+    else:
+        reasons = [_unreadable_reason(p) for p in tqdm(paths, **bar)]
+    return [(p, r) for p, r in zip(paths, reasons) if r is not None]
