@@ -177,7 +177,8 @@ class DaliLoader:
             except ValueError as err:
                 bad.append(str(err))
         if bad:
-            return ValueError("DALI could not decode batch {}: {}".format(k, "; ".join(bad[:5])))
+            return ValueError("DALI could not decode batch {}: {} (`mtkd-fast data check {}` lists every unreadable "
+                              "image)".format(k, "; ".join(bad[:5]), self.ds.root))
         first = str(exc).strip().splitlines()
         return ValueError(f"DALI pipeline failed in batch {k} (no unreadable file found by PIL among batches "
                           f"{k}..{k + 3}): {first[-1] if first else exc}")
