@@ -5,10 +5,16 @@ input) and the four teachers RegNetY_400MF, RegNetX_400MF, resnet32x4, wrn_28_4 
 "authors" is ``FeatureTransfer.forward_plain`` (per teacher: resize, 1x1 conv, BN, ReLU); "fast" is
 ``FeatureTransfer.forward`` (one matrix product per resolution at the smaller size). Both run on the
 same module and the same inputs; the fast test records its median as a ratio of the authors' median
-measured in the same run (``extra_info["ratio_vs_authors"]``; target <= 1/3).
+measured in the same run (``extra_info["ratio_vs_authors"]``; target <= 1/3). Because other work on a
+shared machine can change the load between the two tests, the fast test also times the two orders in
+alternation (``extra_info["interleaved_ratio"]``: median of the per-pair ratios), which load drifts
+affect far less.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -56,8 +62,23 @@ def test_feature_transfer_forward_backward(benchmark, setting, order):
     _medians[order] = benchmark.stats.stats.median
     if order == "fast" and "authors" in _medians:
         ratio = _medians["fast"] / _medians["authors"]
+        interleaved = _interleaved_ratio(transfer, student_map, upstream, pairs=10)
         benchmark.extra_info["ratio_vs_authors"] = round(ratio, 3)
+        benchmark.extra_info["interleaved_ratio"] = round(interleaved, 3)
         print(
             f"\nfeature transfer fwd+bwd: authors {_medians['authors'] * 1e3:.1f} ms, "
-            f"fast {_medians['fast'] * 1e3:.1f} ms, ratio {ratio:.3f} (target <= 0.333)"
+            f"fast {_medians['fast'] * 1e3:.1f} ms, ratio {ratio:.3f}; interleaved ratio {interleaved:.3f} "
+            f"(target <= 0.333)"
         )
+
+
+def _interleaved_ratio(transfer, student_map, upstream, pairs: int) -> float:
+    ratios = []
+    for _ in range(pairs):
+        times = []
+        for forward in (transfer.forward_plain, transfer.forward):
+            start = time.perf_counter()
+            _step(forward, student_map, upstream)
+            times.append(time.perf_counter() - start)
+        ratios.append(times[1] / times[0])
+    return statistics.median(ratios)
