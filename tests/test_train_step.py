@@ -199,3 +199,25 @@ def test_trainer_argument_errors():
         config(strategy="mmkd")
     with pytest.raises(ValueError, match="feature_kd"):
         config(feature_kd="l1")
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # epochs without steps here
+@pytest.mark.parametrize("schedule", ["multistep", "cosine"])
+def test_learning_rate_schedule_matches_authors_formula(schedule):
+    """Authors' adjust_lr at the start of epoch e: lr0 * 0.1 ** bisect_right(milestones, e), or
+    lr0 * (1 + cos(pi e / E)) / 2."""
+    import bisect
+    import math
+
+    student, _, _, _ = make_setup(seed=17)
+    cfg = config(strategy="none", teachers=[], schedule=schedule, epochs=6, milestones=[2, 4], lr=0.05)
+    trainer = Trainer(cfg, student)
+    lrs = []
+    for epoch in range(6):
+        trainer.begin_epoch(epoch)
+        lrs.append(trainer.end_epoch()["lr"])
+    if schedule == "multistep":
+        expected = [0.05 * 0.1 ** bisect.bisect_right([2, 4], e) for e in range(6)]
+    else:
+        expected = [0.05 * 0.5 * (1 + math.cos(math.pi * e / 6)) for e in range(6)]
+    assert lrs == pytest.approx(expected, rel=1e-9, abs=1e-12)
