@@ -201,7 +201,7 @@ def test_trainer_argument_errors():
         config(feature_kd="l1")
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # epochs without steps here
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # epochs without steps here
 @pytest.mark.parametrize("schedule", ["multistep", "cosine"])
 def test_learning_rate_schedule_matches_authors_formula(schedule):
     """Authors' adjust_lr at the start of epoch e: lr0 * 0.1 ** bisect_right(milestones, e), or
