@@ -274,6 +274,25 @@ def _same_layout(a: Tensor, b: Tensor) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _scaled(saved_grad: Tensor, grad_output: Tensor) -> Tensor:
+    """The gradient saved in the forward pass times the incoming scalar gradient.
+
+    The usual incoming gradient is exactly 1 (``loss.backward()``): then the saved tensor is returned as is,
+    sparing a read and a write of every gradient (as Liger-Kernel's fused losses do). The check reads the
+    value, so it is only made in eager mode on the CPU; traced (fake/functional tensors) and CUDA backward
+    passes always multiply. Autograd clones a returned gradient before accumulating into a leaf's ``.grad``
+    while the saved tensor is alive, so retained graphs stay correct.
+    """
+    if (
+        type(grad_output) is Tensor
+        and grad_output.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(grad_output == 1)
+    ):
+        return saved_grad
+    return saved_grad * grad_output.to(saved_grad.dtype)
+
+
 def _register() -> None:
     lib = "mtkd_fast::"
 
@@ -305,7 +324,7 @@ def _register() -> None:
             return None, [None] * ctx.num_teachers, None, None, None, None
         (grad_student,) = ctx.saved_tensors
         # no gradient into the (frozen) teachers; the return mirrors the inputs, the list included
-        return grad_student * grad_loss.to(grad_student.dtype), [None] * ctx.num_teachers, None, None, None, None
+        return _scaled(grad_student, grad_loss), [None] * ctx.num_teachers, None, None, None, None
 
     torch.library.register_autograd(lib + "logit_kd", _logit_kd_backward, setup_context=_logit_kd_setup)
 
@@ -324,7 +343,7 @@ def _register() -> None:
     def _feature_kd_backward(ctx, grad_loss, *_unused):
         if grad_loss is None:
             return [None] * ctx.num_maps, [None] * ctx.num_maps, None, None
-        grads = [g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
         return grads, [None] * len(grads), None, None
 
     torch.library.register_autograd(lib + "feature_kd", _feature_kd_backward, setup_context=_feature_kd_setup)

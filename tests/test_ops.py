@@ -398,3 +398,21 @@ def test_bad_input_names_the_argument():
     # the compiled op names its own argument too when called directly
     with pytest.raises(RuntimeError, match="weights"):
         torch.ops.mtkd_fast.logit_kd(zs, list(zt), y, w.float(), 4.0, 1.0)
+
+
+def test_backward_twice_with_retained_graph_and_scaled_loss():
+    # the saved gradient is handed out as is for an incoming gradient of 1: repeated backward passes and
+    # accumulation into .grad must still be right
+    zs, zt, y, w = _logit_inputs(4, 9, 2, seed=20)
+    gs, fs, wf = _feature_inputs(4, [(3, 2, 2), (2, 1, 3)], seed=21)
+    z = zs.clone().requires_grad_(True)
+    g = [x.clone().requires_grad_(True) for x in gs]
+    loss = ops.mtkd_logit_kd(z, zt, y, w).loss + ops.mtkd_feature_kd(g, fs, wf).loss
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    (2.0 * loss).backward()
+    exp, exp_grad = _ref_logit(zs, zt, y, w, 4.0, 1.0)
+    torch.testing.assert_close(z.grad, 4.0 * exp_grad)
+    _, exp_grads = _ref_feature(gs, fs, wf, 5.0)
+    for a, b in zip(g, exp_grads):
+        torch.testing.assert_close(a.grad, 4.0 * b)
