@@ -207,13 +207,67 @@ def topk_error(K: int, ks, sharpness, T: float = 4.0, B: int = 512) -> list[dict
     return rows
 
 
+# ---- accuracy cost of replaying V views ----------------------------------------------------------------------
+
+def replay_experiment(out: str, views=(1, 2, 4), seeds=(0, 1, 2), per_class: int = 100, epochs: int = 15,
+                      teacher_epochs: int = 15, student: str = "resnet8", teachers=("resnet14", "wrn_16_2")) -> list[dict]:
+    """MTKD-RL on the bundled data (``per_class`` samples per class, train and test) with teachers pretrained
+    here: student top-1 when epoch e replays view e mod V from a cache, against fresh augmentation every epoch
+    (live teachers). Same seeds, same everything else; CPU-sized, so small models and few epochs."""
+    from mtkd_fast.train import train, train_teacher
+
+    os.makedirs(out, exist_ok=True)
+    ckpts, rows = [], []
+    for name in teachers:
+        r = train_teacher(name, dataset="bundled", limit_per_class=per_class, epochs=teacher_epochs, seed=100,
+                          milestones=[int(teacher_epochs * 0.6), int(teacher_epochs * 0.8)], device="cpu",
+                          out_dir=os.path.join(out, f"teacher_{name}"), progress=False)
+        ckpts.append(os.path.join(out, f"teacher_{name}", "student_best.pth"))
+        rows.append({"run": f"teacher {name}", "views": "", "seed": 100, "val_top1": r["final"]["val_top1"],
+                     "seconds": ""})
+        print(rows[-1], file=sys.stderr)
+    common = dict(student=student, teachers=list(teachers), teacher_checkpoints=ckpts, dataset="bundled",
+                  limit_per_class=per_class, epochs=epochs, milestones=[int(epochs * 0.6), int(epochs * 0.8)],
+                  device="cpu", progress=False, eval_every=epochs)
+    for seed in seeds:
+        for V in list(views) + ["fresh"]:
+            cache = None
+            if V != "fresh":
+                cache = os.path.join(out, f"cache_s{seed}_v{V}")
+                ds = build_dataset("bundled", split="train", augment=True, seed=seed, limit_per_class=per_class)
+                tms = [models.create_model(n, ds.num_classes) for n in teachers]
+                for t, c in zip(tms, ckpts):
+                    models.load_checkpoint(t, c)
+                build_cache(cache, ds, tms, views=V, teacher_names=list(teachers), checkpoints=ckpts, progress=False)
+            t0 = time.perf_counter()
+            r = train(TrainConfig(**common, seed=seed, teacher_cache=cache,
+                                  out_dir=os.path.join(out, f"student_s{seed}_v{V}")))
+            rows.append({"run": "mtkd_rl", "views": V, "seed": seed, "val_top1": r["final"]["val_top1"],
+                         "seconds": time.perf_counter() - t0})
+            print(rows[-1], file=sys.stderr)
+    _write_csv(os.path.join(out, "replay_views.csv"), rows)
+    return rows
+
+
 # ---- standalone run -------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7, help="interleaved repetitions of each step (median)")
     p.add_argument("--out", default="results/bench_cache", help="output prefix for .csv/.json/.png")
+    p.add_argument("--replay-experiment", default=None, metavar="DIR",
+                   help="instead: the accuracy cost of replaying V views (trains teachers and students; long)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=15)
     args = p.parse_args(argv)
+    if args.replay_experiment:
+        rows = replay_experiment(args.replay_experiment, seeds=tuple(range(args.seeds)), epochs=args.epochs,
+                                 teacher_epochs=args.epochs)
+        for V in sorted({r["views"] for r in rows if r["run"] == "mtkd_rl"}, key=str):
+            acc = [r["val_top1"] for r in rows if r["run"] == "mtkd_rl" and r["views"] == V]
+            print(f"V={V}: top-1 {statistics.mean(acc):.2f} +- {statistics.stdev(acc) if len(acc) > 1 else 0:.2f} "
+                  f"over {len(acc)} seeds: {acc}")
+        return 0
     s = setting()
     kinds = list(s.trainers)
     times = {k: [] for k in kinds}
