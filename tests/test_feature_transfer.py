@@ -27,6 +27,15 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small float64 problems gain nothing from threads and suffer from OpenMP barriers on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise(module: FeatureTransfer, seed: int) -> FeatureTransfer:
     """Non-trivial BN affine parameters and running statistics, so a mix-up between teachers would show."""
     g = torch.Generator().manual_seed(seed)

@@ -152,6 +152,16 @@ LINEAGE_KEY_COUNTS = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Batch-2 forwards of small models gain nothing from threads, and on a shared, loaded machine the
+    OpenMP barriers between hundreds of tiny kernels make them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_list_models_is_sorted_and_complete():
     names = list_models()
     assert names == sorted(names)
@@ -217,11 +227,18 @@ def test_train_mode_backward_reaches_every_parameter():
 # ---------------------------------------------------------------- ImageNet models
 
 @pytest.mark.parametrize("name,tv_name", sorted(IMAGENET_MODELS.items()))
-def test_imagenet_names_and_shapes_are_torchvisions(name, tv_name):
-    ours = create_model(name, 1000).state_dict()
+def test_imagenet_names_shapes_and_feature_interface(name, tv_name):
+    model = create_model(name, 1000).eval()
+    ours = model.state_dict()
     theirs = getattr(torchvision.models, tv_name)(weights=None).state_dict()
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
+    with torch.no_grad():  # a small input keeps this cheap; the interface does not depend on the size
+        feats, logits = model(torch.randn(2, 3, 64, 64), is_feat=True)
+    width = 512 if name in ("imagenet_resnet18", "imagenet_resnet34") else 2048
+    assert logits.shape == (2, 1000)
+    assert tuple(feats[-2].shape) == (2, width, 2, 2)
+    torch.testing.assert_close(feats[-1], feats[-2].mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("name", ["imagenet_resnet18", "imagenet_resnext50_32x4d"])
