@@ -1,0 +1,112 @@
+"""Outputs of the epoch benchmark: a text table, a CSV (with the machine, versions and commit on every row) and a
+PNG bar chart. Files are written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+
+from .epoch import memory_key
+
+_COLUMNS = ("setting", "student", "config", "label", "steps", "batch_size", "images", "repetitions", "median_s",
+            "min_s", "max_s", "images_per_s", "time_x_student_only", "time_x_aver", "peak_rss_mib", "peak_device_mib",
+            "mem_x_student_only", "mem_x_aver", "times_s")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _fmt(x, spec=".2f"):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def format_table(result: dict) -> str:
+    """The rows as a Markdown table (readable on a terminal too), then the cache build time and the targets."""
+    rows, meta = result["rows"], result["meta"]
+    mkey = memory_key(meta["device"])
+    mem_name = "peak GPU MiB" if mkey == "peak_device_mib" else "peak RSS MiB"
+    steps = rows[0]["steps"] if rows else 0
+    head = ["student", "configuration", f"s / {steps} steps", "images/s", "x student-only", "x AVER", mem_name,
+            "mem x AVER"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["student"], r["label"], _fmt(r["median_s"], ".2f"), _fmt(r["images_per_s"], ".1f"),
+            _fmt(r["time_x_student_only"]), _fmt(r["time_x_aver"]), _fmt(r[mkey], ".0f"), _fmt(r["mem_x_aver"]),
+        ]) + " |")
+    out = "\n".join(lines)
+    if meta.get("cache_build_s") is not None:
+        out += (f"\n\nteacher cache build ({meta['cache_samples']} samples x 1 view, all teachers): "
+                f"{meta['cache_build_s']:.2f} s (not included in the cached configuration's time)")
+    if result.get("targets"):
+        out += "\n\ntargets:"
+        for t in result["targets"]:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            out += f"\n  {t['student']}: {t['target']}: {_fmt(t['value'])} -> {verdict}"
+    return out
+
+
+def write_csv(result: dict, path: str) -> None:
+    """One row per (student, configuration) with the run's metadata (machine, torch/CUDA, commit) as columns."""
+    meta = result["meta"]
+    columns = list(_COLUMNS) + [k for k in meta]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for r in result["rows"]:
+        w.writerow({**{k: r.get(k, "") for k in _COLUMNS}, **meta})
+    _write_atomic(path, buf.getvalue().encode())
+
+
+def plot(result: dict, path: str) -> None:
+    """Bars of the median time per epoch of N steps (annotated with the ratio to student-only) and of the peak
+    memory, one group of bars per student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, meta = result["rows"], result["meta"]
+    mkey = memory_key(meta["device"])
+    students = list(dict.fromkeys(r["student"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    labels = {r["config"]: r["label"] for r in rows}
+    colors = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.45 * len(configs) * len(students)))
+    height = 0.8 / max(len(students), 1)
+    for s_i, student in enumerate(students):
+        mine = {r["config"]: r for r in rows if r["student"] == student}
+        ys = [c_i + s_i * height for c_i in range(len(configs))]
+        for ax, key in ((axes[0], "median_s"), (axes[1], mkey)):
+            vals = [mine[c][key] if c in mine else float("nan") for c in configs]
+            ax.barh(ys, vals, height=height, color=colors(s_i), label=student)
+            for y, c, v in zip(ys, configs, vals):
+                ratio = mine[c]["time_x_student_only"] if key == "median_s" else mine[c]["mem_x_aver"]
+                tag = "x student" if key == "median_s" else "x AVER"
+                if math.isfinite(v):
+                    ax.text(v, y, f" {_fmt(ratio)}{tag}", va="center", fontsize=7)
+    for ax in axes:
+        ax.set_yticks([c_i + height * (len(students) - 1) / 2 for c_i in range(len(configs))])
+        ax.set_yticklabels([labels[c] for c in configs], fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    steps = rows[0]["steps"] if rows else 0
+    axes[0].set_xlabel(f"median seconds per epoch of {steps} steps (batch {rows[0]['batch_size'] if rows else 0})")
+    axes[1].set_xlabel("peak GPU memory allocated (MiB)" if mkey == "peak_device_mib" else "peak process RSS (MiB)")
+    axes[1].set_yticklabels([])
+    axes[0].legend(fontsize=8, loc="lower right")
+    where = meta["gpu"] or meta["cpu"]
+    fig.suptitle(f"epoch cost, {meta['device']} ({where}), torch {meta['torch']}, commit {meta['commit']}", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    _write_atomic(path, buf.getvalue())
