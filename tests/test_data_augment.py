@@ -96,6 +96,7 @@ def test_bundled_augmentation_matches_an_independent_reference(seed, view):
     ds.set_view(view)
     assert ds.image_shape == (3, 32, 32)
     idx = torch.tensor([0, 3, 17, 39, 22])
+    threads_before = torch.get_num_threads()
     images, labels, got_idx = ds.get_batch(idx)
     assert torch.equal(got_idx, idx) and torch.equal(labels, ds.labels[idx])
     for row, i in enumerate(idx.tolist()):
@@ -106,6 +107,7 @@ def test_bundled_augmentation_matches_an_independent_reference(seed, view):
         x, y, j = ds[i]  # the per-sample API is the same computation
         torch.testing.assert_close(x, images[row], rtol=0, atol=0)
         assert (y, j) == (int(labels[row]), i)
+    assert torch.get_num_threads() == threads_before  # the single-threaded batch ops restore the setting
     # grayscale replicated: the three channels are equal
     torch.testing.assert_close(images[:, 0], images[:, 1], rtol=0, atol=0)
     # another view of the same samples is a different image (for most samples)

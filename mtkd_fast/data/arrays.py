@@ -7,6 +7,7 @@ the training device, with the crop windows and flips of :func:`mtkd_fast.data.au
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import numpy as np
@@ -14,6 +15,18 @@ import torch
 from torch.utils.data import Dataset
 
 from .augment import PadCrop, view_params
+
+
+@contextlib.contextmanager
+def _one_intraop_thread():
+    """Run a batch's small CPU ops on one thread: at ~200k values per op, waking OpenMP threads costs more
+    than it saves, and up to 40x more when other processes share the cores (measured here)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def first_per_class(labels, limit: int) -> np.ndarray:
@@ -106,6 +119,12 @@ class ArrayDataset(Dataset):
         """
         indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         device = torch.device(device)
+        if device.type != "cpu":
+            return self._augment(indices, device)
+        with _one_intraop_thread():
+            return self._augment(indices, device)
+
+    def _augment(self, indices, device):
         C, H, W = self.image_shape
         if device.type == "cpu":
             raw = self.images[indices]
