@@ -11,6 +11,7 @@ shared CIFAR-100 teacher checkpoints were trained with:
 
 from __future__ import annotations
 
+import argparse
 import functools
 
 import pytest
@@ -337,3 +338,14 @@ def test_load_checkpoint_not_a_state_dict(tmp_path):
     torch.save({"epoch": 3, "acc": 1.0}, path)
     with pytest.raises(ValueError, match=r"t\.pth: expected a state_dict"):
         load_checkpoint(create_model("resnet8", 100), path)
+
+
+def test_load_checkpoint_with_python_objects_needs_trust(tmp_path):
+    """Old training scripts pickle their argparse options next to the weights: refused unless trusted."""
+    source = _randomised(create_model("resnet8", 100))
+    path = tmp_path / "old.pth"
+    torch.save({"model": source.state_dict(), "opt": argparse.Namespace(lr=0.05)}, path)
+    with pytest.raises(ValueError, match=r"old\.pth: holds Python objects.*trusted=True"):
+        load_checkpoint(create_model("resnet8", 100), path)
+    target = load_checkpoint(create_model("resnet8", 100), path, trusted=True)
+    assert torch.equal(target.fc.weight, source.fc.weight)

@@ -47,7 +47,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, trusted: bool = F
         obj = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{path}: could not be read with weights_only=True ({err}); if you trust this file, pass trusted=True"
+            f"{path}: holds Python objects besides tensors, so it cannot be read with weights_only=True; "
+            f"if you trust this file, pass trusted=True"
         ) from err
     state = _extract_state_dict(obj, path)
     expected = model.state_dict()
