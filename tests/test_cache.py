@@ -16,6 +16,15 @@ from mtkd_fast.cache import storage
 from mtkd_fast.teachers import LiveTeachers
 
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread (OpenMP wake-ups dominate, badly so when other jobs share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 class ReplayableToyDataset(torch.utils.data.Dataset):
     """Stand-in with the mtkd_fast.data contract: view v of sample i is a pure function of (seed, v, i)
     (random crop with padding 2 and a horizontal flip); items are (image, label, index)."""
