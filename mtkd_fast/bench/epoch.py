@@ -234,6 +234,23 @@ class Run:
                            batch_size=s.batch_size, device=s.device, amp=s.amp, channels_last=s.channels_last,
                            progress=False, seed=s.seed)
 
+    @property
+    def runner(self):
+        return self.authors if self.authors is not None else self.trainer
+
+    def begin_epoch(self, epoch_index: int, steps: int) -> None:
+        """Start an epoch of ``steps`` steps (the replay buffer is sized by the first epoch's length)."""
+        if self.authors is not None:
+            self.authors.begin_epoch(epoch_index)
+        else:
+            self.trainer.begin_epoch(epoch_index, steps)
+
+    def step(self, images, labels, indices) -> dict:
+        """One training step on a batch of view 0 (the agent update included when it falls due)."""
+        if self.authors is not None:
+            return self.authors.train_step(images, labels)
+        return self.trainer.train_step(images, labels, indices, 0)
+
     def epoch(self, ds, epoch_index: int, max_steps: Optional[int] = None) -> int:
         """One epoch (epoch index >= 1: past MTKD-RL's warm-up, so the agent acts) over ``ds`` in view 0, the
         epoch-end agent update included; waits for the device. Returns the number of images."""
@@ -243,21 +260,13 @@ class Run:
         loader = build_loader(ds, spec.batch_size, shuffle=True, seed=spec.seed, epoch=epoch_index, drop_last=True,
                               device=spec.device)
         images_seen = 0
-        runner = self.authors if self.authors is not None else self.trainer
-        if self.authors is not None:
-            runner.begin_epoch(epoch_index)
-        else:
-            # the replay buffer is sized by the first epoch's length: always the full epoch's
-            runner.begin_epoch(epoch_index, len(loader))
+        self.begin_epoch(epoch_index, len(loader))
         for i, (images, labels, indices) in enumerate(loader):
             if max_steps is not None and i >= max_steps:
                 break
-            if self.authors is not None:
-                runner.train_step(images, labels)
-            else:
-                runner.train_step(images, labels, indices, 0)
+            self.step(images, labels, indices)
             images_seen += int(images.shape[0])
-        runner.end_epoch()
+        self.runner.end_epoch()
         _synchronize(spec.device)
         return images_seen
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU checks of mtkd_fast in one call, for a session that is lent a GPU (the `device` tool's `run`):
+#
+#     run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
+#
+# Stages (each under its own time limit; a failing stage is logged and the next one still runs):
+#   build     the extension for sm_90 (TORCH_CUDA_ARCH_LIST=9.0, the H100/H200), then build_info
+#   tests     the CUDA tests (every test file that uses the GPU; -rs lists what was skipped)
+#   memcheck  compute-sanitizer --tool memcheck over the fused ops' CUDA tests
+#   ops       the op benchmarks (benchmarks/bench_ops.py: fused vs the authors' way vs the reference)
+#   epoch     `mtkd-fast bench epoch` on the GPU: the CIFAR-like setting (ShuffleV2, B=64) and the ImageNet-like
+#             setting (ResNet-18 student, ResNet-34/50/101 teachers, B=128), sized to a couple of minutes each
+# STAGES="build tests" (say; names: build tests memcheck ops epoch-cifar epoch-imagenet) runs a subset; on a machine still warm from an earlier call the build is incremental.
+#
+# Everything lands in $OUT (at most 8 files come back): gpu_check.log (all output), gpu_check.md (the summary:
+# device, stage results, both epoch tables -- paste into benchmarks/RESULTS.md), epoch_cifar.csv/.png,
+# epoch_imagenet.csv/.png, bench_ops.json, and everything else in gpu_check_files.tar.gz.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_check_out}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+LOG=$OUT/gpu_check.log
+SUMMARY=$OUT/gpu_check.md
+STAGES=${STAGES:-"build tests memcheck ops epoch-cifar epoch-imagenet"}
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# the device machine has torch in its system python3 and no .venv; here the checkout's .venv is used when present
+if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+
+: >"$LOG"
+{
+  echo "# GPU check of mtkd_fast"
+  echo
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
+  echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi failed')"
+  echo "- python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "GPU visible:", torch.cuda.is_available())' 2>&1)"
+  echo "- TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, stages: $STAGES"
+  echo
+  echo "| stage | result | seconds |"
+  echo "|---|---|---|"
+} >"$SUMMARY"
+
+# stage NAME LIMIT_S COMMAND...: run under `timeout`, output to the log, one line in the summary
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  echo "===== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  local t0=$SECONDS rc
+  timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  local verdict="ok"
+  [ $rc -ne 0 ] && verdict="FAILED (exit $rc)"
+  [ $rc -eq 124 ] && verdict="TIMED OUT after ${limit}s"
+  echo "| $name | $verdict | $((SECONDS - t0)) |" >>"$SUMMARY"
+  echo "===== $name: $verdict in $((SECONDS - t0)) s" | tee -a "$LOG"
+  tail -n 3 "$LOG" | sed 's/^/    /'
+  return 0
+}
+
+CUDA_TESTS=$(grep -l "cuda.is_available" tests/test_*.py | tr '\n' ' ')
+
+stage build 200 bash -c "$PY setup.py -q build_ext --inplace && $PY -c 'import json, mtkd_fast; i = mtkd_fast.build_info(); print(json.dumps(i, indent=1)); assert i[\"extension_loaded\"] and i[\"cuda_compiled\"], i'"
+stage tests 100 $PY -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS -k "cuda or gpu or CUDA"
+stage memcheck 110 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
+  $PY -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py
+stage ops 60 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py -o python_files='bench_*.py' --benchmark-only \
+  --benchmark-columns=min,median,rounds
+stage epoch-cifar 100 $PY -m mtkd_fast.cli bench epoch --setting cifar --students ShuffleV2 --steps 40 --repetitions 3 \
+  --memory-steps 3 --no-progress --out "$WORK/epoch_cifar"
+stage epoch-imagenet 150 $PY -m mtkd_fast.cli bench epoch --setting imagenet --batch-size 128 --steps 8 --repetitions 3 \
+  --memory-steps 2 --no-progress --out "$WORK/epoch_imagenet"
+
+for s in cifar imagenet; do
+  if [ -f "$WORK/epoch_$s/epoch_bench.md" ]; then
+    { echo; echo "## Epoch cost, $s-like setting"; echo; cat "$WORK/epoch_$s/epoch_bench.md"; } >>"$SUMMARY"
+    cp "$WORK/epoch_$s/epoch_bench.csv" "$OUT/epoch_$s.csv"
+    cp "$WORK/epoch_$s/epoch_bench.png" "$OUT/epoch_$s.png"
+  fi
+done
+[ -f benchmarks/results/bench_ops.json ] && cp benchmarks/results/bench_ops.json "$OUT/bench_ops.json"
+cp -r benchmarks/results "$WORK/bench_ops_results" 2>/dev/null
+tar -czf "$OUT/gpu_check_files.tar.gz" -C "$WORK" .
+rm -rf "$WORK"
+cat "$SUMMARY"
