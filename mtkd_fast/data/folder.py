@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode  # imported here, not per item: forked workers inherit it
+from torchvision.transforms import functional as F
 
 from .arrays import first_per_class
 from .augment import ResizedCrop, pixel_box, view_params
@@ -176,9 +178,6 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int):
         """(image [3,S,S] float, label, index); ``None`` for an unreadable image when on_bad_image='skip'."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
-
         try:
             img = self.load_rgb(index)
         except ValueError:
