@@ -41,8 +41,7 @@ demo: build
 	$(VENV)/bin/mtkd-fast demo
 
 bench: build
-	# benchmark files are named bench_*.py, which pytest does not collect by default
-	$(PY) -m pytest benchmarks -q -s -o python_files='bench_*.py' --benchmark-only --benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds
+	$(PY) -m pytest benchmarks -q -s --benchmark-only --benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds
 
 clean:
 	rm -rf build build-cmake mtkd_fast/_C*.so
