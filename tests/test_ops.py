@@ -416,3 +416,21 @@ def test_backward_twice_with_retained_graph_and_scaled_loss():
     _, exp_grads = _ref_feature(gs, fs, wf, 5.0)
     for a, b in zip(g, exp_grads):
         torch.testing.assert_close(a.grad, 4.0 * b)
+
+
+def test_recycled_gradient_buffers_never_overwrite_a_live_gradient():
+    # maps of >= 1 MiB get their gradient buffers from a pool (no page faults per step); a buffer someone
+    # still holds (or views) must not be handed out again
+    gs, fs, w = _feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=22)
+    first = torch.ops.mtkd_fast.feature_kd(gs, fs, w, 5.0)[2]
+    kept, view = first[0].clone(), first[1][:, :1]
+    view_copy = view.clone()
+    del first  # the first gradient's buffer is now free; the second's is still viewed
+    for _ in range(3):
+        gs2, fs2, w2 = _feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=23)
+        second = torch.ops.mtkd_fast.feature_kd(gs2, fs2, w2, 5.0)[2]
+        assert second[0].data_ptr() != view.data_ptr() and second[1].data_ptr() != view.data_ptr()
+        torch.testing.assert_close(view, view_copy, rtol=0, atol=0)
+        for g, e in zip(second, ref.feature_kd_grad(gs2, fs2, w2, 5.0)):
+            torch.testing.assert_close(g, e)
+    assert kept.abs().sum() > 0
