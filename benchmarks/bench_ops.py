@@ -4,7 +4,7 @@ step's loss, agent state, priors and reward), at the CIFAR and ImageNet shapes o
     .venv/bin/python -m pytest benchmarks/bench_ops.py -q --benchmark-only \
         --benchmark-columns=min,median,mean,stddev,rounds
 
-Besides pytest-benchmark's table, the module writes benchmarks/results/bench_ops.{json,csv,png}: per shape the
+Besides pytest-benchmark's table, the module writes benchmarks/results/bench_ops_<N>thread.{json,csv,png}: per shape the
 median time of each variant, the ratios to the fused step measured in the same run, and for the fused ops
 alone the bytes they must move and the bandwidth reached (next to this machine's copy bandwidth).
 """
@@ -30,6 +30,10 @@ except ImportError:  # run from the repository root as a package path
 pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# MTKD_BENCH_THREADS=1 measures single-threaded: on a shared, oversubscribed machine every parallel region
+# waits for a descheduled worker thread (even a [64, 4] softmax then takes ~10 ms), which drowns the kernels
+if os.environ.get("MTKD_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["MTKD_BENCH_THREADS"]))
 SHAPES = {
     # B, K, per-teacher maps (C, H, W)
     "cifar": dict(B=64, K=100, maps=[(384, 8, 8), (384, 8, 8), (256, 8, 8), (256, 8, 8)], rounds=30),
@@ -169,7 +173,8 @@ def report():
         row["step_floor_MB"] = nbytes["floor"] / 1e6
         row["fused_step_GBps"] = nbytes["step"] / fused / 1e9
         rows.append(row)
-    _write_atomic(os.path.join(RESULTS, "bench_ops.json"), lambda p: json.dump(rows, open(p, "w"), indent=2))
+    tag = f"_{torch.get_num_threads()}thread"
+    _write_atomic(os.path.join(RESULTS, f"bench_ops{tag}.json"), lambda p: json.dump(rows, open(p, "w"), indent=2))
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "shape", k))
 
     def write_csv(p):
@@ -178,13 +183,13 @@ def report():
             w.writeheader()
             w.writerows(rows)
 
-    _write_atomic(os.path.join(RESULTS, "bench_ops.csv"), write_csv)
-    _plot(rows)
+    _write_atomic(os.path.join(RESULTS, f"bench_ops{tag}.csv"), write_csv)
+    _plot(rows, tag)
     for r in rows:
         print("\n" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
-def _plot(rows):
+def _plot(rows, tag):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,7 +204,7 @@ def _plot(rows):
         ax.set_ylabel("ms (median)")
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    _write_atomic(os.path.join(RESULTS, "bench_ops.png"), lambda p: fig.savefig(p, dpi=120, format="png"))
+    _write_atomic(os.path.join(RESULTS, f"bench_ops{tag}.png"), lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
 
 
