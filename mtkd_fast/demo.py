@@ -215,6 +215,7 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
     from .cache import open_teacher_source
     from .train import TrainConfig, Trainer
     from .train.run import seed_everything
+    from .train.trainer import CHECKPOINT_BEST, STUDENT_BEST
 
     config = TrainConfig(student=settings.student, teachers=list(settings.teachers) if method != "none" else [],
                          teacher_cache=cache_dir if method != "none" else None, dataset="bundled",
@@ -248,6 +249,10 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
     with contextlib.redirect_stdout(io.StringIO()) as log:
         result = trainer.fit(make_train_loader, test_loader, out_dir)
     write_bytes_atomic(os.path.join(out_dir, "train.log"), log.getvalue().encode())
+    # the trainer's "best" files are picked on the evaluation split, which is the test split here: not kept
+    for name in (CHECKPOINT_BEST, STUDENT_BEST):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     _write_json(os.path.join(out_dir, "config.json"), config.to_dict())
     return result
 

@@ -44,6 +44,8 @@ def test_quick_demo_writes_every_artefact(quick_demo, capsys):
         run = os.path.join(out, "runs", method, "seed0")
         for name in ("student_last.pth", "checkpoint_last.pt", "metrics.csv", "config.json", "train.log"):
             assert os.path.isfile(os.path.join(run, name)), (method, name)
+        # nothing picked on the test split is left behind
+        assert not os.path.exists(os.path.join(run, "student_best.pth"))
     assert os.path.isfile(os.path.join(out, "teacher_cache", "manifest.json"))
 
 
