@@ -30,7 +30,7 @@ import platform
 import shutil
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -223,7 +223,7 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
                          batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
                          schedule="cosine", seed=seed, max_steps_per_epoch=settings.max_steps_per_epoch,
                          device=str(device), out_dir=out_dir, eval_every=settings.eval_every, log_every=10**6,
-                         progress=False)
+                         progress=True)  # an epoch bar on stderr; the epoch lines go to train.log
     seed_everything(seed)  # the same student initialisation for every method
     num_classes = int(train_set.num_classes)
     student = models.create_model(settings.student, num_classes).to(device)
@@ -277,7 +277,8 @@ def _plot_curves(curves: list[dict], methods: tuple, path: str) -> None:
             mean = [s[0] for s in stats]
             line, = ax.plot(points, mean, marker="o", ms=3, label=METHOD_LABELS[method])
             if len({r["seed"] for r in rows}) > 1:
-                ax.fill_between(points, [m - s[1] for m, s in zip(mean, stats)], [m + s[1] for m, s in zip(mean, stats)],
+                ax.fill_between(points, [m - s[1] for m, s in zip(mean, stats)],
+                                [m + s[1] for m, s in zip(mean, stats)],
                                 color=line.get_color(), alpha=0.15)
             ax.set_title(title + (" (mean, band: ±1 std over seeds)" if key == "test_top1" else ""), fontsize=9)
             ax.set_xlabel("epoch")
@@ -302,7 +303,8 @@ def _plot_weights(curves: list[dict], teachers: tuple, path: str) -> None:
         for ax, key, title in ((axes[0], "wl", "logit KD"), (axes[1], "wf", "feature KD")):
             for t, name in enumerate(teachers):
                 values = [statistics.fmean(r[f"{key}_t{t}"] for r in rows if r["epoch"] == e) for e in epochs]
-                ax.plot(epochs, values, style, marker="o" if style == "-" else None, ms=3, color=colors[t % len(colors)],
+                ax.plot(epochs, values, style, marker="o" if style == "-" else None, ms=3,
+                        color=colors[t % len(colors)],
                         label=f"{METHOD_LABELS[method]}: {name}")
             ax.set_title(f"mean {title} weight per teacher (MTKD-RL solid, CA-MKD dashed)", fontsize=9)
             ax.set_xlabel("epoch (1 = warm-up: MTKD-RL uses weight 1 per teacher)")
@@ -325,7 +327,8 @@ def _save_figure(fig, path: str) -> None:
 def _format_table(teacher_rows: list[dict], method_rows: list[dict], n_seeds: int) -> str:
     lines = ["teachers (test top-1, last epoch):"]
     for r in teacher_rows:
-        lines.append(f"  {r['teacher']:<14} {r['test_top1']:6.2f}%   ({r['source']}, {r['train_images']} training images)")
+        lines.append(f"  {r['teacher']:<14} {r['test_top1']:6.2f}%   "
+                     f"({r['source']}, {r['train_images']} training images)")
     spread = "mean ± std over " + (f"{n_seeds} seeds" if n_seeds > 1 else "1 seed")
     lines += ["", f"student (test top-1 after the last epoch, {spread}):",
               f"  {'method':<16} {'top-1 %':>16} {'vs none':>8} {'epoch s':>8}"]
@@ -347,7 +350,8 @@ def _verdict(method_rows: list[dict]) -> str:
         if diff <= noise:
             text += f" (within the seed spread of {noise:.2f}: not a clear win)"
     else:
-        text = f"MTKD-RL did NOT beat AVER on this data ({rl['top1_mean']:.2f}% vs {av['top1_mean']:.2f}%, {diff:+.2f} points)"
+        text = (f"MTKD-RL did NOT beat AVER on this data ({rl['top1_mean']:.2f}% vs {av['top1_mean']:.2f}%, "
+                f"{diff:+.2f} points)")
     return text + "."
 
 

@@ -29,7 +29,8 @@ def register(sub):
     p.add_argument("--epochs", type=_positive_int, help="student epochs (default 20; --quick: 2)")
     p.add_argument("--teacher-epochs", type=_positive_int, help="teacher epochs (default 4; --quick: 1)")
     p.add_argument("--methods", nargs="+", choices=METHODS, help=f"methods to compare (default: {' '.join(METHODS)})")
-    p.add_argument("--views", type=_positive_int, help="augmentation views in the teacher cache (default 10; --quick: 2)")
+    p.add_argument("--views", type=_positive_int,
+                   help="augmentation views in the teacher cache (default 10; --quick: 2)")
     p.add_argument("--out", default="results/demo", help="results folder (default: results/demo)")
     p.add_argument("--teacher-dir", default=None,
                    help=f"where trained teachers are kept and re-used from (default: {default_teacher_dir()})")
