@@ -37,11 +37,21 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
   const acc_t T = static_cast<acc_t>(temperature), invT = acc_t(1) / T;
   const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
   const acc_t kd_scale = static_cast<acc_t>(alpha) * T * inv_B;
+  // exp is this kernel's cost: for a small integer T (the usual 4), e^x = (e^{x/T})^T by multiplication,
+  // so each logit needs one exp (at T) instead of two (T = 1 and T)
+  const int int_T = (temperature == std::floor(temperature) && temperature >= 1 && temperature <= 8)
+                        ? static_cast<int>(temperature) : 0;
+  const auto exp_from_T = [int_T](acc_t e_T, acc_t x) {
+    if (int_T == 0) return std::exp(x);
+    acc_t r = e_T;
+    for (int q = 1; q < int_T; ++q) r *= e_T;
+    return r;
+  };
 
   // Rows are independent; a chunk of rows shares its scratch buffers.
   const int64_t grain = std::max<int64_t>(1, 32768 / (K * (M + 1)));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ps(K), e(K), teach_sum(K);
+    std::vector<acc_t> ps(K), e(K), teach_sum(K), p1(K);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* zs = zs_all + i * K;
       const int64_t y = y_all[i];
@@ -53,11 +63,12 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
       acc_t s1 = 0, sT = 0;
       for (int64_t k = 0; k < K; ++k) {
         const acc_t x = static_cast<acc_t>(zs[k]) - smax;
-        s1 += std::exp(x);
         ps[k] = std::exp(x * invT);
+        p1[k] = exp_from_T(ps[k], x);
+        s1 += p1[k];
         sT += ps[k];
       }
-      const acc_t lse1 = std::log(s1), lseT = std::log(sT), inv_sT = acc_t(1) / sT;
+      const acc_t lse1 = std::log(s1), lseT = std::log(sT), inv_sT = acc_t(1) / sT, inv_s1 = acc_t(1) / s1;
       for (int64_t k = 0; k < K; ++k) {
         ps[k] *= inv_sT;
         teach_sum[k] = 0;
@@ -74,8 +85,8 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
         acc_t t1 = 0, tT = 0;
         for (int64_t k = 0; k < K; ++k) {
           const acc_t x = static_cast<acc_t>(zt[k]) - tmax;
-          t1 += std::exp(x);
           e[k] = std::exp(x * invT);
+          t1 += exp_from_T(e[k], x);
           tT += e[k];
         }
         const acc_t tlseT = std::log(tT), inv_tT = acc_t(1) / tT;
@@ -97,8 +108,8 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
       // dL/dz_s = (p^1(z_s) - onehot(y)) / B + alpha T / B * sum_m w_m (p^T(z_s) - p^T(z_m))
       scalar_t* g = grad_out + i * K;
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t p1 = std::exp(static_cast<acc_t>(zs[k]) - smax - lse1) - (k == y ? acc_t(1) : acc_t(0));
-        g[k] = static_cast<scalar_t>(p1 * inv_B + kd_scale * (w_total * ps[k] - teach_sum[k]));
+        const acc_t ce_grad = p1[k] * inv_s1 - (k == y ? acc_t(1) : acc_t(0));
+        g[k] = static_cast<scalar_t>(ce_grad * inv_B + kd_scale * (w_total * ps[k] - teach_sum[k]));
       }
     }
   });
