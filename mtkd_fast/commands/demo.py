@@ -4,7 +4,8 @@ seeds with no distillation, AVER, CA-MKD and MTKD-RL and print a table: teacher 
 per method (mean ± std over seeds) and epoch time. Writes CSV, PNG plots and checkpoints into ``--out``.
 
 Every method uses the same hyper-parameters; the student's number is its test top-1 after the LAST epoch
-(nothing is selected on the test split). About 6-7 minutes on 2 CPU cores the first time (teachers included).
+(nothing is selected on the test split). The first demo (teachers included) measured about 470 s of one core's
+CPU time: an estimated 4-7 minutes on a quiet 2-core machine; later demos re-use the teachers.
 """
 
 from __future__ import annotations
