@@ -104,8 +104,8 @@ def _read_csv(path):
 
 def test_bench_epoch_cli_writes_table_csv_png(tmp_path, capsys):
     out = tmp_path / "bench"
-    rc = main(["bench", "epoch", "--students", "resnet8", "--teachers", "resnet8", "resnet14", "--steps", "2",
-               "--repetitions", "2", "--batch-size", "6", "--memory-steps", "0", "--threads", "1", "--no-progress",
+    rc = main(["bench", "epoch", "--students", "resnet8", "--teachers", "resnet8", "resnet14", "--steps", "1",
+               "--repetitions", "2", "--batch-size", "5", "--memory-steps", "0", "--threads", "1", "--no-progress",
                "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -116,7 +116,7 @@ def test_bench_epoch_cli_writes_table_csv_png(tmp_path, capsys):
     for r in rows:
         for key in ("median_s", "images_per_s", "time_x_student_only", "time_x_aver"):
             assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["config"], key, r[key])
-        assert int(r["images"]) == 12 and r["torch"] == torch.__version__ and r["commit"]
+        assert int(r["images"]) == 5 and r["torch"] == torch.__version__ and r["commit"]
         assert len(r["times_s"].split()) == 2
     assert float(rows[0]["time_x_student_only"]) == 1.0 and float(rows[1]["time_x_aver"]) == 1.0
     with open(out / "epoch_bench.png", "rb") as f:
