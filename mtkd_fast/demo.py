@@ -18,7 +18,6 @@ Stages:
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import datetime
 import hashlib
@@ -35,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .train.checkpoint import write_bytes_atomic
+from ._io import file_sha256, write_bytes_atomic, write_csv_atomic, write_json_atomic
 
 __all__ = ["DemoSettings", "run_demo", "default_teacher_dir", "METHODS", "METHOD_LABELS"]
 
@@ -114,30 +113,6 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: str, obj) -> None:
-    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
-
-
-def _write_csv(path: str, rows: list[dict]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    write_bytes_atomic(path, buf.getvalue().encode())
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -176,7 +151,7 @@ def _reusable_teacher(folder: str, recipe: dict) -> Optional[str]:
             info = json.load(f)
     except (OSError, ValueError):
         return None
-    if info.get("recipe") != recipe or info.get("sha256") != _sha256_file(ckpt):
+    if info.get("recipe") != recipe or info.get("sha256") != file_sha256(ckpt):
         return None
     return ckpt
 
@@ -202,7 +177,7 @@ def _train_or_load_teacher(settings: DemoSettings, arch: str, index: int, finger
     # the LAST epoch's weights: picking the best epoch would select on the test split
     shutil.copyfile(os.path.join(result["out_dir"], "student_last.pth"), ckpt + ".tmp")
     os.replace(ckpt + ".tmp", ckpt)
-    _write_json(os.path.join(folder, "recipe.json"), {"recipe": recipe, "sha256": _sha256_file(ckpt)})
+    write_json_atomic(os.path.join(folder, "recipe.json"), {"recipe": recipe, "sha256": file_sha256(ckpt)})
     return ckpt, "trained"
 
 
@@ -253,7 +228,7 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
     for name in (CHECKPOINT_BEST, STUDENT_BEST):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    _write_json(os.path.join(out_dir, "config.json"), config.to_dict())
+    write_json_atomic(os.path.join(out_dir, "config.json"), config.to_dict())
     return result
 
 
@@ -466,10 +441,10 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
              "curves_csv": os.path.join(out_dir, "curves.csv"),
              "accuracy_png": os.path.join(out_dir, "accuracy_curves.png"),
              "weights_png": os.path.join(out_dir, "teacher_weights.png"), "json": os.path.join(out_dir, "demo.json")}
-    _write_csv(paths["methods_csv"], method_rows)
-    _write_csv(paths["runs_csv"], run_rows)
-    _write_csv(paths["teachers_csv"], teacher_rows)
-    _write_csv(paths["curves_csv"], curves)
+    write_csv_atomic(paths["methods_csv"], method_rows)
+    write_csv_atomic(paths["runs_csv"], run_rows)
+    write_csv_atomic(paths["teachers_csv"], teacher_rows)
+    write_csv_atomic(paths["curves_csv"], curves)
     _plot_curves(curves, settings.methods, paths["accuracy_png"])
     if "mtkd_rl" in settings.methods:
         _plot_weights(curves, settings.teachers, paths["weights_png"])
@@ -482,7 +457,7 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
             f"student {settings.student}: {len(student_train)} training images; teachers: {len(teacher_train)}; "
             f"test: {len(test_set)} images\n\n{table}\n\n{verdict}\nwall time: {timing}\n")
     write_bytes_atomic(paths["summary"], text.encode())
-    _write_json(paths["json"], {"date": when, "machine": machine, "settings": dataclasses.asdict(settings),
+    write_json_atomic(paths["json"], {"date": when, "machine": machine, "settings": dataclasses.asdict(settings),
                                 "teachers": teacher_rows, "methods": method_rows, "runs": run_rows,
                                 "verdict": verdict, "stage_times_s": stage_times, "paths": paths})
     _say(f"[4/4] results in {out_dir}: summary.txt, methods.csv, runs.csv, teachers.csv, curves.csv, "

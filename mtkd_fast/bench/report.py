@@ -6,22 +6,13 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 
+from .._io import write_bytes_atomic
 from .epoch import memory_key
 
 _COLUMNS = ("setting", "student", "config", "label", "steps", "batch_size", "images", "repetitions", "median_s",
             "min_s", "max_s", "images_per_s", "time_x_student_only", "time_x_aver", "peak_rss_mib", "peak_device_mib",
             "mem_x_student_only", "mem_x_aver", "times_s")
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _fmt(x, spec=".2f"):
@@ -63,7 +54,7 @@ def write_csv(result: dict, path: str) -> None:
     w.writeheader()
     for r in result["rows"]:
         w.writerow({**{k: r.get(k, "") for k in _COLUMNS}, **meta})
-    _write_atomic(path, buf.getvalue().encode())
+    write_bytes_atomic(path, buf.getvalue().encode())
 
 
 def plot(result: dict, path: str) -> None:
@@ -109,4 +100,4 @@ def plot(result: dict, path: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _write_atomic(path, buf.getvalue())
+    write_bytes_atomic(path, buf.getvalue())

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Subset
 
 from ..teachers import LiveTeachers
 from . import storage
+from .._io import write_json_atomic
 from .manifest import (FORMAT, LAYOUT, MANIFEST, VERSION, CacheMismatchError, dataset_identity, first_difference,
-                       read_manifest, teacher_identity, unwrap_teachers, write_json_atomic)
+                       read_manifest, teacher_identity, unwrap_teachers)
 from .storage import FIELDS
 
 CHUNKS_DIR = "chunks"

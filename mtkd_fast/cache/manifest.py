@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
+
+from .._io import file_sha256
 
 FORMAT = "mtkd_fast.teacher_cache"
 VERSION = 1
@@ -30,22 +31,6 @@ class CacheMismatchError(ValueError):
 
 class CacheCorruptError(ValueError):
     """A cache file is missing bytes or its content does not match the recorded checksum."""
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_manifest(cache_dir: str) -> dict:
@@ -112,14 +97,6 @@ def weights_sha256(model: nn.Module) -> str:
         if t.dtype == torch.bfloat16:
             t = t.view(torch.int16)
         h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     return h.hexdigest()
 
 

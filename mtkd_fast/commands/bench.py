@@ -46,7 +46,7 @@ def run_epoch(args):
     import torch
 
     from ..bench import BenchSpec, format_table, plot, run_epoch_bench, write_csv
-    from ..bench.report import _write_atomic
+    from .._io import write_bytes_atomic
 
     if args.threads is not None:
         if args.threads < 1:
@@ -67,7 +67,7 @@ def run_epoch(args):
     paths = {k: os.path.join(args.out, f"epoch_bench.{k}") for k in ("csv", "png", "json", "md")}
     write_csv(result, paths["csv"])
     plot(result, paths["png"])
-    _write_atomic(paths["json"], json.dumps(result, indent=1, default=str).encode())
-    _write_atomic(paths["md"], (header + "\n\n" + table + "\n").encode())
+    write_bytes_atomic(paths["json"], json.dumps(result, indent=1, default=str).encode())
+    write_bytes_atomic(paths["md"], (header + "\n\n" + table + "\n").encode())
     print("wrote " + ", ".join(paths.values()))
     return 0

@@ -5,13 +5,13 @@ order image folders assign labels in) keeps the original labels."""
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .._io import write_atomic
 
 
 def class_folder_name(label: int, name: str, num_classes: int) -> str:
@@ -36,17 +36,7 @@ def write_jpeg(path, image: np.ndarray, quality: int = 90, size=None) -> None:
     pil = Image.fromarray(img).convert("RGB")
     if size is not None:
         pil = pil.resize((int(size[1]), int(size[0])), Image.BICUBIC)
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".JPEG")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pil.save(f, format="JPEG", quality=quality)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(str(path), lambda f: pil.save(f, format="JPEG", quality=quality))
 
 
 def export_arrays(images: np.ndarray, labels, class_names, out_dir, split: str, *, quality: int = 90, size=None,

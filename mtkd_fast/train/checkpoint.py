@@ -4,53 +4,14 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._io import save_atomic, write_bytes_atomic  # re-exported: the trainer's checkpoint API
+
 __all__ = ["save_atomic", "write_bytes_atomic", "load_checkpoint_file", "rng_state", "set_rng_state", "load_module_state"]
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace`` it onto ``path``: a crash
-    never leaves a half-written checkpoint."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, public_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, public_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def public_mode() -> int:
-    """rw-r--r-- under the usual umask (mkstemp creates files readable by the owner only)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def load_checkpoint_file(path: str, map_location="cpu") -> dict:

@@ -7,7 +7,6 @@ evaluation, CSV/PNG logs and atomic checkpoints. ``train(config)`` builds everyt
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import os
@@ -22,7 +21,8 @@ from .. import reference
 from ..agent import AgentReplayBuffer, MTKDAgent, make_state, normalized_reward
 from ..loss import MTKDLoss
 from . import distributed as D
-from .checkpoint import load_checkpoint_file, load_module_state, rng_state, save_atomic, set_rng_state, write_bytes_atomic
+from .._io import save_atomic, write_bytes_atomic, write_csv_atomic
+from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
 from .strategies import make_strategy
 
@@ -469,18 +469,6 @@ def _summary_line(row: dict, epochs: int) -> str:
     if "val_top1" in row:
         text += f" | val top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%"
     return text
-
-
-def write_csv_atomic(path: str, rows: list[dict]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns)
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: row.get(k, "") for k in columns})
-    write_bytes_atomic(path, buf.getvalue().encode())
 
 
 def plot_teacher_weights(history: list[dict], num_teachers: int, path: str, names: Optional[list] = None) -> None:
