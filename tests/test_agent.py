@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mtkd_fast import reference as ref
 from mtkd_fast.agent import (AgentReplayBuffer, AgentState, MTKDAgent, buffer_storage_nbytes, list_storage_nbytes,

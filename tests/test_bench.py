@@ -14,7 +14,6 @@ import csv
 import math
 import os
 
-import pytest
 import torch
 
 from mtkd_fast import models

@@ -16,7 +16,6 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
 from mtkd_fast.models import create_model, list_models, load_checkpoint

@@ -198,7 +198,7 @@ class Run:
 
     def __init__(self, name: str, spec: BenchSpec, student_name: str, ds, teachers=None, cache_dir=None):
         from ..teachers import LiveTeachers
-        from ..train import TrainConfig, Trainer
+        from ..train import Trainer
 
         self.name, self.spec, self.student_name = name, spec, student_name
         device = spec.device

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..teachers import LiveTeachers, TeacherOutputs
+from ..teachers import TeacherOutputs
 from . import storage
 from .manifest import (CacheCorruptError, CacheMismatchError, dataset_identity, read_manifest, require_match,
                        unwrap_teachers, weights_sha256)

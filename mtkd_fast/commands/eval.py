@@ -21,7 +21,6 @@ def register(sub):
 
 
 def run(args):
-    import torch
 
     from mtkd_fast import data, models
     from mtkd_fast.train import evaluate
