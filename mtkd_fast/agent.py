@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import reference
+from .reference import normalized_reward  # sync-free; re-exported for the trainer
 
 __all__ = ["AgentState", "MTKDAgent", "AgentReplayBuffer", "make_state", "normalized_reward",
            "list_storage_nbytes", "buffer_storage_nbytes"]
@@ -40,22 +41,6 @@ def make_state(cos: Tensor, kl: Tensor, teacher_ce: Tensor, embeddings: Sequence
     """Build an :class:`AgentState` from the per-sample statistics and the teachers' outputs."""
     features = reference.agent_state(cos, kl, teacher_ce, embeddings, teacher_logits)
     return AgentState(features, teacher_ce.detach(), kl.detach(), cos.detach())
-
-
-def normalized_reward(per_sample_loss: Tensor) -> Tensor:
-    """r_hat = clamp((r - mean r) / std r, 0, 1), r = -per-sample loss (spec section 5).
-
-    Same values as :func:`mtkd_fast.reference.normalized_reward` (0 for a batch of one or a zero std) but
-    without reading the std back to the host, so a training step never waits for the device.
-    """
-    if per_sample_loss.dim() != 1:
-        raise ValueError(f"per_sample_loss: expected a [B] vector, got {tuple(per_sample_loss.shape)}")
-    r = -per_sample_loss.detach()
-    if r.numel() < 2:
-        return torch.zeros_like(r)
-    std = r.std(unbiased=True)
-    z = ((r - r.mean()) / torch.where(std > 0, std, torch.ones_like(std))).clamp(0.0, 1.0)
-    return torch.where(std > 0, z, torch.zeros_like(z))
 
 
 class MTKDAgent(nn.Module):

@@ -346,9 +346,9 @@ def normalized_reward(per_sample: Tensor) -> Tensor:
     if r.numel() < 2:
         return torch.zeros_like(r)
     std = r.std(unbiased=True)
-    if not bool(std > 0):
-        return torch.zeros_like(r)
-    return ((r - r.mean()) / std).clamp(0.0, 1.0)
+    # select instead of branching on std > 0: a training step never reads the std back to the host
+    z = ((r - r.mean()) / torch.where(std > 0, std, torch.ones_like(std))).clamp(0.0, 1.0)
+    return torch.where(std > 0, z, torch.zeros_like(z))
 
 
 def agent_bce_loss(logit_weights: Tensor, feature_weights: Tensor, reward: Tensor) -> Tensor:
