@@ -23,6 +23,13 @@ class FeatureModel(nn.Module):
     def classify(self, embedding: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def stem_and_layers(self, x: Tensor, num_layers: int) -> list[Tensor]:
+        """The lineage's common body: relu(bn1(conv1(x))), then layer1 .. layer<num_layers>, every output kept."""
+        maps = [F.relu(self.bn1(self.conv1(x)))]
+        for k in range(1, num_layers + 1):
+            maps.append(getattr(self, f"layer{k}")(maps[-1]))
+        return maps
+
     def forward(self, x: Tensor, is_feat: bool = False):
         maps = self.stages(x)
         embedding = F.adaptive_avg_pool2d(maps[-1], 1).flatten(1)

@@ -67,12 +67,7 @@ class CifarRegNet(FeatureModel):
         init_weights(self)
 
     def stages(self, x: Tensor) -> list[Tensor]:
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        return [f0, f1, f2, f3, f4]
+        return self.stem_and_layers(x, 4)
 
     def classify(self, embedding: Tensor) -> Tensor:
         return self.linear(embedding)

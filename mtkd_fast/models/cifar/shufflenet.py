@@ -65,11 +65,7 @@ class ShuffleNetV1(FeatureModel):
         init_weights(self)
 
     def stages(self, x: Tensor) -> list[Tensor]:
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f0, f1, f2, f3]
+        return self.stem_and_layers(x, 3)
 
     def classify(self, embedding: Tensor) -> Tensor:
         return self.linear(embedding)
@@ -134,12 +130,8 @@ class ShuffleNetV2(FeatureModel):
         init_weights(self)
 
     def stages(self, x: Tensor) -> list[Tensor]:
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = F.relu(self.bn2(self.conv2(f3)))
-        return [f0, f1, f2, f3, f4]
+        maps = self.stem_and_layers(x, 3)
+        return maps + [F.relu(self.bn2(self.conv2(maps[-1])))]
 
     def classify(self, embedding: Tensor) -> Tensor:
         return self.linear(embedding)
