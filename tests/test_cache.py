@@ -16,13 +16,7 @@ from mtkd_fast.teachers import LiveTeachers
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread (OpenMP wake-ups dominate, badly so when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 class ReplayableToyDataset(torch.utils.data.Dataset):
     """Stand-in with the mtkd_fast.data contract: view v of sample i is a pure function of (seed, v, i)

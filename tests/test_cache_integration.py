@@ -16,13 +16,7 @@ TEACHERS = ["resnet8", "wrn_16_1"]
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: one intra-op thread (OpenMP wake-ups dominate, badly so when other jobs share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def bundled(seed=0, limit=4):
     return build_dataset("bundled", split="train", augment=True, seed=seed, limit_per_class=limit)

@@ -27,13 +27,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small float64 problems gain nothing from threads and suffer from OpenMP barriers on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomise(module: FeatureTransfer, seed: int) -> FeatureTransfer:

@@ -152,14 +152,7 @@ LINEAGE_KEY_COUNTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Batch-2 forwards of small models gain nothing from threads, and on a shared, loaded machine the
-    OpenMP barriers between hundreds of tiny kernels make them many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_list_models_is_sorted_and_complete():
