@@ -15,8 +15,8 @@ from mtkd_fast.cache import storage
 from mtkd_fast.teachers import LiveTeachers
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class ReplayableToyDataset(torch.utils.data.Dataset):
     """Stand-in with the mtkd_fast.data contract: view v of sample i is a pure function of (seed, v, i)

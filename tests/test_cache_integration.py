@@ -15,8 +15,8 @@ from mtkd_fast.teachers import LiveTeachers
 TEACHERS = ["resnet8", "wrn_16_1"]
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def bundled(seed=0, limit=4):
     return build_dataset("bundled", split="train", augment=True, seed=seed, limit_per_class=limit)
