@@ -20,12 +20,16 @@ TORCH_LIBRARY(mtkd_fast, m) {
       "Tensor grad_student)");
   // Feature distillation of all M (student map, teacher map) pairs in one pass (one launch on CUDA):
   //   loss = beta * sum_m mean_i(w_im * MSE_im)
-  // returns (loss [], mse [B, M], grad_student_maps: M tensors, each shaped and laid out like its map).
+  // returns (loss [], mse [B, M], cos, grad_student_maps: M tensors, each shaped and laid out like its map).
   // Pair m may have its own [B, C_m, H_m, W_m]; each sample's C*H*W values must be dense (contiguous or
   // channels_last) and the teacher map must have the student map's strides.
+  // Given teacher_embeddings (M tensors [B, C_m] in the accumulation dtype; maps contiguous or
+  // channels_last), cos [B, M] is pooled_cosine(student_maps, teacher_embeddings, eps) from the same read
+  // of the maps (no gradient); without them cos is an empty [0] tensor.
   m.def(
-      "feature_kd(Tensor[] student_maps, Tensor[] teacher_maps, Tensor weights, float beta) -> "
-      "(Tensor loss, Tensor mse, Tensor[] grad_student_maps)");
+      "feature_kd(Tensor[] student_maps, Tensor[] teacher_maps, Tensor weights, float beta, "
+      "Tensor[]? teacher_embeddings=None, float eps=1e-08) -> "
+      "(Tensor loss, Tensor mse, Tensor cos, Tensor[] grad_student_maps)");
   // COS_{i,m}: cosine similarity of the spatially averaged student map m [B, C_m] with the teacher
   // embedding m [B, C_m], each norm clamped below by eps (as torch.nn.functional.cosine_similarity). [B, M].
   m.def("pooled_cosine(Tensor[] student_maps, Tensor[] teacher_embeddings, float eps) -> Tensor");

@@ -124,12 +124,17 @@ class MTKDLoss(nn.Module):
         loss = logit.loss
         mse = cos = None
         if has_maps:
-            feat = impl.mtkd_feature_kd(list(student_maps), list(teacher_maps), feature_weights, self.beta)
-            loss = loss + feat.loss
-            mse = feat.mse.detach()
-            if teacher_embeddings is not None:
-                with torch.no_grad():
-                    cos = impl.pooled_cosine([s.detach() for s in student_maps], list(teacher_embeddings))
+            maps, targets_maps = list(student_maps), list(teacher_maps)
+            embeddings = None if teacher_embeddings is None else list(teacher_embeddings)
+            if fused:  # the cosine comes from the loss's own read of the maps
+                feat_loss, mse, cos = impl.feature_kd_and_cosine(maps, targets_maps, feature_weights, self.beta, embeddings)
+            else:
+                feat_loss, mse = reference.mtkd_feature_kd(maps, targets_maps, feature_weights, self.beta)
+                if embeddings is not None:
+                    with torch.no_grad():
+                        cos = reference.pooled_cosine([s.detach() for s in maps], embeddings)
+            loss = loss + feat_loss
+            mse = mse.detach()
         kl, tce, sce = logit.kl.detach(), logit.teacher_ce.detach(), logit.student_ce.detach()
         wf = feature_weights if has_maps else None
         if fused:  # one pass; the reward it also returns is the trainer's business (ops.per_sample_loss_and_reward)

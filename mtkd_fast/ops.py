@@ -7,7 +7,9 @@ statistic the MTKD-RL agent needs (spec sections 2-5), so nothing is recomputed:
   computed in the forward pass and saved, backward only scales it by the incoming gradient.
 - :func:`mtkd_feature_kd`: ``beta * sum_m mean_i(w_im MSE_im)`` over M maps of per-teacher shapes, all teachers
   in one kernel launch (CUDA) / one parallel region (CPU), gradients of every student map in the same pass.
-- :func:`pooled_cosine`: COS_{i,m}, the agent-state similarity (differentiable through its own backward op).
+- :func:`feature_kd_and_cosine`: the same, plus the agent-state cosine COS_{i,m} pooled from the same read of
+  the student maps (what :class:`mtkd_fast.MTKDLoss` uses when given teacher embeddings).
+- :func:`pooled_cosine`: COS_{i,m} alone (differentiable through its own backward op).
 - :func:`per_sample_loss_and_reward`: l_i and the normalised, clamped reward r_hat (spec section 5).
 
 Dtypes: inputs may be float16, bfloat16, float32 or float64 (mixed inputs are promoted to a common dtype);
@@ -36,6 +38,7 @@ __all__ = [
     "available",
     "mtkd_logit_kd",
     "mtkd_feature_kd",
+    "feature_kd_and_cosine",
     "pooled_cosine",
     "per_sample_loss_and_reward",
     "LogitKDOutput",
@@ -118,53 +121,48 @@ def mtkd_feature_kd(
     Pair m may have its own shape [B, C_m, H_m, W_m]; contiguous and channels_last maps are used as they are
     (the gradient of a map has the map's layout). Same maths as :func:`mtkd_fast.reference.mtkd_feature_kd`.
     """
+    loss, mse, _ = feature_kd_and_cosine(student_maps, teacher_maps, weights, beta)
+    return FeatureKDOutput(loss, mse)
+
+
+def feature_kd_and_cosine(
+    student_maps: Sequence[Tensor],
+    teacher_maps: Sequence[Tensor],
+    weights: Tensor,
+    beta: float = 5.0,
+    teacher_embeddings: Sequence[Tensor] | None = None,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`mtkd_feature_kd` that also returns COS_{i,m} [B, M] (detached) for ``teacher_embeddings``.
+
+    The cosine is :func:`pooled_cosine` computed from the same read of the student maps as the loss, which
+    saves a pass over the maps (the agent state needs no gradient of it; :func:`pooled_cosine` has one).
+    Without embeddings the third value is None. Used by :class:`mtkd_fast.MTKDLoss`.
+    """
     _require_extension()
     check_maps(student_maps, teacher_maps)
     B, M = student_maps[0].shape[0], len(student_maps)
     check_weights("weights", weights, B, M, student_maps[0].device)
+    if teacher_embeddings is not None:
+        _check_embeddings(student_maps, teacher_embeddings, eps)
     dtype = _common_dtype([*student_maps, *teacher_maps])
+    acc = _acc_dtype(dtype)
     students, teachers = [], []
     for g, f in zip(student_maps, teacher_maps):
         g, memory_format = _dense_map(g.to(dtype))
         students.append(g)
         teachers.append(_like_layout(f.detach().to(dtype), g, memory_format))
-    w = weights.detach().to(_acc_dtype(dtype)).contiguous()
-    loss, mse, _ = torch.ops.mtkd_fast.feature_kd(students, teachers, w, float(beta))
-    return FeatureKDOutput(loss, mse)
+    w = weights.detach().to(acc).contiguous()
+    embeddings = None if teacher_embeddings is None else [e.detach().to(acc).contiguous() for e in teacher_embeddings]
+    loss, mse, cos, _ = torch.ops.mtkd_fast.feature_kd(students, teachers, w, float(beta), embeddings, float(eps))
+    return loss, mse, (cos if embeddings is not None else None)
 
 
 def pooled_cosine(student_maps: Sequence[Tensor], teacher_embeddings: Sequence[Tensor], eps: float = 1e-8) -> Tensor:
     """COS_{i,m} [B, M]: cosine similarity of the spatially averaged map m and embedding m, each norm clamped
     below by ``eps`` (as :func:`mtkd_fast.reference.pooled_cosine`). Differentiable w.r.t. both inputs."""
     _require_extension()
-    if not isinstance(student_maps, (list, tuple)) or not isinstance(teacher_embeddings, (list, tuple)):
-        raise TypeError("student_maps, teacher_embeddings: expected lists of tensors")
-    if len(student_maps) != len(teacher_embeddings) or len(student_maps) < 1:
-        raise ValueError(
-            f"teacher_embeddings: expected one embedding per student map ({len(student_maps)}), "
-            f"got {len(teacher_embeddings)}"
-        )
-    B = None
-    for m, (g, e) in enumerate(zip(student_maps, teacher_embeddings)):
-        check_tensor(f"student_maps[{m}]", g)
-        check_tensor(f"teacher_embeddings[{m}]", e)
-        if g.dim() != 4:
-            raise ValueError(f"student_maps[{m}]: expected a [B, C, H, W] map, got shape {tuple(g.shape)}")
-        B = g.shape[0] if B is None else B
-        if g.shape[0] != B:
-            raise ValueError(f"student_maps[{m}]: expected batch size {B} like student_maps[0], got {g.shape[0]}")
-        if e.dim() != 2 or e.shape != g.shape[:2]:
-            raise ValueError(
-                f"teacher_embeddings[{m}]: expected shape {tuple(g.shape[:2])} (the pooled map's [B, C_m]), "
-                f"got {tuple(e.shape)}"
-            )
-        for name, t in ((f"student_maps[{m}]", g), (f"teacher_embeddings[{m}]", e)):
-            if t.dtype not in FLOAT_DTYPES:
-                raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
-            if t.device != student_maps[0].device:
-                raise ValueError(f"{name}: expected device {student_maps[0].device} like student_maps[0], got {t.device}")
-    if not eps >= 0:
-        raise ValueError(f"eps: expected a non-negative number, got {eps}")
+    _check_embeddings(student_maps, teacher_embeddings, eps)
     dtype = _common_dtype([*student_maps, *teacher_embeddings])
     maps = [_dense_map(g.to(dtype))[0] for g in student_maps]
     embeddings = [e.to(dtype).contiguous() for e in teacher_embeddings]
@@ -216,6 +214,38 @@ def _require_extension() -> None:
             f"mtkd_fast.ops: the compiled extension is not available ({_ext.LOAD_ERROR}); "
             "build it with `make build`, or use mtkd_fast.reference"
         )
+
+
+def _check_embeddings(student_maps, teacher_embeddings, eps: float) -> None:
+    """One [B, C_m] teacher embedding per [B, C_m, H_m, W_m] student map, floating, on the maps' device."""
+    if not isinstance(student_maps, (list, tuple)) or not isinstance(teacher_embeddings, (list, tuple)):
+        raise TypeError("student_maps, teacher_embeddings: expected lists of tensors")
+    if len(student_maps) != len(teacher_embeddings) or len(student_maps) < 1:
+        raise ValueError(
+            f"teacher_embeddings: expected one embedding per student map ({len(student_maps)}), "
+            f"got {len(teacher_embeddings)}"
+        )
+    B = None
+    for m, (g, e) in enumerate(zip(student_maps, teacher_embeddings)):
+        check_tensor(f"student_maps[{m}]", g)
+        check_tensor(f"teacher_embeddings[{m}]", e)
+        if g.dim() != 4:
+            raise ValueError(f"student_maps[{m}]: expected a [B, C, H, W] map, got shape {tuple(g.shape)}")
+        B = g.shape[0] if B is None else B
+        if g.shape[0] != B:
+            raise ValueError(f"student_maps[{m}]: expected batch size {B} like student_maps[0], got {g.shape[0]}")
+        if e.dim() != 2 or e.shape != g.shape[:2]:
+            raise ValueError(
+                f"teacher_embeddings[{m}]: expected shape {tuple(g.shape[:2])} (the pooled map's [B, C_m]), "
+                f"got {tuple(e.shape)}"
+            )
+        for name, t in ((f"student_maps[{m}]", g), (f"teacher_embeddings[{m}]", e)):
+            if t.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+            if t.device != student_maps[0].device:
+                raise ValueError(f"{name}: expected device {student_maps[0].device} like student_maps[0], got {t.device}")
+    if not eps >= 0:
+        raise ValueError(f"eps: expected a non-negative number, got {eps}")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -329,22 +359,26 @@ def _register() -> None:
     torch.library.register_autograd(lib + "logit_kd", _logit_kd_backward, setup_context=_logit_kd_setup)
 
     @torch.library.register_fake(lib + "feature_kd")
-    def _feature_kd_fake(student_maps, teacher_maps, weights, beta):
+    def _feature_kd_fake(student_maps, teacher_maps, weights, beta, teacher_embeddings=None, eps=1e-8):
         B, M = student_maps[0].shape[0], len(student_maps)
         stat = dict(dtype=_acc_dtype(student_maps[0].dtype), device=student_maps[0].device)
-        return torch.empty((), **stat), torch.empty((B, M), **stat), [torch.empty_like(g) for g in student_maps]
+        cos = torch.empty((B, M) if teacher_embeddings is not None else (0,), **stat)
+        return torch.empty((), **stat), torch.empty((B, M), **stat), cos, [torch.empty_like(g) for g in student_maps]
 
     def _feature_kd_setup(ctx, inputs, output):
         ctx.set_materialize_grads(False)
-        ctx.num_maps = len(output[2])
-        ctx.save_for_backward(*output[2])
-        ctx.mark_non_differentiable(output[1], *output[2])
+        ctx.num_maps = len(output[3])
+        embeddings = inputs[4] if len(inputs) > 4 else None
+        ctx.no_embedding_grads = None if embeddings is None else [None] * len(embeddings)  # mirrors the input
+        ctx.save_for_backward(*output[3])
+        ctx.mark_non_differentiable(output[1], output[2], *output[3])
 
     def _feature_kd_backward(ctx, grad_loss, *_unused):
         if grad_loss is None:
-            return [None] * ctx.num_maps, [None] * ctx.num_maps, None, None
+            return [None] * ctx.num_maps, [None] * ctx.num_maps, None, None, ctx.no_embedding_grads, None
         grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
-        return grads, [None] * len(grads), None, None
+        # no gradient into the teacher maps and embeddings (frozen teachers) or the weights (the agent's)
+        return grads, [None] * len(grads), None, None, ctx.no_embedding_grads, None
 
     torch.library.register_autograd(lib + "feature_kd", _feature_kd_backward, setup_context=_feature_kd_setup)
 

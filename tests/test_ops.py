@@ -209,6 +209,69 @@ def test_feature_kd_mixed_layouts_and_non_contiguous_maps():
         torch.testing.assert_close(g, e)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("B,shapes", FEATURE_CASES + [(3, [(70, 1, 1), (2, 9, 11), (33, 5, 4)])])
+def test_feature_kd_and_cosine_matches_reference_float64(B, shapes, channels_last):
+    # the cosine comes from the loss's own read of the maps; everything else is unchanged by asking for it
+    gs, fs, w = _feature_inputs(B, shapes, seed=2 * B + len(shapes), channels_last=channels_last)
+    g = _gen(B)
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
+    emb[-1][0].zero_()  # a zero embedding: its norm is clamped to eps, the cosine is 0
+    gs = [x.requires_grad_(True) for x in gs]
+    loss, mse, cos = ops.feature_kd_and_cosine(gs, fs, w, 2.5, emb)
+    grads = torch.autograd.grad(loss, gs)
+    exp, exp_grads = _ref_feature(gs, fs, w, 2.5)
+    torch.testing.assert_close(loss, exp.loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mse, exp.mse, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(cos, ref.pooled_cosine([x.detach() for x in gs], emb), rtol=1e-10, atol=1e-12)
+    assert not cos.requires_grad and not mse.requires_grad
+    assert float(cos[0, -1]) == 0.0
+    for a, b, x in zip(grads, exp_grads, gs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+        assert a.stride() == x.stride()
+    assert ops.feature_kd_and_cosine(gs, fs, w, 2.5)[2] is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_feature_kd_and_cosine_reduced_precision_and_mixed_layouts(dtype):
+    gs, fs, w = _feature_inputs(7, [(40, 3, 3), (16, 2, 5), (9, 1, 1)], seed=24, dtype=dtype)
+    gs[1] = gs[1].contiguous(memory_format=torch.channels_last)  # mixed layouts in one call
+    fs[1] = fs[1].contiguous(memory_format=torch.channels_last)
+    gs.append(torch.randn(7, 12, 8, 8, dtype=F64)[:, ::2, ::2, 1::2].to(dtype))  # strided: made contiguous
+    fs.append(torch.randn(7, 6, 4, 4, dtype=F64).to(dtype))
+    w = torch.cat([w, torch.rand(7, 1, dtype=F64)], 1).float()
+    emb = [torch.randn(7, x.shape[1], dtype=F64) for x in gs]  # float64 embeddings: cast to the accumulation type
+    gs = [x.requires_grad_(True) for x in gs]
+    loss, mse, cos = ops.feature_kd_and_cosine(gs, fs, w, 5.0, emb)
+    grads = torch.autograd.grad(loss, gs)
+    assert cos.dtype == torch.float32 and cos.shape == (7, 4)
+    # against float64 on the same (rounded) inputs: float32 accumulation, so 1e-5 relative
+    exp_cos = ref.pooled_cosine([x.detach().double() for x in gs], [e.float().double() for e in emb])
+    torch.testing.assert_close(cos.double(), exp_cos, rtol=1e-5, atol=1e-5)
+    exp, exp_grads = _ref_feature(gs, fs, w, 5.0)
+    torch.testing.assert_close(mse.double(), exp.mse, rtol=1e-4, atol=1e-5)
+    rtol = GRAD_RTOL[dtype]
+    for a, b in zip(grads, exp_grads):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+def test_feature_kd_and_cosine_bad_embeddings_name_the_argument():
+    gs, fs, w = _feature_inputs(4, [(3, 2, 2), (2, 2, 2)], seed=25)
+    emb = [torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)]
+    with pytest.raises(ValueError, match="teacher_embeddings"):
+        ops.feature_kd_and_cosine(gs, fs, w, 5.0, emb[:1])
+    with pytest.raises(ValueError, match=r"teacher_embeddings\[1\]"):
+        ops.feature_kd_and_cosine(gs, fs, w, 5.0, [emb[0], torch.randn(4, 3, dtype=F64)])
+    with pytest.raises(ValueError, match=r"teacher_embeddings\[0\]"):
+        ops.feature_kd_and_cosine(gs, fs, w, 5.0, [emb[0].long(), emb[1]])
+    with pytest.raises(ValueError, match="eps"):
+        ops.feature_kd_and_cosine(gs, fs, w, 5.0, emb, eps=-1.0)
+    # the compiled op checks its own arguments when called directly
+    with pytest.raises(RuntimeError, match=r"teacher_embeddings\[0\].*accumulation"):
+        torch.ops.mtkd_fast.feature_kd(gs, fs, w, 5.0, [emb[0].float(), emb[1].float()], 1e-8)
+
+
 # ------------------------------------------------------------------ state helpers
 
 
@@ -325,6 +388,8 @@ def _opcheck_cases():
         (op.logit_kd.default, (req(zs), list(zt), y, w, 4.0, 1.0)),
         (op.feature_kd.default, ([req(g) for g in gs], fs, wf, 5.0)),
         (op.feature_kd.default, ([req(g) for g in gs_cl], fs_cl, wf, 5.0)),
+        (op.feature_kd.default, ([req(g) for g in gs], fs, wf, 5.0, emb, 1e-8)),
+        (op.feature_kd.default, ([req(g) for g in gs_cl], fs_cl, wf, 5.0, emb, 1e-8)),
         (op.pooled_cosine.default, ([req(g) for g in gs], [req(e) for e in emb], 1e-8)),
         (op.pooled_cosine_backward.default, (torch.randn(3, 2), gs_cl, emb, 1e-8)),
         (op.per_sample_loss_reward.default, (req(sce), req(kl), w, req(torch.rand(3, 2)), wf, 1.0, 5.0)),
@@ -332,7 +397,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
@@ -422,13 +487,13 @@ def test_recycled_gradient_buffers_never_overwrite_a_live_gradient():
     # maps of >= 1 MiB get their gradient buffers from a pool (no page faults per step); a buffer someone
     # still holds (or views) must not be handed out again
     gs, fs, w = _feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=22)
-    first = torch.ops.mtkd_fast.feature_kd(gs, fs, w, 5.0)[2]
+    first = torch.ops.mtkd_fast.feature_kd(gs, fs, w, 5.0)[3]
     kept, view = first[0].clone(), first[1][:, :1]
     view_copy = view.clone()
     del first  # the first gradient's buffer is now free; the second's is still viewed
     for _ in range(3):
         gs2, fs2, w2 = _feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=23)
-        second = torch.ops.mtkd_fast.feature_kd(gs2, fs2, w2, 5.0)[2]
+        second = torch.ops.mtkd_fast.feature_kd(gs2, fs2, w2, 5.0)[3]
         assert second[0].data_ptr() != view.data_ptr() and second[1].data_ptr() != view.data_ptr()
         torch.testing.assert_close(view, view_copy, rtol=0, atol=0)
         for g, e in zip(second, ref.feature_kd_grad(gs2, fs2, w2, 5.0)):

@@ -108,6 +108,38 @@ def test_pooled_cosine_cuda_matches_reference(channels_last):
         torch.testing.assert_close(a.cpu(), b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_feature_kd_and_cosine_cuda_matches_reference(dtype, channels_last):
+    # every walk of the kernel: warp rows (short NCHW rows), block rows (rows > 1024 values), channels_last
+    # with several channel groups per sample, and 1x1 maps
+    g = _gen(6)
+    B = 17
+    shapes = [(600, 4, 4), (40, 7, 7), (3, 40, 40), (300, 1, 1), (5, 3, 1)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
+    emb[0][3].zero_()
+    w = torch.rand(B, len(shapes), generator=g, dtype=F64)
+    acc = F64 if dtype == F64 else torch.float32
+    gd = [x.to(DEV).requires_grad_(True) for x in gs]
+    loss, mse, cos = ops.feature_kd_and_cosine(gd, [f.to(DEV) for f in fs], w.to(DEV, acc), 5.0, [e.to(DEV) for e in emb])
+    grads = torch.autograd.grad(loss, gd)
+    g64 = [x.to(F64).requires_grad_(True) for x in gs]
+    exp = ref.mtkd_feature_kd(g64, [f.to(F64) for f in fs], w, 5.0)
+    exp_grads = torch.autograd.grad(exp.loss, g64)
+    exp_cos = ref.pooled_cosine([x.detach() for x in g64], [e.to(acc).to(F64) for e in emb])
+    tol = STAT_TOL.get(dtype, 1e-4)
+    torch.testing.assert_close(loss.cpu().to(F64), exp.loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(mse.cpu().to(F64), exp.mse, rtol=tol, atol=tol)
+    torch.testing.assert_close(cos.cpu().to(F64), exp_cos, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
+    rtol = GRAD_RTOL[dtype]
+    for a, b, x in zip(grads, exp_grads, gd):
+        assert a.stride() == x.stride()
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
 @pytest.mark.parametrize("B", [1, 3, 129, 1000])
 def test_per_sample_loss_and_reward_cuda(B):
     g = _gen(B)
@@ -129,6 +161,7 @@ def test_one_kernel_launch_per_op():
     calls = {
         "logit_kd": lambda: op.logit_kd(zs.to(DEV), list(zt.to(DEV)), y.to(DEV), w, 4.0, 1.0),
         "feature_kd": lambda: op.feature_kd(gs, fs, w, 5.0),
+        "feature_kd with the cosine": lambda: op.feature_kd(gs, fs, w, 5.0, emb, 1e-8),
         "pooled_cosine": lambda: op.pooled_cosine(gs, emb, 1e-8),
     }
     for name, fn in calls.items():
@@ -154,6 +187,10 @@ def test_mtkd_loss_cuda_opcheck_and_module():
     torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default, (gs, fs, w.float().to(DEV), 5.0))
     emb = [torch.randn(3, 4, device=DEV, requires_grad=True), torch.randn(3, 2, device=DEV, requires_grad=True)]
     torch.library.opcheck(torch.ops.mtkd_fast.pooled_cosine.default, (gs, emb, 1e-8))
+    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default, (gs, fs, w.float().to(DEV), 5.0, [e.detach() for e in emb], 1e-8))
+    gs_cl = [x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True) for x in gs]
+    fs_cl = [x.contiguous(memory_format=torch.channels_last) for x in fs]
+    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default, (gs_cl, fs_cl, w.float().to(DEV), 5.0, [e.detach() for e in emb], 1e-8))
     torch.library.opcheck(torch.ops.mtkd_fast.per_sample_loss_reward.default,
                           (torch.rand(3, device=DEV), torch.rand(3, 2, device=DEV), w.float().to(DEV), None, None, 1.0, 5.0))
     assert MTKDLoss().resolve_backend(torch.device(DEV)) == "fused"

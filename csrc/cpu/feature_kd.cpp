@@ -1,7 +1,9 @@
 // CPU kernel of mtkd_fast::feature_kd: all M (student map, teacher map) pairs in ONE parallel region.
 // Each (sample, teacher) task reads G and F once and writes dloss/dG in the same pass, so the per-sample
-// MSE and the gradient come from one read of the inputs (spec sections 2-3). Tasks are ordered
-// sample-major so every thread gets a mix of the teachers' (differently sized) maps.
+// MSE and the gradient come from one read of the inputs (spec sections 2-3); given the teacher embeddings,
+// the same read also pools G for the agent state's cosine COS_{i,m} (spec section 2), sparing the pooled
+// cosine its own pass over the maps. Tasks are ordered sample-major so every thread gets a mix of the
+// teachers' (differently sized) maps.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/cosine.h"
 #include "cpu/op_checks.h"
 
 namespace mtkd {
@@ -87,14 +90,68 @@ double sq_diff_and_grad(const scalar_t* __restrict g, const scalar_t* __restrict
   return total;
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_kd_cpu(at::TensorList students,
-                                                                         at::TensorList teachers,
-                                                                         const at::Tensor& weights, double beta) {
+// The same for an NCHW-contiguous sample [C, H*W], also writing the channel means x[c] (the pooled map).
+template <typename scalar_t>
+double sq_diff_grad_and_pool_nchw(const scalar_t* __restrict g, const scalar_t* __restrict f, scalar_t* __restrict out,
+                                  int64_t C, int64_t HW, at::opmath_type<scalar_t> coef,
+                                  at::opmath_type<scalar_t>* __restrict x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
+  double total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int64_t off = c * HW;
+    acc_t s = 0, sum = 0;
+#pragma omp simd reduction(+ : s, sum)
+    for (int64_t p = off; p < off + HW; ++p) {
+      const acc_t gv = static_cast<acc_t>(g[p]);
+      const acc_t diff = gv - static_cast<acc_t>(f[p]);
+      s += diff * diff;
+      sum += gv;
+      out[p] = static_cast<scalar_t>(coef * diff);
+    }
+    total += static_cast<double>(s);
+    x[c] = sum * inv_hw;
+  }
+  return total;
+}
+
+// ... and for a channels_last sample [H*W, C].
+template <typename scalar_t>
+double sq_diff_grad_and_pool_nhwc(const scalar_t* __restrict g, const scalar_t* __restrict f, scalar_t* __restrict out,
+                                  int64_t C, int64_t HW, at::opmath_type<scalar_t> coef,
+                                  at::opmath_type<scalar_t>* __restrict x) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::fill(x, x + C, acc_t(0));
+  double total = 0;
+  for (int64_t p = 0; p < HW; ++p) {
+    const int64_t off = p * C;
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t gv = static_cast<acc_t>(g[off + c]);
+      const acc_t diff = gv - static_cast<acc_t>(f[off + c]);
+      s += diff * diff;
+      x[c] += gv;
+      out[off + c] = static_cast<scalar_t>(coef * diff);
+    }
+    total += static_cast<double>(s);
+  }
+  const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
+  for (int64_t c = 0; c < C; ++c) x[c] *= inv_hw;
+  return total;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_kd_cpu(
+    at::TensorList students, at::TensorList teachers, const at::Tensor& weights, double beta,
+    std::optional<at::TensorList> embeddings, double eps) {
   const int64_t B = check_feature_kd_args(students, teachers, weights);
   const int64_t M = static_cast<int64_t>(students.size());
+  const bool with_cos = embeddings.has_value();
+  if (with_cos) check_feature_kd_embeddings(students, *embeddings, eps);
   const auto dtype = students[0].scalar_type();
   const auto opts = students[0].options().dtype(acc_dtype(dtype));
   at::Tensor loss = at::empty({}, opts), mse = at::empty({B, M}, opts);
+  at::Tensor cos = with_cos ? at::empty({B, M}, opts) : at::empty({0}, opts);
   std::vector<at::Tensor> grads;
   grads.reserve(M);
   for (int64_t m = 0; m < M; ++m) grads.push_back(grad_buffer_pool().empty_like(students[m]));  // the map's strides
@@ -103,23 +160,44 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_kd_cpu(at::T
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> g_ptr(M), f_ptr(M);
     std::vector<scalar_t*> out_ptr(M);
-    std::vector<int64_t> numel(M);
+    std::vector<const acc_t*> e_ptr(M, nullptr);
+    std::vector<int64_t> numel(M), channels(M), spatial(M);
+    std::vector<char> channels_last(M);
+    int64_t max_c = 0;
     for (int64_t m = 0; m < M; ++m) {
       g_ptr[m] = students[m].const_data_ptr<scalar_t>();
       f_ptr[m] = teachers[m].const_data_ptr<scalar_t>();
       out_ptr[m] = grads[m].data_ptr<scalar_t>();
       numel[m] = students[m].numel() / std::max<int64_t>(B, 1);
+      channels[m] = students[m].size(1);
+      spatial[m] = students[m].size(2) * students[m].size(3);
+      channels_last[m] = is_channels_last_map(students[m]);
+      if (with_cos) e_ptr[m] = (*embeddings)[m].const_data_ptr<acc_t>();
+      max_c = std::max(max_c, channels[m]);
     }
     const acc_t* w = weights.const_data_ptr<acc_t>();
     acc_t* mse_out = mse.data_ptr<acc_t>();
+    acc_t* cos_out = with_cos ? cos.data_ptr<acc_t>() : nullptr;
     // one parallel region over all (sample, teacher) tasks; a sample's values start at i * numel (dense)
     at::parallel_for(0, B * M, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> x(with_cos ? max_c : 0);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t i = task / M, m = task % M, n = numel[m];
         const acc_t coef = static_cast<acc_t>(2.0 * beta * static_cast<double>(w[i * M + m]) / (double(B) * double(n)));
         const int64_t off = i * n;
-        const double s = n ? sq_diff_and_grad<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, n, coef) : 0.0;
-        mse_out[i * M + m] = static_cast<acc_t>(n ? s / double(n) : 0.0);
+        double s = 0.0;
+        if (with_cos && n) {
+          const int64_t C = channels[m], HW = spatial[m];
+          s = channels_last[m]
+                  ? sq_diff_grad_and_pool_nhwc<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, C, HW, coef, x.data())
+                  : sq_diff_grad_and_pool_nchw<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, C, HW, coef, x.data());
+          cos_out[task] = cosine_parts<acc_t, acc_t>(x.data(), e_ptr[m] + i * C, C, eps).cos;
+        } else if (n) {
+          s = sq_diff_and_grad<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, n, coef);
+        } else if (with_cos) {
+          cos_out[task] = 0;  // an empty map pools to the zero vector
+        }
+        mse_out[task] = static_cast<acc_t>(n ? s / double(n) : 0.0);
       }
     });
     double total = 0;
@@ -127,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_kd_cpu(at::T
       for (int64_t m = 0; m < M; ++m) total += double(w[i * M + m]) * double(mse_out[i * M + m]);
     loss.fill_(beta * total / double(B));
   });
-  return {loss, mse, grads};
+  return {loss, mse, cos, grads};
 }
 
 }  // namespace

@@ -94,6 +94,27 @@ inline bool is_channels_last_map(const at::Tensor& g) {
   return !g.is_contiguous() && g.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// The teacher embeddings feature_kd pools against (its optional cosine output): one [B, C_m] tensor per map,
+// in the accumulation dtype and contiguous (like the weights), each map NCHW-contiguous or channels_last.
+inline void check_feature_kd_embeddings(at::TensorList students, at::TensorList embeddings, double eps) {
+  const int64_t M = static_cast<int64_t>(students.size());
+  TORCH_CHECK(static_cast<int64_t>(embeddings.size()) == M, "teacher_embeddings: expected ", M,
+              " embeddings (one per map), got ", embeddings.size());
+  const auto acc = acc_dtype(students[0].scalar_type());
+  for (int64_t m = 0; m < M; ++m) {
+    const auto &g = students[m], &e = embeddings[m];
+    TORCH_CHECK(g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast), "student_maps[", m,
+                "]: expected a contiguous or channels_last map when teacher_embeddings are given");
+    TORCH_CHECK(e.dim() == 2 && e.size(0) == g.size(0) && e.size(1) == g.size(1), "teacher_embeddings[", m,
+                "]: expected shape [", g.size(0), ", ", g.size(1), "], got ", e.sizes());
+    TORCH_CHECK(e.scalar_type() == acc && e.is_contiguous(), "teacher_embeddings[", m,
+                "]: expected a contiguous tensor of dtype ", acc, " (the accumulation dtype), got ", e.scalar_type());
+    TORCH_CHECK(e.device() == g.device(), "teacher_embeddings[", m, "]: expected device ", g.device(), ", got ",
+                e.device());
+  }
+  TORCH_CHECK(eps >= 0, "eps: expected a non-negative number, got ", eps);
+}
+
 inline int64_t check_pooled_cosine_args(at::TensorList maps, at::TensorList embeddings, double eps) {
   const int64_t M = static_cast<int64_t>(maps.size());
   TORCH_CHECK(M >= 1, "student_maps: expected at least one map");

@@ -13,6 +13,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/cosine.h"
 #include "cpu/op_checks.h"
 
 namespace mtkd {
@@ -40,27 +41,6 @@ void pool_sample(const at::Tensor& g, int64_t i, acc_t* x) {
   }
 }
 
-// dot, |x|, |e| and the cosine with each norm clamped below by eps (torch.nn.functional.cosine_similarity).
-template <typename acc_t>
-struct CosParts {
-  acc_t dot, norm_x, norm_e, cos;
-};
-
-template <typename scalar_t, typename acc_t>
-CosParts<acc_t> cosine_parts(const acc_t* x, const scalar_t* e, int64_t C, double eps) {
-  acc_t dot = 0, xx = 0, ee = 0;
-#pragma omp simd reduction(+ : dot, xx, ee)
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t ev = static_cast<acc_t>(e[c]);
-    dot += x[c] * ev;
-    xx += x[c] * x[c];
-    ee += ev * ev;
-  }
-  const acc_t nx = std::sqrt(xx), ne = std::sqrt(ee);
-  const acc_t cx = std::max(nx, static_cast<acc_t>(eps)), ce = std::max(ne, static_cast<acc_t>(eps));
-  return {dot, nx, ne, (dot / cx) / ce};
-}
-
 at::Tensor pooled_cosine_cpu(at::TensorList maps, at::TensorList embeddings, double eps) {
   const int64_t B = check_pooled_cosine_args(maps, embeddings, eps);
   const int64_t M = static_cast<int64_t>(maps.size());
@@ -76,7 +56,7 @@ at::Tensor pooled_cosine_cpu(at::TensorList maps, at::TensorList embeddings, dou
       for (int64_t task = begin; task < end; ++task) {
         const int64_t i = task / M, m = task % M, C = maps[m].size(1);
         pool_sample<scalar_t, acc_t>(maps[m], i, x.data());
-        out[i * M + m] = cosine_parts<scalar_t, acc_t>(x.data(), embeddings[m].const_data_ptr<scalar_t>() + i * C, C, eps).cos;
+        out[i * M + m] = cosine_parts<acc_t, scalar_t>(x.data(), embeddings[m].const_data_ptr<scalar_t>() + i * C, C, eps).cos;
       }
     });
   });
@@ -112,7 +92,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_cosine_backw
         const int64_t C = g.size(1), HW = g.size(2) * g.size(3);
         const scalar_t* e = embeddings[m].const_data_ptr<scalar_t>() + i * C;
         pool_sample<scalar_t, acc_t>(g, i, x.data());
-        const auto p = cosine_parts<scalar_t, acc_t>(x.data(), e, C, eps);
+        const auto p = cosine_parts<acc_t, scalar_t>(x.data(), e, C, eps);
         const acc_t cx = std::max(p.norm_x, static_cast<acc_t>(eps)), ce = std::max(p.norm_e, static_cast<acc_t>(eps));
         const acc_t go = gout[i * M + m];
         const acc_t a = go / (cx * ce);

@@ -60,9 +60,11 @@ static void test_feature_kd() {
   at::Tensor w = at::rand({B, 2}, opts);
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("mtkd_fast::feature_kd", "")
-                .typed<std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>>(at::TensorList, at::TensorList,
-                                                                                  const at::Tensor&, double)>();
-  auto [loss, mse, grads] = op.call(gs, fs, w, beta);
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+                    at::TensorList, at::TensorList, const at::Tensor&, double, std::optional<at::TensorList>, double)>();
+  std::vector<at::Tensor> emb = {at::randn({B, 4}, opts), at::randn({B, 6}, opts)};
+  auto [loss, mse, cos, grads] = op.call(gs, fs, w, beta, at::TensorList(emb), 1e-8);
+  EXPECT(std::get<2>(op.call(gs, fs, w, beta, std::nullopt, 1e-8)).numel() == 0);  // no embeddings: no cosine
   at::Tensor loss_ref = at::zeros({}, opts);
   for (int64_t m = 0; m < 2; ++m) {
     at::Tensor diff = gs[m] - fs[m];
@@ -72,6 +74,8 @@ static void test_feature_kd() {
     const double n = static_cast<double>(gs[m][0].numel());
     EXPECT(close(grads[m], beta * w.select(1, m).view({B, 1, 1, 1}) * 2 * diff / (B * n)));
     EXPECT(grads[m].strides() == gs[m].strides());
+    at::Tensor pooled = gs[m].mean({2, 3});
+    EXPECT(close(cos.select(1, m), (pooled * emb[m]).sum(1) / (pooled.norm(2, 1) * emb[m].norm(2, 1))));
   }
   EXPECT(close(loss, loss_ref));
 }
