@@ -3,10 +3,12 @@ step's loss, agent state, priors and reward), at the CIFAR and ImageNet shapes o
 
     .venv/bin/python -m pytest benchmarks/bench_ops.py -q --benchmark-only \
         --benchmark-columns=min,median,mean,stddev,rounds
+    MTKD_BENCH_DEVICE=cuda ...   # the same on the GPU (every timed call ends with a device synchronize)
 
-Besides pytest-benchmark's table, the module writes benchmarks/results/bench_ops_<N>thread.{json,csv,png}: per shape the
-median time of each variant, the ratios to the fused step measured in the same run, and for the fused ops
-alone the bytes they must move and the bandwidth reached (next to this machine's copy bandwidth).
+Besides pytest-benchmark's table, the module writes benchmarks/results/bench_ops_<N>thread.{json,csv,png} (CPU) or
+bench_ops_cuda.{json,csv,png}: per shape the median time of each variant, the ratios to the fused step measured in
+the same run, and for the fused ops alone the bytes they must move, the bandwidth reached and the op's time over
+the memory floor (bytes / this device's copy bandwidth, measured in the same run).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ try:
 except ImportError:  # run from the repository root as a package path
     from benchmarks.authors_way import authors_step
 
-pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
+DEVICE = torch.device(os.environ.get("MTKD_BENCH_DEVICE", "cpu"))
+pytestmark = pytest.mark.skipif(not ops.available(DEVICE), reason=f"no compiled kernels for {DEVICE} (make build)")
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # MTKD_BENCH_THREADS=1 measures single-threaded: on a shared, oversubscribed machine every parallel region
@@ -47,15 +50,21 @@ def _inputs(shape):
     B, K, maps = cfg["B"], cfg["K"], cfg["maps"]
     M = len(maps)
     g = torch.Generator().manual_seed(0)
-    zs = torch.randn(B, K, generator=g).requires_grad_(True)
-    zt = list(torch.randn(M, B, K, generator=g))
-    y = torch.randint(0, K, (B,), generator=g)
-    gs = [torch.randn(B, *s, generator=g).requires_grad_(True) for s in maps]
-    fs = [torch.randn(B, *s, generator=g) for s in maps]
+    dev = dict(device=DEVICE)
+    zs = torch.randn(B, K, generator=g).to(**dev).requires_grad_(True)
+    zt = list(torch.randn(M, B, K, generator=g).to(**dev))
+    y = torch.randint(0, K, (B,), generator=g).to(**dev)
+    gs = [torch.randn(B, *s, generator=g).to(**dev).requires_grad_(True) for s in maps]
+    fs = [torch.randn(B, *s, generator=g).to(**dev) for s in maps]
     emb = [f.mean(dim=(2, 3)) for f in fs]
-    wl = torch.softmax(torch.randn(B, M, generator=g), 1)
-    wf = torch.softmax(torch.randn(B, M, generator=g), 1)
+    wl = torch.softmax(torch.randn(B, M, generator=g), 1).to(**dev)
+    wf = torch.softmax(torch.randn(B, M, generator=g), 1).to(**dev)
     return zs, zt, y, gs, fs, emb, wl, wf
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def _module_step(backend):
@@ -82,6 +91,7 @@ def _train_step(step, args):
     zs, zt, y, gs = args[:4]
     loss = step(*args)[0]
     torch.autograd.grad(loss, [zs, *gs])
+    _sync()
 
 
 _compiled = {}
@@ -102,25 +112,37 @@ def _variant(name):
 def _fused_bytes(shape):
     """Bytes the fused ops move for forward + backward (float32) and the floor of the maths itself.
 
-    The forward reads every input once and writes each gradient once; the backward of ``loss.backward()``
-    (incoming gradient 1) hands the saved gradients out without touching them (mtkd_fast.ops._scaled).
+    The forward reads every input once and writes each gradient once; on the CPU the backward of
+    ``loss.backward()`` (incoming gradient 1) hands out the saved gradients without touching them
+    (mtkd_fast.ops._scaled), on a GPU it scales them (reading the incoming gradient's value would sync): one
+    more read and write of each gradient.
     """
     cfg = SHAPES[shape]
     B, K, M = cfg["B"], cfg["K"], len(cfg["maps"])
     n_maps = sum(B * c * h * w for c, h, w in cfg["maps"])
-    logit = (M + 1) * B * K * 4 + B * K * 4  # read student + teachers, write dloss/dz_s
-    feature = 3 * n_maps * 4  # read G and F, write dloss/dG; the agent state's cosine pools G in the same read
+    backward = 2 if DEVICE.type == "cuda" else 0  # passes over each gradient in the backward
+    logit = (M + 1 + 1 + backward) * B * K * 4  # read student + teachers, write dloss/dz_s
+    feature = (3 + backward) * n_maps * 4  # read G and F, write dloss/dG; the state's cosine pools G in that read
     return dict(logit_kd=logit, feature_kd=feature, feature_kd_cos=feature, step=logit + feature,
                 floor=logit + feature)
 
 
 def _copy_bandwidth():
-    """This machine's bandwidth for a large tensor copy (read + write), best of 5: the practical ceiling."""
-    src = torch.randn(64 * 2**20)  # 256 MiB
+    """The device's bandwidth for a large tensor copy (read + write), best of 5: the practical ceiling."""
+    src = torch.randn(64 * 2**20, device=DEVICE)  # 256 MiB
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    _sync()
+    best = min(_timed(lambda: (dst.copy_(src), _sync())) for _ in range(5))
     return 2 * src.numel() * 4 / best
+
+
+def _device_name():
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def _timed(fn):
@@ -156,7 +178,8 @@ def report():
         # medians, and minima (robust when other processes share the cores)
         fused, fused_min = got["fused"]["median"], got["fused"]["min"]
         nbytes = _fused_bytes(shape)
-        row = dict(shape=shape, threads=torch.get_num_threads(), copy_bandwidth_GBps=copy_bw / 1e9)
+        row = dict(shape=shape, device=_device_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+                   copy_bandwidth_GBps=copy_bw / 1e9)
         for name, t in got.items():
             row[f"{name}_ms"] = t["median"] * 1e3
             row[f"{name}_min_ms"] = t["min"] * 1e3
@@ -168,11 +191,12 @@ def report():
                 row[f"{op}_MB"] = nbytes[op] / 1e6
                 row[f"{op}_GBps"] = nbytes[op] / got[f"op_{op}"]["median"] / 1e9
                 row[f"{op}_GBps_min"] = nbytes[op] / got[f"op_{op}"]["min"] / 1e9
+                row[f"{op}_x_floor"] = got[f"op_{op}"]["median"] / (nbytes[op] / copy_bw)  # 1 = at the copy bandwidth
         row["step_MB"] = nbytes["step"] / 1e6
         row["step_floor_MB"] = nbytes["floor"] / 1e6
         row["fused_step_GBps"] = nbytes["step"] / fused / 1e9
         rows.append(row)
-    tag = f"_{torch.get_num_threads()}thread"
+    tag = f"_{torch.get_num_threads()}thread" if DEVICE.type == "cpu" else f"_{DEVICE.type}"
     _write_atomic(os.path.join(RESULTS, f"bench_ops{tag}.json"), lambda p: json.dump(rows, open(p, "w"), indent=2))
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "shape", k))
 
@@ -199,7 +223,8 @@ def _plot(rows, tag):
     for ax, r in zip(axes[0], rows):
         names = [v for v in variants if f"{v}_ms" in r]
         ax.bar(names, [r[f"{v}_ms"] for v in names], color=["#999", "#69c", "#36a", "#c33"][: len(names)])
-        ax.set_title(f"{r['shape']}: one step, forward + backward (CPU, {r['threads']} threads)")
+        where = f"CPU, {r['threads']} threads" if DEVICE.type == "cpu" else r["device"]
+        ax.set_title(f"{r['shape']}: one step, forward + backward ({where})")
         ax.set_ylabel("ms (median)")
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
@@ -231,13 +256,17 @@ def test_fused_op(benchmark, report, shape, op):
     if op == "logit_kd":
         def run():
             torch.autograd.grad(ops.mtkd_logit_kd(zs, zt, y, wl, T, ALPHA).loss, zs)
+            _sync()
     elif op == "feature_kd":
         def run():
             torch.autograd.grad(ops.mtkd_feature_kd(gs, fs, wf, BETA).loss, gs)
+            _sync()
     else:  # the same with the agent state's cosine from the same read of the maps
         def run():
             torch.autograd.grad(ops.feature_kd_and_cosine(gs, fs, wf, BETA, emb)[0], gs)
+            _sync()
     run()
+    _sync()
     benchmark.group = f"op-{shape}"
     benchmark.pedantic(run, rounds=SHAPES[shape]["rounds"] * 2, warmup_rounds=1)
     _record(report, shape, f"op_{op}", benchmark)

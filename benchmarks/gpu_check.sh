@@ -7,7 +7,8 @@
 #   build     the extension for sm_90 (TORCH_CUDA_ARCH_LIST=9.0, the H100/H200), then build_info
 #   tests     the CUDA tests (every test file that uses the GPU; -rs lists what was skipped)
 #   memcheck  compute-sanitizer --tool memcheck over the fused ops' CUDA tests
-#   ops       the op benchmarks (benchmarks/bench_ops.py: fused vs the authors' way vs the reference)
+#   ops       the op benchmarks on the GPU (benchmarks/bench_ops.py, MTKD_BENCH_DEVICE=cuda: fused vs the authors'
+#             way vs the eager and compiled reference; bytes, bandwidth and time over the memory floor per op)
 #   epoch     `mtkd-fast bench epoch` on the GPU: the CIFAR-like setting (ShuffleV2, B=64) and the ImageNet-like
 #             setting (ResNet-18 student, ResNet-34/50/101 teachers, B=128), sized to a couple of minutes each
 # STAGES="build tests" (say; names: build tests memcheck ops epoch-cifar epoch-imagenet) runs a subset; on a machine still warm from an earlier call the build is incremental.
@@ -66,8 +67,8 @@ stage build 200 bash -c "$PY setup.py -q build_ext --inplace && $PY -c 'import j
 stage tests 100 $PY -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS -k "cuda or gpu or CUDA"
 stage memcheck 110 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
   $PY -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py
-stage ops 60 $PY -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py -o python_files='bench_*.py' --benchmark-only \
-  --benchmark-columns=min,median,rounds
+stage ops 150 env MTKD_BENCH_DEVICE=cuda $PY -m pytest -q -s -p no:cacheprovider benchmarks/bench_ops.py \
+  -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,rounds
 stage epoch-cifar 100 $PY -m mtkd_fast.cli bench epoch --setting cifar --students ShuffleV2 --steps 40 --repetitions 3 \
   --memory-steps 3 --no-progress --out "$WORK/epoch_cifar"
 stage epoch-imagenet 150 $PY -m mtkd_fast.cli bench epoch --setting imagenet --batch-size 128 --steps 8 --repetitions 3 \
@@ -80,7 +81,7 @@ for s in cifar imagenet; do
     cp "$WORK/epoch_$s/epoch_bench.png" "$OUT/epoch_$s.png"
   fi
 done
-[ -f benchmarks/results/bench_ops.json ] && cp benchmarks/results/bench_ops.json "$OUT/bench_ops.json"
+[ -f benchmarks/results/bench_ops_cuda.json ] && cp benchmarks/results/bench_ops_cuda.json "$OUT/bench_ops.json"
 cp -r benchmarks/results "$WORK/bench_ops_results" 2>/dev/null
 tar -czf "$OUT/gpu_check_files.tar.gz" -C "$WORK" .
 rm -rf "$WORK"
