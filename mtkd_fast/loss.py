@@ -124,12 +124,12 @@ class MTKDLoss(nn.Module):
         loss = logit.loss
         mse = cos = None
         if has_maps:
-            maps, targets_maps = list(student_maps), list(teacher_maps)
+            maps, t_maps = list(student_maps), list(teacher_maps)
             embeddings = None if teacher_embeddings is None else list(teacher_embeddings)
             if fused:  # the cosine comes from the loss's own read of the maps
-                feat_loss, mse, cos = impl.feature_kd_and_cosine(maps, targets_maps, feature_weights, self.beta, embeddings)
+                feat_loss, mse, cos = impl.feature_kd_and_cosine(maps, t_maps, feature_weights, self.beta, embeddings)
             else:
-                feat_loss, mse = reference.mtkd_feature_kd(maps, targets_maps, feature_weights, self.beta)
+                feat_loss, mse = reference.mtkd_feature_kd(maps, t_maps, feature_weights, self.beta)
                 if embeddings is not None:
                     with torch.no_grad():
                         cos = reference.pooled_cosine([s.detach() for s in maps], embeddings)
