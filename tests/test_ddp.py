@@ -65,15 +65,21 @@ def test_two_gloo_processes_agree_and_match_single_process(tmp_path):
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(HERE, "test_ddp.py"), str(tmp_path)]
-    # own process group, so a hang kills torchrun and both workers, not only torchrun
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail("torchrun with 2 gloo workers timed out:\n" + out[-2000:] + err[-2000:])
+    for attempt in range(2):
+        # own process group, so a hang kills torchrun and both workers, not only torchrun
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail("torchrun with 2 gloo workers timed out:\n" + out[-2000:] + err[-2000:])
+        # Once in about ten CI runs a gloo worker aborted ("terminate called without an active exception",
+        # SIGABRT inside torch's C++ teardown, not in our code): such a run is tried once more. Any other
+        # failure, or the abort twice, fails the test.
+        if proc.returncode == 0 or "terminate called" not in out + err or attempt == 1:
+            break
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)

@@ -105,6 +105,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
+def cleanup(barrier: bool = True) -> None:
+    """Leave the process group. ``barrier``: first wait until every rank is here, so no rank tears its
+    connections down while a peer still talks to it (that can abort the peer, gloo on CPU); pass False on an
+    error path, where the other ranks may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

@@ -175,8 +175,10 @@ def train(config: TrainConfig) -> dict:
                                    rank=dist_info.rank, world_size=dist_info.world_size, device=str(device))
     try:
         result = trainer.fit(make_train_loader, val_loader, config.out_dir)
-    finally:
-        D.cleanup()
+    except BaseException:
+        D.cleanup(barrier=False)
+        raise
+    D.cleanup()
     return result
 
 
