@@ -110,7 +110,7 @@ def _variant(name):
 
 
 def _fused_bytes(shape):
-    """Bytes the fused ops move for forward + backward (float32) and the floor of the maths itself.
+    """Bytes the fused ops move for forward + backward (float32); the step moves exactly these (its floor).
 
     The forward reads every input once and writes each gradient once; on the CPU the backward of
     ``loss.backward()`` (incoming gradient 1) hands out the saved gradients without touching them
@@ -123,8 +123,7 @@ def _fused_bytes(shape):
     backward = 2 if DEVICE.type == "cuda" else 0  # passes over each gradient in the backward
     logit = (M + 1 + 1 + backward) * B * K * 4  # read student + teachers, write dloss/dz_s
     feature = (3 + backward) * n_maps * 4  # read G and F, write dloss/dG; the state's cosine pools G in that read
-    return dict(logit_kd=logit, feature_kd=feature, feature_kd_cos=feature, step=logit + feature,
-                floor=logit + feature)
+    return dict(logit_kd=logit, feature_kd=feature, feature_kd_cos=feature, step=logit + feature)
 
 
 def _copy_bandwidth():
@@ -193,7 +192,6 @@ def report():
                 row[f"{op}_GBps_min"] = nbytes[op] / got[f"op_{op}"]["min"] / 1e9
                 row[f"{op}_x_floor"] = got[f"op_{op}"]["median"] / (nbytes[op] / copy_bw)  # 1 = at the copy bandwidth
         row["step_MB"] = nbytes["step"] / 1e6
-        row["step_floor_MB"] = nbytes["floor"] / 1e6
         row["fused_step_GBps"] = nbytes["step"] / fused / 1e9
         rows.append(row)
     tag = f"_{torch.get_num_threads()}thread" if DEVICE.type == "cpu" else f"_{DEVICE.type}"

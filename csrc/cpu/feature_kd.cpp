@@ -144,10 +144,9 @@ double sq_diff_grad_and_pool_nhwc(const scalar_t* __restrict g, const scalar_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_kd_cpu(
     at::TensorList students, at::TensorList teachers, const at::Tensor& weights, double beta,
     std::optional<at::TensorList> embeddings, double eps) {
-  const int64_t B = check_feature_kd_args(students, teachers, weights);
+  const int64_t B = check_feature_kd_args(students, teachers, weights, embeddings, eps);
   const int64_t M = static_cast<int64_t>(students.size());
   const bool with_cos = embeddings.has_value();
-  if (with_cos) check_feature_kd_embeddings(students, *embeddings, eps);
   const auto dtype = students[0].scalar_type();
   const auto opts = students[0].options().dtype(acc_dtype(dtype));
   at::Tensor loss = at::empty({}, opts), mse = at::empty({B, M}, opts);

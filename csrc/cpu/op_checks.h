@@ -7,6 +7,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 
 namespace mtkd {
@@ -61,34 +62,6 @@ inline LogitDims check_logit_kd_args(const at::Tensor& student, at::TensorList t
   return {B, K, M};
 }
 
-// Each sample's C*H*W values are dense (contiguous or channels_last map) and the teacher map shares the
-// student map's strides, so one flat index walks both.
-inline int64_t check_feature_kd_args(at::TensorList students, at::TensorList teachers, const at::Tensor& weights) {
-  const int64_t M = static_cast<int64_t>(students.size());
-  TORCH_CHECK(M >= 1, "student_maps: expected at least one map");
-  TORCH_CHECK(static_cast<int64_t>(teachers.size()) == M, "teacher_maps: expected ", M, " maps, got ",
-              teachers.size());
-  const int64_t B = students[0].dim() == 4 ? students[0].size(0) : -1;
-  for (int64_t m = 0; m < M; ++m) {
-    const auto &g = students[m], &f = teachers[m];
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == B, "student_maps[", m, "]: expected shape [", B,
-                ", C, H, W], got ", g.sizes());
-    TORCH_CHECK(f.sizes() == g.sizes(), "teacher_maps[", m, "]: expected shape ", g.sizes(), ", got ", f.sizes());
-    TORCH_CHECK(is_float_dtype(g.scalar_type()), "student_maps[", m, "]: expected a floating dtype, got ",
-                g.scalar_type());
-    TORCH_CHECK(g.scalar_type() == students[0].scalar_type() && f.scalar_type() == g.scalar_type(),
-                "teacher_maps[", m, "]: expected dtype ", students[0].scalar_type(), " like student_maps[0]");
-    TORCH_CHECK(g.device() == students[0].device() && f.device() == g.device(), "teacher_maps[", m,
-                "]: expected device ", students[0].device());
-    TORCH_CHECK(g.is_non_overlapping_and_dense() && (g.size(0) == 1 || g.stride(0) == g[0].numel()),
-                "student_maps[", m, "]: expected each sample's values dense (contiguous or channels_last)");
-    TORCH_CHECK(f.strides() == g.strides(), "teacher_maps[", m, "]: expected the strides of student_maps[", m,
-                "] ", g.strides(), ", got ", f.strides());
-  }
-  check_weights_arg("weights", weights, B, M, acc_dtype(students[0].scalar_type()), students[0].device());
-  return B;
-}
-
 // Map layouts the pooled-cosine kernels walk: NCHW contiguous or channels_last.
 inline bool is_channels_last_map(const at::Tensor& g) {
   return !g.is_contiguous() && g.is_contiguous(at::MemoryFormat::ChannelsLast);
@@ -113,6 +86,36 @@ inline void check_feature_kd_embeddings(at::TensorList students, at::TensorList 
                 e.device());
   }
   TORCH_CHECK(eps >= 0, "eps: expected a non-negative number, got ", eps);
+}
+
+// Each sample's C*H*W values are dense (contiguous or channels_last map) and the teacher map shares the
+// student map's strides, so one flat index walks both; the optional embeddings as above.
+inline int64_t check_feature_kd_args(at::TensorList students, at::TensorList teachers, const at::Tensor& weights,
+                                     const std::optional<at::TensorList>& embeddings, double eps) {
+  const int64_t M = static_cast<int64_t>(students.size());
+  TORCH_CHECK(M >= 1, "student_maps: expected at least one map");
+  TORCH_CHECK(static_cast<int64_t>(teachers.size()) == M, "teacher_maps: expected ", M, " maps, got ",
+              teachers.size());
+  const int64_t B = students[0].dim() == 4 ? students[0].size(0) : -1;
+  for (int64_t m = 0; m < M; ++m) {
+    const auto &g = students[m], &f = teachers[m];
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B, "student_maps[", m, "]: expected shape [", B,
+                ", C, H, W], got ", g.sizes());
+    TORCH_CHECK(f.sizes() == g.sizes(), "teacher_maps[", m, "]: expected shape ", g.sizes(), ", got ", f.sizes());
+    TORCH_CHECK(is_float_dtype(g.scalar_type()), "student_maps[", m, "]: expected a floating dtype, got ",
+                g.scalar_type());
+    TORCH_CHECK(g.scalar_type() == students[0].scalar_type() && f.scalar_type() == g.scalar_type(),
+                "teacher_maps[", m, "]: expected dtype ", students[0].scalar_type(), " like student_maps[0]");
+    TORCH_CHECK(g.device() == students[0].device() && f.device() == g.device(), "teacher_maps[", m,
+                "]: expected device ", students[0].device());
+    TORCH_CHECK(g.is_non_overlapping_and_dense() && (g.size(0) == 1 || g.stride(0) == g[0].numel()),
+                "student_maps[", m, "]: expected each sample's values dense (contiguous or channels_last)");
+    TORCH_CHECK(f.strides() == g.strides(), "teacher_maps[", m, "]: expected the strides of student_maps[", m,
+                "] ", g.strides(), ", got ", f.strides());
+  }
+  check_weights_arg("weights", weights, B, M, acc_dtype(students[0].scalar_type()), students[0].device());
+  if (embeddings.has_value()) check_feature_kd_embeddings(students, *embeddings, eps);
+  return B;
 }
 
 inline int64_t check_pooled_cosine_args(at::TensorList maps, at::TensorList embeddings, double eps) {

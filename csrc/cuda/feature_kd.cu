@@ -179,10 +179,9 @@ __global__ void __launch_bounds__(kThreads) feature_kd_kernel(FeatureArgs<scalar
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_kd_cuda(
     at::TensorList students, at::TensorList teachers, const at::Tensor& weights, double beta,
     std::optional<at::TensorList> embeddings, double eps) {
-  const int64_t B = check_feature_kd_args(students, teachers, weights);
+  const int64_t B = check_feature_kd_args(students, teachers, weights, embeddings, eps);
   const int64_t M = static_cast<int64_t>(students.size());
   const bool with_cos = embeddings.has_value();
-  if (with_cos) check_feature_kd_embeddings(students, *embeddings, eps);
   TORCH_CHECK(M <= kMaxTeachers, "student_maps: the CUDA kernel takes at most ", kMaxTeachers, " maps, got ", M);
   c10::cuda::CUDAGuard guard(students[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
