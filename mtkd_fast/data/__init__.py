@@ -8,8 +8,9 @@ replayable augmentation (view ``v`` of sample ``i`` is a pure function of ``(see
         ...
 
 Loaders: in-memory datasets are augmented a batch at a time (on the training device when it is a GPU);
-image folders go through NVIDIA DALI when it is installed (GPU decode with a GPU, CPU decode otherwise)
-and through PIL + torchvision DataLoader workers when it is not (the user is told once).
+image folders go through NVIDIA DALI when it is installed and decodes on the device (GPU decode with a GPU,
+CPU decode otherwise; probed once) and through PIL + torchvision DataLoader workers when it does not (the
+user is told once why).
 """
 
 from __future__ import annotations
