@@ -314,6 +314,7 @@ def check_device(device, dtypes: Iterable = (torch.float32,), checks: Optional[S
 
 _lock = threading.Lock()
 _results: dict = {}  # (device str, dtype) -> bool
+_failed_types: set = set()  # device types with a failed check (what a compiled graph consults)
 
 
 def _device_key(device) -> str:
@@ -323,14 +324,20 @@ def _device_key(device) -> str:
     return str(device)
 
 
-@torch.compiler.disable
 def device_ok(device, dtypes: Iterable = (torch.float32,)) -> bool:
     """True when the fused ops matched the reference on ``device`` for every dtype in ``dtypes`` (checked
     once per process and (device, dtype); a mismatch warns once, with the numbers). Devices whose type is
-    not in :data:`AUTO_CHECK_DEVICE_TYPES` are not checked (True)."""
+    not in :data:`AUTO_CHECK_DEVICE_TYPES` are not checked (True). Under ``torch.compile`` nothing is run:
+    the answer is whether a check on this device type has failed so far (the eager first call checks)."""
     device = torch.device(device)
     if device.type not in AUTO_CHECK_DEVICE_TYPES:
         return True
+    if torch.compiler.is_compiling():
+        return device.type not in _failed_types
+    return _checked(device, dtypes)
+
+
+def _checked(device: torch.device, dtypes) -> bool:
     key = _device_key(device)
     wanted = [d for d in dict.fromkeys(dtypes) if d in ALL_DTYPES] or [torch.float32]
     with _lock:
@@ -341,11 +348,12 @@ def device_ok(device, dtypes: Iterable = (torch.float32,)) -> bool:
             for d in missing:
                 _results[key, d] = _dtype_name(d) not in bad
             if not report.ok:
+                _failed_types.add(device.type)
                 warnings.warn(
                     f"mtkd_fast: the fused kernels disagree with the reference on {key}; backend='auto' uses the "
                     f"reference implementation on this device (run `mtkd-fast selftest --device {key}` for the "
                     f"full check, and please report it):\n{report.format(only_failures=True)}",
-                    SelfTestWarning, stacklevel=3)
+                    SelfTestWarning, stacklevel=4)
         return all(_results[key, d] for d in wanted)
 
 
@@ -353,3 +361,4 @@ def reset() -> None:
     """Forget the cached results (the next :func:`device_ok` checks again)."""
     with _lock:
         _results.clear()
+        _failed_types.clear()

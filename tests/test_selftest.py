@@ -167,3 +167,16 @@ def test_cuda_kernels_pass_the_selftest():
     report = selftest.check_device("cuda", selftest.ALL_DTYPES)
     assert report.ok, report.format(only_failures=True)
     assert selftest.device_ok("cuda", (torch.float32, torch.float16, torch.bfloat16))
+
+
+def test_a_compiled_loss_uses_the_eager_check(monkeypatch, auto_on_cpu):
+    """torch.compile(fullgraph=True) traces resolve_backend: the check ran eagerly first, and a failed device
+    keeps the reference inside the compiled graph too."""
+    _wrong_loss(monkeypatch)
+    loss_fn = MTKDLoss(backend="auto")
+    zs, zt, y, w = _inputs()
+    with pytest.warns(selftest.SelfTestWarning):
+        eager = loss_fn(zs, zt, y, w).loss
+    compiled = torch.compile(lambda z: loss_fn(z, zt, y, w).loss, fullgraph=True)
+    torch.testing.assert_close(compiled(zs), eager)
+    torch.testing.assert_close(eager, reference.mtkd_logit_kd(zs, zt, y, w, 4.0, 1.0).loss)
