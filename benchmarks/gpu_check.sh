@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# The GPU checks of mtkd_fast in one call, for a session that is lent a GPU (the `device` tool's `run`):
+# The GPU checks of mtkd_fast in one command, on a machine with an NVIDIA GPU (from the repository root):
 #
-#     run(command="bash benchmarks/gpu_check.sh", timeout_s=600)
+#     bash benchmarks/gpu_check.sh                 # every stage
+#     STAGES="build tests dali" bash benchmarks/gpu_check.sh
 #
 # Stages (each under its own time limit; a failing stage is logged and the next one still runs):
-#   build     the extension for sm_90 (TORCH_CUDA_ARCH_LIST=9.0, the H100/H200), then build_info
-#   tests     the CUDA tests (every test file that uses the GPU; -rs lists what was skipped)
+#   build     the extension for sm_90 (TORCH_CUDA_ARCH_LIST=9.0, the H100/H200; set it for your GPU), then build_info
+#   selftest  `mtkd-fast selftest --device cuda`: every fused op against the float64 reference, all dtypes, both layouts
+#   tests     the CUDA tests (every test file that uses the GPU, the data tests aside; -rs lists what was skipped)
+#   dali      the DALI GPU data-path tests (nvJPEG "mixed" decode): colour 4:2:0 JPEGs against the torchvision path
+#             (training crops, rank 0 of 1 and rank 1 of 2), the validation pipeline, EXIF-tagged JPEGs,
+#             channels_last, pipeline reuse; they skip (and the summary says so) where NVIDIA DALI is not installed
 #   memcheck  compute-sanitizer --tool memcheck over the fused ops' CUDA tests
 #   ops       the op benchmarks on the GPU (benchmarks/bench_ops.py, MTKD_BENCH_DEVICE=cuda: fused vs the authors'
 #             way vs the eager and compiled reference; bytes, bandwidth and time over the memory floor per op)
 #   epoch     `mtkd-fast bench epoch` on the GPU: the CIFAR-like setting (ShuffleV2, B=64) and the ImageNet-like
 #             setting (ResNet-18 student, ResNet-34/50/101 teachers, B=128), sized to a couple of minutes each
-# STAGES="build tests" (say; names: build tests memcheck ops epoch-cifar epoch-imagenet) runs a subset; on a machine still warm from an earlier call the build is incremental.
+# STAGES names a subset (names: build selftest tests dali memcheck ops epoch-cifar epoch-imagenet); after an earlier
+# run the build is incremental.
 #
-# Everything lands in $OUT (at most 8 files come back): gpu_check.log (all output), gpu_check.md (the summary:
+# Everything lands in $OUT (default ./gpu_check_out): gpu_check.log (all output), gpu_check.md (the summary:
 # device, stage results, both epoch tables -- paste into benchmarks/RESULTS.md), epoch_cifar.csv/.png,
 # epoch_imagenet.csv/.png, bench_ops.json, and everything else in gpu_check_files.tar.gz.
 set -u -o pipefail
@@ -23,9 +29,9 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/gpu_check.md
-STAGES=${STAGES:-"build tests memcheck ops epoch-cifar epoch-imagenet"}
+STAGES=${STAGES:-"build selftest tests dali memcheck ops epoch-cifar epoch-imagenet"}
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-# the device machine has torch in its system python3 and no .venv; here the checkout's .venv is used when present
+# the checkout's .venv when present, else the python3 on PATH (PY=... overrides)
 if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
@@ -37,6 +43,7 @@ SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
   echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi failed')"
   echo "- python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "GPU visible:", torch.cuda.is_available())' 2>&1)"
+  echo "- NVIDIA DALI: $($PY -c 'import nvidia.dali as d; print(d.__version__)' 2>/dev/null || echo 'not installed: the dali stage skips its tests')"
   echo "- TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, stages: $STAGES"
   echo
   echo "| stage | result | seconds |"
@@ -61,10 +68,12 @@ stage() {
   return 0
 }
 
-CUDA_TESTS=$(grep -l "cuda.is_available" tests/test_*.py | tr '\n' ' ')
+CUDA_TESTS=$(grep -l "cuda.is_available" tests/test_*.py | grep -v "tests/test_data_" | tr '\n' ' ')
 
 stage build 200 bash -c "$PY setup.py -q build_ext --inplace && $PY -c 'import json, mtkd_fast; i = mtkd_fast.build_info(); print(json.dumps(i, indent=1)); assert i[\"extension_loaded\"] and i[\"cuda_compiled\"], i'"
+stage selftest 60 $PY -m mtkd_fast.cli selftest --device cuda
 stage tests 100 $PY -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS -k "cuda or gpu or CUDA"
+stage dali 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py tests/test_data_folder.py -k "gpu"
 stage memcheck 110 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
   $PY -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py
 stage ops 150 env MTKD_BENCH_DEVICE=cuda $PY -m pytest -q -s -p no:cacheprovider benchmarks/bench_ops.py \

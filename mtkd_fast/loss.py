@@ -41,7 +41,8 @@ class MTKDLoss(nn.Module):
         alpha: weight of logit distillation (default 1).
         beta: weight of feature distillation (default 5).
         backend: ``"fused"`` (compiled kernels; error if unavailable), ``"reference"`` (pure PyTorch) or
-            ``"auto"`` (fused when the extension has kernels for the inputs' device, else reference).
+            ``"auto"`` (fused when the extension has kernels for the inputs' device and they pass the
+            self-check of :mod:`mtkd_fast.selftest` there, else reference).
         check_finite: raise ``ValueError`` naming the input that holds NaN/Inf (synchronises the device).
     """
 
@@ -59,8 +60,12 @@ class MTKDLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, backend={self.backend!r}"
 
-    def resolve_backend(self, device: torch.device) -> str:
-        """The backend that will run for inputs on ``device``."""
+    def resolve_backend(self, device: torch.device, dtypes=()) -> str:
+        """The backend that will run for inputs on ``device`` (of ``dtypes``, float32 if none are given).
+
+        On a CUDA device the fused kernels first check themselves against the reference (once per process,
+        device and dtype; :func:`mtkd_fast.selftest.device_ok`); on a mismatch ``"auto"`` gives the reference.
+        """
         fused_ok = _fused_available(device)
         if self.backend == "fused" and not fused_ok:
             raise RuntimeError(
@@ -68,6 +73,10 @@ class MTKDLoss(nn.Module):
                 "(see mtkd_fast.build_info()); use backend='auto' or 'reference'"
             )
         if self.backend == "reference" or not fused_ok:
+            return "reference"
+        from . import selftest
+
+        if not selftest.device_ok(device, tuple(dtypes) or (torch.float32,)) and self.backend == "auto":
             return "reference"
         return "fused"
 
@@ -118,7 +127,8 @@ class MTKDLoss(nn.Module):
                     check_finite(f"teacher_maps[{m}]", teacher_maps[m])
                 check_finite("feature_weights", feature_weights)
 
-        fused = self.resolve_backend(student_logits.device) == "fused"
+        dtypes = (student_logits.dtype, student_maps[0].dtype) if has_maps else (student_logits.dtype,)
+        fused = self.resolve_backend(student_logits.device, dtypes) == "fused"
         impl = _fused_impl() if fused else reference
         logit = impl.mtkd_logit_kd(student_logits, teachers, targets, logit_weights, self.temperature, self.alpha)
         loss = logit.loss

@@ -216,7 +216,7 @@ def test_without_dali_the_user_is_told_once(jpeg_root, monkeypatch, capsys):
     import mtkd_fast.data as data
 
     monkeypatch.setattr(dali_module, "DALI_AVAILABLE", False)
-    monkeypatch.setattr(data, "_told_no_dali", False)
+    monkeypatch.setattr(data, "_told_no_dali", set())
     ds = build_dataset("imagefolder", root=jpeg_root, image_size=24, resize_size=28)
     assert isinstance(build_loader(ds, 8), FolderLoader)
     assert isinstance(build_loader(ds, 8), FolderLoader)

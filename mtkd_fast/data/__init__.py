@@ -8,8 +8,9 @@ replayable augmentation (view ``v`` of sample ``i`` is a pure function of ``(see
         ...
 
 Loaders: in-memory datasets are augmented a batch at a time (on the training device when it is a GPU);
-image folders go through NVIDIA DALI when it is installed (GPU decode with a GPU, CPU decode otherwise)
-and through PIL + torchvision DataLoader workers when it is not (the user is told once).
+image folders go through NVIDIA DALI when it is installed and decodes on the device (GPU decode with a GPU,
+CPU decode otherwise; probed once) and through PIL + torchvision DataLoader workers when it does not (the
+user is told once why).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ __all__ = ["build_dataset", "build_loader", "view_params", "pixel_box", "PadCrop
            "epoch_indices", "DATASETS", "dali_available"]
 
 DATASETS = ("bundled", "cifar100", "imagefolder")
-_told_no_dali = False
+BACKENDS = ("auto", "dali", "torchvision")
+_told_no_dali: set = set()  # the reasons already reported (once per process each)
 
 
 def _check_split(split: str) -> str:
@@ -99,10 +101,50 @@ def build_dataset(name: str, split: str = "train", root=None, augment: bool = Tr
     raise ValueError(f"name: expected one of {DATASETS}, got {name!r}")
 
 
-def dali_available() -> bool:
+def dali_available(device=None) -> bool:
+    """True when NVIDIA DALI is installed and, with ``device``, decodes a test JPEG there (probed once)."""
     from . import dali
 
-    return dali.DALI_AVAILABLE
+    if device is None:
+        return dali.DALI_AVAILABLE
+    return dali.probe(device) is None
+
+
+def _tell_once(reason: str, message: str) -> None:
+    if reason not in _told_no_dali:
+        _told_no_dali.add(reason)
+        print(message, file=sys.stderr)
+
+
+def _use_dali(ds, backend: str, device) -> bool:
+    """Whether an image folder goes through DALI: ``"dali"`` demands it (a clear error when it cannot run),
+    ``"auto"`` takes it when it is installed, runs on ``device`` and ``on_bad_image="error"``, and otherwise
+    says once why the torchvision path is used."""
+    from . import dali
+
+    if backend == "torchvision":
+        return False
+    if backend == "dali":
+        dali.require_dali()
+        err = dali.probe(device)
+        if err is not None:
+            raise ValueError(f"backend: 'dali' cannot run on {device}: {type(err).__name__}: {err} "
+                             f"(use backend 'torchvision', or reinstall DALI: {dali.install_hint()})") from err
+        return True
+    if ds.on_bad_image != "error":
+        return False  # DALI cannot skip bad images
+    if not dali.DALI_AVAILABLE:
+        _tell_once("not installed", f"mtkd_fast.data: NVIDIA DALI is not installed ({dali.DALI_IMPORT_ERROR}); image "
+                   f"folders are decoded with PIL + torchvision instead ({dali.install_hint()} for DALI)")
+        return False
+    err = dali.probe(device)
+    if err is not None:
+        first = (str(err).strip().splitlines() or [""])[0]
+        _tell_once(f"probe {device}", f"mtkd_fast.data: NVIDIA DALI is installed but cannot decode on {device} "
+                   f"({type(err).__name__}: {first}); image folders are decoded with PIL + torchvision instead "
+                   f"(for DALI: {dali.install_hint()}; data_backend='torchvision' silences this)")
+        return False
+    return True
 
 
 def build_loader(ds, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0, num_workers: int = 0,
@@ -112,16 +154,16 @@ def build_loader(ds, batch_size: int, shuffle: bool = True, seed: int = 0, epoch
 
     The order is ``DistributedSampler``'s for (seed, epoch, rank, world_size) (so runs are reproducible and
     ranks see disjoint shards, padded by wrapping to equal length); ``len(loader)`` is the number of
-    batches. ``backend`` (image folders only): ``"auto"`` (DALI when installed and
-    ``on_bad_image="error"``, else torchvision), ``"dali"`` or ``"torchvision"``; DALI uses
-    ``max(1, num_workers)`` threads. ``channels_last=True``: images in ``torch.channels_last`` memory format
-    (DALI writes them so directly).
+    batches. ``backend`` (image folders only): ``"auto"`` (DALI when it is installed, decodes on
+    ``device`` (probed once) and ``on_bad_image="error"``, else torchvision, saying why once),
+    ``"dali"`` or ``"torchvision"``; DALI uses ``num_workers`` threads, or
+    :func:`mtkd_fast.data.dali.default_threads` with ``num_workers=0``. ``channels_last=True``: images in
+    ``torch.channels_last`` memory format (DALI writes them so directly).
     """
-    global _told_no_dali
     from .arrays import ArrayDataset
     from .folder import ImageFolderDataset
 
-    if backend not in ("auto", "dali", "torchvision"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend: expected 'auto', 'dali' or 'torchvision', got {backend!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
@@ -131,21 +173,11 @@ def build_loader(ds, batch_size: int, shuffle: bool = True, seed: int = 0, epoch
         return _in_format(ArrayLoader(ds, batches, num_workers=num_workers, device=device), channels_last)
     if not isinstance(ds, ImageFolderDataset):
         raise TypeError(f"ds: expected a dataset from build_dataset, got {type(ds).__name__}")
-    from . import dali
+    if _use_dali(ds, backend, device):
+        from . import dali
 
-    use_dali = backend == "dali" or (backend == "auto" and dali.DALI_AVAILABLE and ds.on_bad_image == "error")
-    if backend == "auto" and not dali.DALI_AVAILABLE and not _told_no_dali:
-        _told_no_dali = True
-        print(f"mtkd_fast.data: NVIDIA DALI is not installed ({dali.DALI_IMPORT_ERROR}); image folders are "
-              "decoded with PIL + torchvision instead (pip install nvidia-dali-cuda130 for DALI)", file=sys.stderr)
-    if use_dali:
-        all_ranks = [epoch_indices(len(ds), shuffle=shuffle, seed=seed, epoch=epoch, rank=r, world_size=world_size)
-                     for r in range(world_size)]
-        import numpy as np
-
-        return _in_format(dali.DaliLoader(ds, indices, all_ranks_indices=np.concatenate(all_ranks),
-                                          batch_size=batch_size, drop_last=drop_last, rank=rank,
-                                          world_size=world_size, num_threads=num_workers, device=device,
+        return _in_format(dali.DaliLoader(ds, batches, batch_size=batch_size, device=device,
+                                          num_threads=dali.default_threads(num_workers),
                                           channels_last=channels_last), channels_last)
     return _in_format(FolderLoader(ds, batches, num_workers=num_workers, device=device), channels_last)
 

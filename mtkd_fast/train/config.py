@@ -35,6 +35,7 @@ class TrainConfig:
     val_split: str = "test"
     limit_per_class: Optional[int] = None  # keep the first N samples per class (bundled, cifar100): quick runs
     num_workers: int = 0
+    data_backend: str = "auto"  # image folders: auto (DALI when it runs on the device) | dali | torchvision
     # method
     strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | mtkd_rl
     temperature: float = 4.0
@@ -92,6 +93,7 @@ class TrainConfig:
         one_of("agent_update", AGENT_UPDATES)
         one_of("agent_buffer_dtype", BUFFER_DTYPES)
         one_of("loss_backend", ("auto", "fused", "reference"))
+        one_of("data_backend", ("auto", "dali", "torchvision"))
         for name in ("epochs", "batch_size", "agent_step", "log_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")

@@ -169,10 +169,12 @@ def train(config: TrainConfig) -> dict:
         train_set.set_view(trainer.view_for_epoch(epoch))
         return data.build_loader(train_set, local_batch, shuffle=True, seed=config.seed, epoch=epoch,
                                  num_workers=config.num_workers, drop_last=dist_info.enabled,
-                                 rank=dist_info.rank, world_size=dist_info.world_size, device=str(device))
+                                 rank=dist_info.rank, world_size=dist_info.world_size, device=str(device),
+                                 backend=config.data_backend)
 
     val_loader = data.build_loader(val_set, local_batch, shuffle=False, seed=config.seed, num_workers=config.num_workers,
-                                   rank=dist_info.rank, world_size=dist_info.world_size, device=str(device))
+                                   rank=dist_info.rank, world_size=dist_info.world_size, device=str(device),
+                                   backend=config.data_backend)
     try:
         result = trainer.fit(make_train_loader, val_loader, config.out_dir)
     except BaseException:
