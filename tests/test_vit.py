@@ -44,11 +44,14 @@ def test_registered_transformers_are_torchvisions_definitions(name):
     shapes without the cost."""
     with torch.device("meta"):
         ours = create_model(name, 1000)
-        theirs = getattr(torchvision.models, name[len("imagenet_"):])(weights=None)
+        if name == "imagenet_vit_ti_16":  # DeiT-Ti's sizes; torchvision has the class, not the builder
+            theirs = VisionTransformer(224, 16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768)
+        else:
+            theirs = getattr(torchvision.models, name[len("imagenet_"):])(weights=None)
         feats, logits = ours.eval()(torch.empty(2, 3, 224, 224), is_feat=True)
     a, b = ours.state_dict(), theirs.state_dict()
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
-    width = {"b": 768, "l": 1024}[name.split("_")[2]] if "vit" in name else (1024 if name.endswith("_b") else 768)
+    width = {"ti": 192, "b": 768, "l": 1024}[name.split("_")[2]] if "vit" in name else (1024 if name.endswith("_b") else 768)
     grid = 224 // int(name.rsplit("_", 1)[1]) if "vit" in name else 7
     assert logits.shape == (2, 1000)
     assert tuple(feats[-2].shape) == (2, width, grid, grid)
@@ -190,3 +193,64 @@ def test_mixed_pool_training_step(student, teachers):
     unchanged = [n for n, p in after.items() if torch.equal(p.detach(), before[n])]
     assert not unchanged, unchanged[:5]
     assert any(not torch.equal(a, b.detach()) for a, b in zip(agent_before, agent.parameters()))
+
+
+# ---------------------------------------------------------------------- cache size and the epoch benchmark
+def test_cache_size_reports_transformers(capsys):
+    from mtkd_fast.cache.storage import per_sample_bytes
+    from mtkd_fast.cli import main
+
+    names = ["imagenet_vit_b_16", "imagenet_swin_t", "imagenet_resnet50"]
+    assert main(["cache", "size", "--teachers", *names, "--num-classes", "1000", "--image-size", "224",
+                 "--samples", "10"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # ViT-B/16: 14x14 patch tokens of 768; Swin-T: a 7x7 last stage of 768; ResNet-50: 7x7 of 2048
+    expected = {"imagenet_vit_b_16": (768, (768, 14, 14)), "imagenet_swin_t": (768, (768, 7, 7)),
+                "imagenet_resnet50": (2048, (2048, 7, 7))}
+    total = 0
+    for line, name in zip(lines, names):
+        d, shape = expected[name]
+        b = per_sample_bytes(1000, d, shape, logits="float16", embeddings="float16", feature_maps="float16")
+        total += b
+        assert line == f"{name}: K=1000 D={d} map={'x'.join(map(str, shape))}: {b} bytes per (sample, view)"
+    assert lines[-1].startswith(f"total: {total} bytes per (sample, view) x 10 samples")
+
+
+def test_cache_size_measures_what_the_real_model_returns(capsys):
+    """cache size builds on the meta device: the shapes must be those of a real forward."""
+    from mtkd_fast.cli import main
+
+    assert main(["cache", "size", "--teachers", "ShuffleV2", "--num-classes", "7", "--image-size", "40",
+                 "--samples", "1", "--fields", "feature_maps"]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    with torch.no_grad():
+        feats, z = create_model("ShuffleV2", 7).eval()(torch.randn(1, 3, 40, 40), is_feat=True)
+    assert f"K=7 D={feats[-1].shape[1]} map={'x'.join(map(str, feats[-2].shape[1:]))}:" in line
+
+
+def test_cache_size_of_a_vit_at_another_image_size_is_one_line(capsys):
+    from mtkd_fast.cli import main
+
+    assert main(["cache", "size", "--teachers", "imagenet_vit_b_16", "--num-classes", "1000", "--image-size",
+                 "160", "--samples", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size: imagenet_vit_b_16: x: expected images [B, 3, 224, 224]" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_epoch_imagenet_with_a_vit_teacher(tmp_path, capsys):
+    import csv
+
+    from mtkd_fast.cli import main
+
+    out = tmp_path / "bench"
+    rc = main(["bench", "epoch", "--setting", "imagenet", "--students", "resnet8", "--teachers",
+               "imagenet_vit_ti_16", "resnet8", "--steps", "1", "--repetitions", "1", "--batch-size", "2",
+               "--memory-steps", "0", "--threads", "1", "--no-progress", "--configs", "aver", "mtkd_rl_authors",
+               "mtkd_rl_live", "mtkd_rl_cached", "--out", str(out)])
+    assert rc == 0
+    with open(out / "epoch_bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["aver", "mtkd_rl_authors", "mtkd_rl_live", "mtkd_rl_cached"]
+    for r in rows:
+        assert int(r["images"]) == 2 and float(r["median_s"]) > 0 and r["teachers"] == "imagenet_vit_ti_16 resnet8"

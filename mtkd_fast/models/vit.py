@@ -13,8 +13,8 @@ The classes subclass ``torchvision.models.VisionTransformer`` / ``SwinTransforme
 - Swin: feats = [patch embeddings, stage 1, stage 2, stage 3, stage 4 after the final LayerNorm, pooled];
   maps [B, C, H, W] (7x7 on 224x224 for the last stage), feats[-1] their global average [B, C], as the head.
 
-In both families feats[-2] has as many channels as feats[-1] has values (C == D: ViT-B 768, ViT-L 1024,
-Swin-T/S 768, Swin-B 1024), which the COS state feature of MTKD-RL needs (docs/method.md section 2).
+In both families feats[-2] has as many channels as feats[-1] has values (C == D: ViT-Ti 192, ViT-B 768,
+ViT-L 1024, Swin-T/S 768, Swin-B 1024), which the COS state feature of MTKD-RL needs (docs/method.md section 2).
 For ViT the embedding is the class token, not the average of the map; only the dimensions must agree.
 
 A ViT takes images of exactly its ``image_size`` (its position embeddings are learnt for that grid); a Swin
@@ -88,8 +88,11 @@ class ImageNetSwin(SwinTransformer):
 
 
 # name -> torchvision's definition of the same name (the builders' arguments, in torchvision's vision_transformer.py
-# and swin_transformer.py)
+# and swin_transformer.py), and one small ViT
 VIT_ARCHS = {
+    # ViT-Ti/16: DeiT-Ti's sizes (Touvron et al. 2021), a small student; torchvision has no builder of this name,
+    # the parameter names are its VisionTransformer's all the same
+    "imagenet_vit_ti_16": dict(patch_size=16, num_layers=12, num_heads=3, hidden_dim=192, mlp_dim=768),
     "imagenet_vit_b_16": dict(patch_size=16, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
     "imagenet_vit_b_32": dict(patch_size=32, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072),
     "imagenet_vit_l_16": dict(patch_size=16, num_layers=24, num_heads=16, hidden_dim=1024, mlp_dim=4096),
