@@ -46,11 +46,19 @@ def export_state_dict(checkpoint: str, arch: str) -> dict:
 
 
 def run(args):
+    import torchvision
+
     from .._io import save_atomic
+    from ..models import imagenet
 
     state = export_state_dict(args.checkpoint, args.arch)
     save_atomic(state, args.out)
     tv_name = args.arch[len("imagenet_"):]
-    print(f"wrote {args.out}: {len(state)} tensors, a state_dict of torchvision.models.{tv_name} "
-          f"(torch.load(..., weights_only=True); mtkd_fast.models.backbone({args.arch!r}, {args.out!r}))")
+    k = next(int(state[key].shape[0]) for key in _CLASSIFIER_KEYS if key in state)
+    target = (f"torchvision.models.{tv_name}(num_classes={k})" if hasattr(torchvision.models, tv_name)
+              else "torchvision's model of the same configuration")
+    print(f"wrote {args.out}: {len(state)} tensors, the state_dict of {target} (load with weights_only=True)")
+    if args.arch in imagenet.ARCHS:
+        print(f"as a backbone: mtkd_fast.models.backbone({args.arch!r}, {args.out!r}, task='detection' | "
+              f"'instance_segmentation' | 'segmentation')")
     return 0
