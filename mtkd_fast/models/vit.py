@@ -16,6 +16,9 @@ The classes subclass ``torchvision.models.VisionTransformer`` / ``SwinTransforme
 In both families feats[-2] has as many channels as feats[-1] has values (C == D: ViT-Ti 192, ViT-B 768,
 ViT-L 1024, Swin-T/S 768, Swin-B 1024), which the COS state feature of MTKD-RL needs (docs/method.md section 2).
 For ViT the embedding is the class token, not the average of the map; only the dimensions must agree.
+A transformer teacher's maps are LayerNorm outputs and take negative values, which the feature transfer's
+final ReLU (docs/method.md section 1) cannot produce, so their feature MSE has a floor above zero; the
+method's transfer is kept as it is.
 
 A ViT takes images of exactly its ``image_size`` (its position embeddings are learnt for that grid); a Swin
 takes any size (its windows are padded).
@@ -34,7 +37,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 
 def _grid(tokens: Tensor, h: int, w: int) -> Tensor:
-    """[B, h*w, D] patch tokens -> [B, D, h, w] (a channels_last view, no copy)."""
+    """[B, h*w, D] patch tokens -> [B, D, h, w] (a view, no copy)."""
     return tokens.unflatten(1, (h, w)).permute(0, 3, 1, 2)
 
 
