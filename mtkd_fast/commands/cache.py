@@ -179,9 +179,13 @@ def run_size(args):
     total = 0
     feature_dtype = args.feature_dtype or args.dtype
     for name in args.teachers:
-        model = models.create_model(name, args.num_classes).eval()
-        with torch.no_grad():
-            feats, z = model(torch.zeros(1, 3, args.image_size, args.image_size), is_feat=True)
+        # shapes only: meta tensors skip initialising and running the real network (ViT-L: 300M parameters)
+        with torch.device("meta"), torch.no_grad():
+            model = models.create_model(name, args.num_classes).eval()
+            try:
+                feats, z = model(torch.zeros(1, 3, args.image_size, args.image_size), is_feat=True)
+            except ValueError as err:  # e.g. a ViT, whose position embeddings fix the image size
+                raise ValueError(f"--image-size: {name}: {err}") from err
         K, D, shape = z.shape[1], feats[-1].shape[1], tuple(feats[-2].shape[1:])
         b = per_sample_bytes(K, D, shape, logits=args.dtype,
                              embeddings=args.dtype if "embeddings" in args.fields else None,

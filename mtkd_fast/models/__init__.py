@@ -3,6 +3,9 @@
 - ``create_model(name, num_classes, weights=None)``: a CIFAR model (32x32 inputs; parameter names of the
   RepDistiller / CA-MKD / MTKD-RL checkpoints) or an ImageNet model (``imagenet_*``: torchvision's
   ResNets, torchvision parameter names); ``weights`` is an optional local checkpoint file.
+- ``imagenet_vit_*`` / ``imagenet_swin_*``: torchvision's ViT and Swin Transformer (models/vit.py), same
+  interface (a ViT's feats[-1] is its class token).
+- ``backbone(arch, weights, task=...)``: a distilled ResNet student inside a torchvision detector or segmenter.
 - ``list_models()``: the valid names, sorted.
 - Every model: ``model(x)`` -> logits; ``model(x, is_feat=True)`` -> ``(feats, logits)`` with ``feats[-2]``
   the last feature map before global pooling [B, C, H, W] and ``feats[-1]`` its global average [B, C].
@@ -17,13 +20,17 @@ import os
 from torch import nn
 
 from . import imagenet
+from . import vit
 from .cifar import BUILDERS as _CIFAR_BUILDERS
 from .loading import load_checkpoint
 from .transfer import FeatureTransfer
+from .backbone import backbone
 
 __all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer"]
+__all__ += ["backbone"]
 
 _BUILDERS = {**_CIFAR_BUILDERS, **{name: imagenet.build for name in imagenet.ARCHS}}
+_BUILDERS.update({name: vit.build for name in vit.ARCHS})  # ViT and Swin (models/vit.py)
 
 
 def list_models() -> list[str]:

@@ -1,0 +1,64 @@
+"""``mtkd-fast export``: a trained student as a plain torchvision state_dict (e.g. a detection backbone)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+# the classifier weight of each torchvision family: its rows are the number of classes
+_CLASSIFIER_KEYS = ("fc.weight", "heads.head.weight", "head.weight")
+
+
+def register(sub):
+    p = sub.add_parser("export", help="write a student checkpoint as a plain torchvision state_dict (for "
+                                      "torchvision.models.* and mtkd_fast.models.backbone)")
+    p.add_argument("--checkpoint", required=True, help="the student's weights, e.g. RUN/student_best.pth")
+    p.add_argument("--arch", required=True, help="its architecture: a torchvision-based zoo name (imagenet_*)")
+    p.add_argument("--out", required=True, help="output file (written atomically)")
+    p.set_defaults(func=run)
+
+
+def export_state_dict(checkpoint: str, arch: str) -> dict:
+    """The weights of ``checkpoint`` checked against ``arch`` (strictly), as torchvision's state_dict of it."""
+    import torch
+
+    from .. import models
+    from ..models.loading import _extract_state_dict
+
+    if not (arch.startswith("imagenet_") and arch in models.list_models()):
+        valid = [n for n in models.list_models() if n.startswith("imagenet_")]
+        raise ValueError(f"--arch: expected a torchvision-based model ({', '.join(valid)}), got {arch!r}")
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"--checkpoint: no such file: {checkpoint}")
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"--checkpoint: {checkpoint} holds Python objects besides tensors (a full training "
+                         f"checkpoint?); pass the run's student_best.pth or student_last.pth") from err
+    state = _extract_state_dict(obj, checkpoint)
+    key = next((k for k in _CLASSIFIER_KEYS if k in state and state[k].dim() == 2), None)
+    if key is None:
+        raise ValueError(f"--checkpoint: {checkpoint} has no classifier weight ({' / '.join(_CLASSIFIER_KEYS)}); "
+                         f"is it a checkpoint of {arch}?")
+    model = models.create_model(arch, int(state[key].shape[0]))
+    models.load_checkpoint(model, checkpoint)  # strict, errors name the file and the key
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def run(args):
+    import torchvision
+
+    from .._io import save_atomic
+    from ..models import imagenet
+
+    state = export_state_dict(args.checkpoint, args.arch)
+    save_atomic(state, args.out)
+    tv_name = args.arch[len("imagenet_"):]
+    k = next(int(state[key].shape[0]) for key in _CLASSIFIER_KEYS if key in state)
+    target = (f"torchvision.models.{tv_name}(num_classes={k})" if hasattr(torchvision.models, tv_name)
+              else "torchvision's model of the same configuration")
+    print(f"wrote {args.out}: {len(state)} tensors, the state_dict of {target} (load with weights_only=True)")
+    if args.arch in imagenet.ARCHS:
+        print(f"as a backbone: mtkd_fast.models.backbone({args.arch!r}, {args.out!r}, task='detection' | "
+              f"'instance_segmentation' | 'segmentation')")
+    return 0
