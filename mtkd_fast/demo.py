@@ -47,8 +47,10 @@ TEACHER_RECIPE_FORMAT = 1
 class DemoSettings:
     """Everything that decides the demo's numbers. The same student hyper-parameters serve every method."""
 
-    # teachers: different families (residual, wide residual, plain VGG) so that they disagree usefully
-    teachers: tuple = ("resnet20", "wrn_16_1", "MobileNetV2")
+    # teachers: different families (residual, wide residual, inverted residual) so that they disagree usefully;
+    # the half-width MobileNetV2, whose embedding is the pooled feats[-2] as MTKD-RL's cosine state needs (the
+    # authors' width-1.0 ``MobileNetV2`` pools a map other than its feats[-2], and is 4x the cost)
+    teachers: tuple = ("resnet20", "wrn_16_1", "MobileNetV2_0_5")
     teacher_per_class: int = 300  # training images per class the teachers learn from (the student sees fewer)
     teacher_epochs: int = 4
     # the student: small, on a small subset (room to overfit, where distillation helps most)

@@ -155,7 +155,7 @@ class TrainConfig:
 
 # The authors' teacher pretraining (spec section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight decay
 # 5e-4, the student's schedule, plain cross-entropy.
-SMALL_LR_TEACHERS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+SMALL_LR_TEACHERS = ("MobileNetV2", "MobileNetV2_0_5", "ShuffleV1", "ShuffleV2")
 
 
 def teacher_config(model: str, **overrides) -> TrainConfig:
