@@ -16,6 +16,7 @@ WARMUP_WEIGHTS = ("ones", "uniform")
 AMP = (None, "bf16", "fp16")
 AGENT_UPDATES = ("bce", "policy_gradient")
 BUFFER_DTYPES = ("float32", "bfloat16", "float16")
+TRANSFER_RESIZE = ("independent", "chained")
 
 
 @dataclass
@@ -48,6 +49,9 @@ class TrainConfig:
     agent_update: str = "bce"  # "bce" (parity) or "policy_gradient"
     agent_buffer_dtype: str = "float32"  # the replay buffer's state storage; bfloat16/float16 halve it
     loss_backend: str = "auto"  # MTKDLoss backend: auto | fused | reference
+    # feature transfer resize: "independent" (each teacher resizes the student's own map) or "chained" (the
+    # authors' code: each teacher resizes the previous teacher's resized map; spec section 8, item 7)
+    transfer_resize: str = "independent"
     # optimisation
     epochs: int = 240
     batch_size: int = 64
@@ -92,6 +96,7 @@ class TrainConfig:
         one_of("agent_update", AGENT_UPDATES)
         one_of("agent_buffer_dtype", BUFFER_DTYPES)
         one_of("loss_backend", ("auto", "fused", "reference"))
+        one_of("transfer_resize", TRANSFER_RESIZE)
         for name in ("epochs", "batch_size", "agent_step", "log_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")

@@ -153,7 +153,8 @@ def train(config: TrainConfig) -> dict:
             feats, _ = student(images, is_feat=True)
         student_shape = tuple(feats[-2].shape[1:])
         teacher_shapes = [tuple(f.shape[1:]) for f in probe.feature_maps]
-        feature_transfer = models.FeatureTransfer(student_shape=student_shape, teacher_shapes=teacher_shapes)
+        feature_transfer = models.FeatureTransfer(student_shape=student_shape, teacher_shapes=teacher_shapes,
+                                                  chained_resize=config.transfer_resize == "chained")
         if config.strategy == "mtkd_rl":
             sizes = [int(e.shape[1]) + num_classes + 3 for e in probe.embeddings]
             agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
