@@ -216,7 +216,8 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
         if method == "mtkd_rl":
             sizes = [int(t["embedding_dim"]) + num_classes + 3 for t in layout]
             agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
-    trainer = Trainer(config, student, source, feature_transfer, agent, device=device)
+    heads = [models.classifier_head(t) for t in teacher_models] if method == "camkd" else None
+    trainer = Trainer(config, student, source, feature_transfer, agent, device=device, teacher_heads=heads)
 
     def make_train_loader(epoch: int):
         train_set.set_view(trainer.view_for_epoch(epoch))
@@ -311,7 +312,9 @@ def _format_table(teacher_rows: list[dict], method_rows: list[dict], n_seeds: in
               f"  {'method':<16} {'top-1 %':>16} {'vs none':>8} {'epoch s':>8}"]
     for r in method_rows:
         top1 = f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}"
-        lines.append(f"  {r['label']:<16} {top1:>16} {r['gain_vs_none']:+8.2f} {r['epoch_time_s']:8.2f}")
+        gain = r["gain_vs_none"]
+        gain_text = f"{gain:+8.2f}" if math.isfinite(gain) else f"{'-':>8}"  # no "none" run to compare with
+        lines.append(f"  {r['label']:<16} {top1:>16} {gain_text} {r['epoch_time_s']:8.2f}")
     return "\n".join(lines)
 
 

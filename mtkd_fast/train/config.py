@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-STRATEGIES = ("none", "aver", "ebkd", "camkd", "mtkd_rl")
+STRATEGIES = ("none", "aver", "ebkd", "camkd", "aekd", "mtkd_rl")
 SCHEDULES = ("multistep", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 FEATURE_KD = ("mse", "kl")
@@ -37,7 +37,8 @@ class TrainConfig:
     limit_per_class: Optional[int] = None  # keep the first N samples per class (bundled, cifar100): quick runs
     num_workers: int = 0
     # method
-    strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | mtkd_rl
+    strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | aekd | mtkd_rl
+    aekd_nu: Optional[float] = None  # aekd's nu-SVM parameter; None: 1 / (0.6 M), the CA-MKD code's default
     temperature: float = 4.0
     alpha: float = 1.0
     beta: float = 5.0
@@ -105,6 +106,8 @@ class TrainConfig:
         for name in ("lr", "agent_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+        if self.aekd_nu is not None and not 0 < self.aekd_nu <= 1:
+            raise ValueError(f"aekd_nu: expected a number in (0, 1] or None, got {self.aekd_nu}")
         if self.weight_decay < 0 or self.alpha < 0 or self.beta < 0:
             raise ValueError("weight_decay, alpha, beta: expected non-negative numbers, got "
                              f"{self.weight_decay}, {self.alpha}, {self.beta}")

@@ -113,14 +113,17 @@ class Trainer:
         agent: the :class:`MTKDAgent` (strategy "mtkd_rl" only).
         device: where the student trains.
         dist_info: rank/world size when running under torchrun (see ``distributed``).
+        teacher_heads: each teacher's final linear layer (``models.classifier_head``; strategy "camkd" only).
     """
 
     def __init__(self, config: TrainConfig, student: nn.Module, teachers=None, feature_transfer: Optional[nn.Module] = None,
-                 agent: Optional[MTKDAgent] = None, device="cpu", dist_info: Optional[D.DistInfo] = None):
+                 agent: Optional[MTKDAgent] = None, device="cpu", dist_info: Optional[D.DistInfo] = None,
+                 teacher_heads: Optional[Sequence[nn.Module]] = None):
         self.config = config
         self.device = torch.device(device)
         self.dist = dist_info or D.DistInfo()
-        self.strategy = make_strategy(config.strategy, agent, config.warmup_weights)
+        self.strategy = make_strategy(config.strategy, agent, config.warmup_weights, teacher_heads, config.temperature,
+                                      config.aekd_nu)
         if self.strategy.needs_teachers:
             if teachers is None:
                 raise ValueError(f"teachers: strategy {config.strategy!r} needs a teacher source")
@@ -202,7 +205,8 @@ class Trainer:
                     cos = (reference.pooled_cosine([m.detach() for m in maps], t_out.embeddings) if maps is not None
                            else torch.zeros_like(kl))
                     state = make_state(cos, kl, tce, t_out.embeddings, tl)
-            wl, wf, actions = self.strategy.weights(self.epoch, tl, tce, state)
+            wl, wf, actions = self.strategy.weights(self.epoch, tl, tce, state, student_logits=logits.detach(),
+                                                    student_maps=maps, labels=labels)
             if maps is not None and cfg.feature_kd == "mse":
                 out = self.loss_fn(logits, tl, labels, wl, maps, t_out.feature_maps, wf)
                 loss, per_sample = out.loss, out.per_sample_loss
