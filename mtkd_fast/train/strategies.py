@@ -90,6 +90,18 @@ def camkd_feature_weights(student_maps: Sequence[Tensor], teacher_heads: Sequenc
         return _confidence(torch.stack(cols, dim=1))
 
 
+_FACE_PATTERNS: dict = {}
+
+
+def _face_patterns(M: int, device: torch.device) -> Tensor:
+    """The 3^M faces as a [3^M, M] tensor, made once per (M, device): a fresh host-to-device copy every step
+    would wait for the device."""
+    key = (M, str(device))
+    if key not in _FACE_PATTERNS:
+        _FACE_PATTERNS[key] = torch.tensor(list(itertools.product((0, 1, 2), repeat=M)), device=device)
+    return _FACE_PATTERNS[key]
+
+
 def min_norm_simplex(gram: Tensor, cap: float = 1.0) -> Tensor:
     """argmin_a a^T G a over {a >= 0, a_m <= cap, sum a = 1}: the min-norm point of the convex hull of M vectors
     with Gram matrix ``gram`` [M, M] (``cap`` >= 1/M bounds each weight, the nu-SVM box 1/(nu M)).
@@ -109,7 +121,7 @@ def min_norm_simplex(gram: Tensor, cap: float = 1.0) -> Tensor:
     dev = gram.device
     g = gram.to(torch.float64)
     g = g / g.diagonal().max().clamp_min(torch.finfo(torch.float64).tiny)  # scale-free: same minimiser
-    pats = torch.tensor(list(itertools.product((0, 1, 2), repeat=M)), device=dev)  # 0: at 0, 1: free, 2: at cap
+    pats = _face_patterns(M, dev)  # 0: at 0, 1: free, 2: at cap
     free, at_cap = pats == 1, pats == 2
     P = pats.shape[0]
     eye = torch.eye(M, dtype=torch.float64, device=dev)
