@@ -120,3 +120,15 @@ def test_a_run_writes_the_diagnostics(strategy, tmp_path):
         assert later["diag_policy_wl"] > 0 and later["diag_prior_wl"] > 0 and later["diag_shift_wl"] > 0
     else:
         assert math.isnan(later["diag_policy_wl"])
+
+
+def test_demo_table_prints_a_dash_without_a_none_run():
+    """The demo's "vs none" column (mtkd_fast.demo): a dash, not "+nan", when "none" was not run."""
+    from mtkd_fast.demo import _format_table
+
+    rows = [{"label": "AVER", "top1_mean": 70.0, "top1_std": 0.5, "gain_vs_none": float("nan"), "epoch_time_s": 1.0},
+            {"label": "MTKD-RL", "top1_mean": 71.0, "top1_std": 0.4, "gain_vs_none": 2.5, "epoch_time_s": 1.2}]
+    text = _format_table([], rows, 3)
+    assert "nan" not in text
+    aver, rl = [line for line in text.splitlines() if "AVER" in line or "MTKD-RL" in line]
+    assert aver.split()[-2] == "-" and rl.split()[-2] == "+2.50"
