@@ -136,7 +136,8 @@ def min_norm_simplex(gram: Tensor, cap: float = 1.0) -> Tensor:
     tol = 1e-9
     feasible = (a >= -tol).all(1) & (a <= cap + tol).all(1) & ((a.sum(1) - 1.0).abs() <= 1e-7)
     norm = torch.einsum("pi,ij,pj->p", a, g, a)
-    best = a[torch.where(feasible, norm, torch.full_like(norm, float("inf"))).argmin()]
+    pick = torch.where(feasible, norm, torch.full_like(norm, float("inf"))).argmin().reshape(1)
+    best = a.index_select(0, pick)[0]  # index_select, not a[pick]: a 0-dim index would be read back to the host
     best = best.clamp(0.0, cap)
     return best / best.sum()
 
