@@ -6,7 +6,7 @@ for every strategy; only the weighting follows each method's source); ``"none"``
 
 The baselines follow the code the MTKD-RL authors' comparisons ran, the CA-MKD repository (Rorozhl/CA-MKD,
 ``helper/loops.py`` and ``distiller_zoo/CAMKD.py``); where this differs from that code, the docstring says so.
-That code divides each weighted sum over teachers by B*M, so its per-sample weights sum to 1/M or less:
+That code divides the EB-KD and CA-MKD weighted sums over teachers by B*M, so those weights carry a factor 1/M:
 - ``aver``: 1/M per teacher for logits and features.
 - ``ebkd`` (Kwon et al., ICASSP 2020; the code's ``EBKD`` branch): logits only, w_m = (1 - H_m / sum_j H_j) / M.
 - ``camkd`` (Zhang et al., ICASSP 2022; the ``CAMKD`` branch and ``CAMKD.py``): logit weights (1 - softmax_m(CE of
