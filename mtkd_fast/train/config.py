@@ -37,8 +37,9 @@ class TrainConfig:
     limit_per_class: Optional[int] = None  # keep the first N samples per class (bundled, cifar100): quick runs
     num_workers: int = 0
     # method
-    strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | aekd | mtkd_rl
-    aekd_nu: Optional[float] = None  # aekd's nu-SVM parameter; None: 1 / (0.6 M), the CA-MKD code's default
+    strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | mtkd_rl
+    # (also "aekd"); aekd's nu-SVM parameter: None gives 1 / (0.6 M), the CA-MKD code's default
+    aekd_nu: Optional[float] = None
     temperature: float = 4.0
     alpha: float = 1.0
     beta: float = 5.0
@@ -93,11 +94,11 @@ class TrainConfig:
         one_of("optimizer", OPTIMIZERS)
         one_of("feature_kd", FEATURE_KD)
         one_of("warmup_weights", WARMUP_WEIGHTS)
+        one_of("transfer_resize", TRANSFER_RESIZE)
         one_of("amp", AMP)
         one_of("agent_update", AGENT_UPDATES)
         one_of("agent_buffer_dtype", BUFFER_DTYPES)
         one_of("loss_backend", ("auto", "fused", "reference"))
-        one_of("transfer_resize", TRANSFER_RESIZE)
         for name in ("epochs", "batch_size", "agent_step", "log_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
