@@ -38,7 +38,7 @@ class TrainConfig:
     num_workers: int = 0
     # method
     strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | mtkd_rl
-    # (also "aekd"); aekd's nu-SVM parameter: None gives 1 / (0.6 M), the CA-MKD code's default
+    # strategy "aekd" is valid too; its nu-SVM parameter: None gives 1 / (0.6 M), the CA-MKD code's default
     aekd_nu: Optional[float] = None
     temperature: float = 4.0
     alpha: float = 1.0
