@@ -154,12 +154,15 @@ def _spec_run(student, teachers, transfer, agent, chained, cfg):
     return trace
 
 
-@pytest.mark.parametrize("transfer_resize", ["independent", "chained"])
-@pytest.mark.parametrize("order", ["low_high", "high_low"])
-def test_training_loop_matches_the_spec_step_by_step(order, transfer_resize, tmp_path):
+@pytest.mark.parametrize("order,transfer_resize,loss_backend", [
+    ("low_high", "independent", "reference"), ("high_low", "independent", "reference"),
+    ("low_high", "chained", "reference"), ("high_low", "chained", "reference"),
+    ("low_high", "chained", "auto"), ("high_low", "independent", "auto"),  # auto: the fused kernels where built
+])
+def test_training_loop_matches_the_spec_step_by_step(order, transfer_resize, loss_backend, tmp_path):
     student, teachers, transfer, agent = _setup(order, transfer_resize)
     s2, t2, ft2, a2 = (copy.deepcopy(m) for m in (student, teachers, transfer, agent))
-    cfg = TrainConfig(student="tiny", teachers=["lo", "hi"], strategy="mtkd_rl", loss_backend="reference",
+    cfg = TrainConfig(student="tiny", teachers=["lo", "hi"], strategy="mtkd_rl", loss_backend=loss_backend,
                       epochs=EPOCHS, agent_step=AGENT_STEP, lr=0.05, weight_decay=1e-4, temperature=T, alpha=ALPHA,
                       beta=BETA, progress=False, transfer_resize=transfer_resize, out_dir=str(tmp_path))
     trainer = Trainer(cfg, student, ExactTeachers(teachers), transfer, agent)
