@@ -47,8 +47,11 @@ TEACHER_RECIPE_FORMAT = 1
 class DemoSettings:
     """Everything that decides the demo's numbers. The same student hyper-parameters serve every method."""
 
-    # teachers: different families (residual, wide residual, plain VGG) so that they disagree usefully
-    teachers: tuple = ("resnet20", "wrn_16_1", "MobileNetV2")
+    # teachers: different families (residual, wide residual, inverted residual) so that they disagree usefully;
+    # the half-width MobileNetV2, whose embedding is the pooled feats[-2] as MTKD-RL's cosine state needs (the
+    # authors' width-1.0 ``MobileNetV2`` pools a map other than its feats[-2], and its forward pass takes about 3.7x
+    # as long on a CPU)
+    teachers: tuple = ("resnet20", "wrn_16_1", "MobileNetV2_0_5")
     teacher_per_class: int = 300  # training images per class the teachers learn from (the student sees fewer)
     teacher_epochs: int = 4
     # the student: small, on a small subset (room to overfit, where distillation helps most)
@@ -214,7 +217,8 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
         if method == "mtkd_rl":
             sizes = [int(t["embedding_dim"]) + num_classes + 3 for t in layout]
             agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
-    trainer = Trainer(config, student, source, feature_transfer, agent, device=device)
+    heads = [models.classifier_head(t) for t in teacher_models] if method == "camkd" else None
+    trainer = Trainer(config, student, source, feature_transfer, agent, device=device, teacher_heads=heads)
 
     def make_train_loader(epoch: int):
         train_set.set_view(trainer.view_for_epoch(epoch))
@@ -290,6 +294,24 @@ def _plot_weights(curves: list[dict], teachers: tuple, path: str) -> None:
     _save_figure(fig, path)
 
 
+def _plot_agent_diagnostics(curves: list[dict], teachers: tuple, path: str) -> None:
+    """MTKD-RL's weight diagnostics per epoch (``mtkd_fast.train.diagnostics``), averaged over the seeds."""
+    from .train.diagnostics import plot_diagnostics
+
+    rows = [r for r in curves if r["method"] == "mtkd_rl"]
+    keys = sorted({k for r in rows for k in r if k.startswith("diag_")})
+    mean_rows = []
+    for e in sorted({r["epoch"] for r in rows}):
+        at = [r for r in rows if r["epoch"] == e]
+        row = {"epoch": e}
+        for k in keys:
+            values = [r[k] for r in at if isinstance(r.get(k), float) and math.isfinite(r[k])]
+            row[k] = statistics.fmean(values) if values else float("nan")
+        mean_rows.append(row)
+    plot_diagnostics(mean_rows, len(teachers), path, list(teachers),
+                     title="MTKD-RL's teacher weights, mean over seeds (epoch 1 = warm-up: weight 1 per teacher)")
+
+
 def _save_figure(fig, path: str) -> None:
     import matplotlib.pyplot as plt
 
@@ -309,7 +331,9 @@ def _format_table(teacher_rows: list[dict], method_rows: list[dict], n_seeds: in
               f"  {'method':<16} {'top-1 %':>16} {'vs none':>8} {'epoch s':>8}"]
     for r in method_rows:
         top1 = f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}"
-        lines.append(f"  {r['label']:<16} {top1:>16} {r['gain_vs_none']:+8.2f} {r['epoch_time_s']:8.2f}")
+        gain = r["gain_vs_none"]
+        gain_text = f"{gain:+8.2f}" if math.isfinite(gain) else f"{'-':>8}"  # no "none" run to compare with
+        lines.append(f"  {r['label']:<16} {top1:>16} {gain_text} {r['epoch_time_s']:8.2f}")
     return "\n".join(lines)
 
 
@@ -415,7 +439,7 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
         for row in history:
             curve = {"method": method, "seed": seed, "epoch": row["epoch"], "test_top1": row.get("val_top1"),
                      "train_top1": row["train_top1"], "train_loss": row["train_loss"], "time_s": row["time_s"]}
-            curve.update({k2: v for k2, v in row.items() if k2.startswith(("wl_t", "wf_t"))})
+            curve.update({k2: v for k2, v in row.items() if k2.startswith(("wl_t", "wf_t", "diag_"))})
             curves.append(curve)
         _say(f"  [{k}/{len(runs)}] {METHOD_LABELS[method]:<16} seed {seed}: test top-1 {final['val_top1']:6.2f}%  "
              f"(train top-1 {final['train_top1']:.1f}%, {statistics.median(epoch_times):.2f} s/epoch, "
@@ -440,7 +464,8 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
              "runs_csv": os.path.join(out_dir, "runs.csv"), "teachers_csv": os.path.join(out_dir, "teachers.csv"),
              "curves_csv": os.path.join(out_dir, "curves.csv"),
              "accuracy_png": os.path.join(out_dir, "accuracy_curves.png"),
-             "weights_png": os.path.join(out_dir, "teacher_weights.png"), "json": os.path.join(out_dir, "demo.json")}
+             "weights_png": os.path.join(out_dir, "teacher_weights.png"),
+             "diagnostics_png": os.path.join(out_dir, "agent_diagnostics.png"), "json": os.path.join(out_dir, "demo.json")}
     write_csv_atomic(paths["methods_csv"], method_rows)
     write_csv_atomic(paths["runs_csv"], run_rows)
     write_csv_atomic(paths["teachers_csv"], teacher_rows)
@@ -448,8 +473,10 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
     _plot_curves(curves, settings.methods, paths["accuracy_png"])
     if "mtkd_rl" in settings.methods:
         _plot_weights(curves, settings.teachers, paths["weights_png"])
+        _plot_agent_diagnostics(curves, settings.teachers, paths["diagnostics_png"])
     else:
         paths.pop("weights_png")
+        paths.pop("diagnostics_png")
     total = time.perf_counter() - start
     stage_times["total"] = total
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in stage_times.items())
@@ -461,7 +488,8 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
                                 "teachers": teacher_rows, "methods": method_rows, "runs": run_rows,
                                 "verdict": verdict, "stage_times_s": stage_times, "paths": paths})
     _say(f"[4/4] results in {out_dir}: summary.txt, methods.csv, runs.csv, teachers.csv, curves.csv, "
-         f"accuracy_curves.png{', teacher_weights.png' if 'weights_png' in paths else ''}, teachers/, runs/ "
+         f"accuracy_curves.png{', teacher_weights.png, agent_diagnostics.png' if 'weights_png' in paths else ''}, "
+         "teachers/, runs/ "
          "(checkpoints)")
     _say("")
     _say(table)

@@ -30,7 +30,9 @@ def build(out_dir, epochs, strategy="mtkd_rl", **kw):
     cfg = TrainConfig(student="tiny", teachers=["a", "b", "c"], strategy=strategy, epochs=epochs, agent_step=2,
                       progress=False, out_dir=str(out_dir), schedule="multistep", milestones=[1], lr=0.05,
                       loss_backend="reference", **kw)
-    return Trainer(cfg, student, LiveTeachers(teachers), transfer, agent if strategy == "mtkd_rl" else None), student
+    heads = [t.fc for t in teachers] if strategy == "camkd" else None
+    return Trainer(cfg, student, LiveTeachers(teachers), transfer, agent if strategy == "mtkd_rl" else None,
+                   teacher_heads=heads), student
 
 
 @pytest.mark.parametrize("strategy,kw", [("mtkd_rl", {}), ("camkd", {"feature_kd": "kl"})])

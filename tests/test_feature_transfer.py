@@ -1,9 +1,10 @@
-"""FeatureTransfer (spec section 1): the fast order equals the plain (authors') order within float rounding.
+"""FeatureTransfer (spec section 1): the fast order equals the plain order within float rounding.
 
 Checked in float64 on random inputs of odd sizes, forward and gradients (input and every parameter) and
 BatchNorm running statistics, for upsampling, downsampling (including non-divisible adaptive pooling),
 equal sizes and a mix of resolutions, in train and eval mode. The plain order is itself checked against
-the spec written out with torch.nn.functional calls.
+the spec written out with torch.nn.functional calls. The authors' chained resizing (spec section 8, item 7;
+``chained_resize=True``) is checked against their loop written out the same way, on both paths.
 """
 
 from __future__ import annotations
@@ -207,3 +208,95 @@ def test_fast_order_equals_plain_order_on_cuda(case):
     torch.testing.assert_close(gx_f, gx_p, rtol=1e-10, atol=1e-10)
     for name in grads_p:
         torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
+# ---------------------------------------------------------------- chained resizing (spec section 8, item 7)
+
+CHAIN_CASES = {
+    # teachers of two map resolutions, in both orders, around a student map between them and beside them
+    "low_then_high": ((10, 6, 6), [(4, 3, 3), (5, 8, 8), (3, 8, 8)]),
+    "high_then_low": ((10, 6, 6), [(5, 8, 8), (3, 8, 8), (4, 3, 3)]),
+    "down_low_then_high": ((9, 8, 8), [(4, 2, 2), (6, 8, 8)]),
+    "down_high_then_low": ((9, 8, 8), [(6, 8, 8), (4, 2, 2)]),
+    "up_alternating": ((7, 3, 3), [(4, 5, 5), (3, 9, 9), (5, 5, 5)]),
+}
+
+
+def _spec_transfer(module: FeatureTransfer, x: torch.Tensor, chained: bool) -> list[torch.Tensor]:
+    """E_m written from the spec with functional calls (train-mode BN). Chained: the authors' loop, where the
+    student map variable is overwritten per teacher, the target is square t_H x t_H, and pool-or-interpolate
+    compares the ORIGINAL student height with t_H."""
+    s_h = x.shape[2]
+    feat_s, outs = x, []
+    for m, (c, t_h, t_w) in enumerate(module.teacher_shapes):
+        source = feat_s if chained else x
+        size = (t_h, t_h) if chained else (t_h, t_w)
+        if s_h >= t_h:
+            resized = F.adaptive_avg_pool2d(source, size)
+        else:
+            resized = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
+        if chained:
+            feat_s = resized
+        conv, bn = module.heads[m].transfer[0], module.heads[m].transfer[1]
+        y = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], resized) + conv.bias[None, :, None, None]
+        mean, var = y.mean(dim=(0, 2, 3), keepdim=True), y.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        outs.append(torch.relu((y - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None]
+                               + bn.bias[None, :, None, None]))
+    return outs
+
+
+@pytest.mark.parametrize("case", sorted(CHAIN_CASES))
+def test_chained_resize_is_the_authors_loop_on_both_paths(case):
+    student_shape, teacher_shapes = CHAIN_CASES[case]
+    plain = _randomise(FeatureTransfer(student_shape, teacher_shapes, chained_resize=True).double(), seed=13).train()
+    fast = copy.deepcopy(plain)
+    x = torch.randn(5, *student_shape, dtype=torch.float64)
+    expected = _spec_transfer(plain, x, chained=True)
+    upstream = [torch.randn(5, *s, dtype=torch.float64) for s in teacher_shapes]
+    outs_p, gx_p, grads_p = _run(plain, x, plain=True, upstream=upstream)
+    outs_f, gx_f, grads_f = _run(fast, x, plain=False, upstream=upstream)
+    for m, (e, a, b) in enumerate(zip(expected, outs_p, outs_f)):
+        assert b.shape == (5, *teacher_shapes[m])
+        assert (e > 0).any() and (e == 0).any()
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b, e, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx_f, gx_p, rtol=1e-10, atol=1e-10)
+    for name in grads_p:
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-10, atol=1e-10, msg=name)
+    for (name, a), (_, b) in zip(plain.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("case", sorted(CHAIN_CASES))
+def test_independent_resize_is_the_spec_loop_and_differs_from_the_chain(case):
+    """Same cases, default mode: every teacher resizes the original map; where a later teacher sits after a
+    teacher of another resolution, the chain gives it a different map (unless that resize was the identity)."""
+    student_shape, teacher_shapes = CHAIN_CASES[case]
+    module = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=13).train()
+    x = torch.randn(4, *student_shape, dtype=torch.float64)
+    independent, chained = _spec_transfer(module, x, chained=False), _spec_transfer(module, x, chained=True)
+    for a, b, e in zip(module.forward_plain(x), module(x), independent):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b, e, rtol=1e-10, atol=1e-10)
+    differs = [not torch.allclose(i, c) for i, c in zip(independent, chained)]
+    # pooling 8x8 -> 8x8 is the identity, so a full-size teacher first leaves the chain's later input unchanged
+    assert differs == [False] * len(differs) if case == "down_high_then_low" else (not differs[0] and any(differs))
+
+
+def test_chained_equals_independent_when_teachers_share_a_size():
+    student_shape, teacher_shapes = (12, 4, 4), [(7, 8, 8), (5, 8, 8), (9, 8, 8)]
+    chained = _randomise(FeatureTransfer(student_shape, teacher_shapes, chained_resize=True).double(), seed=2).train()
+    independent = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=2).train()
+    x = torch.randn(3, *student_shape, dtype=torch.float64)
+    for a, b in zip(chained(x), independent(x)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_chain_plan_and_square_maps():
+    ft = FeatureTransfer((6, 4, 4), [(3, 8, 8), (2, 8, 8), (4, 2, 2), (5, 8, 8)], chained_resize=True)
+    assert [(size, pool, members) for size, pool, members, _ in ft._chain] == [
+        ((8, 8), False, (0, 1)), ((2, 2), True, (2,)), ((8, 8), False, (3,))]
+    with pytest.raises(ValueError, match=r"teacher_shapes\[1\]: chained_resize .* square"):
+        FeatureTransfer((6, 4, 4), [(3, 8, 8), (2, 4, 8)], chained_resize=True)
+    with pytest.raises(ValueError, match="chained_resize"):
+        FeatureTransfer((6, 4, 4), [(3, 8, 8)], chained_resize="yes")

@@ -25,7 +25,7 @@ CIFAR_MODELS = [
     "resnet8x4", "resnet32x4", "resnet110x2",
     "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_28_4",
     "vgg8", "vgg11", "vgg13", "vgg16", "vgg19",
-    "MobileNetV2", "ShuffleV1", "ShuffleV2", "RegNetX_200MF", "RegNetX_400MF", "RegNetY_400MF",
+    "MobileNetV2", "MobileNetV2_0_5", "ShuffleV1", "ShuffleV2", "RegNetX_200MF", "RegNetX_400MF", "RegNetY_400MF",
 ]  # fmt: skip
 IMAGENET_MODELS = {
     "imagenet_resnet18": "resnet18",
@@ -43,9 +43,12 @@ LAST_MAP = {
     "wrn_16_1": (64, 8, 8), "wrn_16_2": (128, 8, 8), "wrn_40_1": (64, 8, 8), "wrn_40_2": (128, 8, 8),
     "wrn_28_4": (256, 8, 8),
     **{n: (512, 4, 4) for n in ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]},
-    "MobileNetV2": (1280, 2, 2), "ShuffleV1": (960, 4, 4), "ShuffleV2": (1024, 4, 4),
+    "MobileNetV2": (320, 2, 2), "MobileNetV2_0_5": (1280, 2, 2), "ShuffleV1": (960, 4, 4), "ShuffleV2": (1024, 4, 4),
     "RegNetX_200MF": (368, 8, 8), "RegNetX_400MF": (384, 8, 8), "RegNetY_400MF": (384, 8, 8),
 }  # fmt: skip
+# models whose feats[-1] is not the global average of feats[-2]: the authors' MobileNetV2 pools the 1280-channel
+# output of its final 1x1 conv, which comes after the 320-channel feats[-2]
+EMBEDDING_WIDTH = {"MobileNetV2": 1280}
 
 # (model, key, shape) from the lineage's definitions; None = the key must NOT exist
 LINEAGE_KEYS = [
@@ -92,17 +95,33 @@ LINEAGE_KEYS = [
     ("vgg8", "block1.0.weight", (128, 64, 3, 3)),
     ("vgg8", "block0.3.weight", None),
     ("vgg19", "block4.9.weight", (512, 512, 3, 3)),
-    # MobileNetV2 (mobile_half: T=6, width 0.5)
-    ("MobileNetV2", "conv1.0.weight", (16, 3, 3, 3)),
-    ("MobileNetV2", "conv1.1.weight", (16,)),
-    ("MobileNetV2", "blocks.0.0.conv.0.weight", (16, 16, 1, 1)),
-    ("MobileNetV2", "blocks.0.0.conv.3.weight", (16, 1, 3, 3)),
-    ("MobileNetV2", "blocks.0.0.conv.6.weight", (8, 16, 1, 1)),
-    ("MobileNetV2", "blocks.1.0.conv.0.weight", (48, 8, 1, 1)),
-    ("MobileNetV2", "blocks.6.0.conv.6.weight", (160, 480, 1, 1)),
-    ("MobileNetV2", "blocks.6.0.conv.7.running_var", (160,)),
-    ("MobileNetV2", "conv2.0.weight", (1280, 160, 1, 1)),
+    # MobileNetV2 of the MTKD-RL / CA-MKD code (mobilenetv2_T_w(6, 1.0)): stem 32, hidden = in x 6
+    ("MobileNetV2", "conv1.0.weight", (32, 3, 3, 3)),
+    ("MobileNetV2", "blocks.0.0.conv.0.weight", (32, 32, 1, 1)),
+    ("MobileNetV2", "blocks.0.0.conv.3.weight", (32, 1, 3, 3)),
+    ("MobileNetV2", "blocks.0.0.conv.6.weight", (16, 32, 1, 1)),
+    ("MobileNetV2", "blocks.1.0.conv.0.weight", (96, 16, 1, 1)),
+    ("MobileNetV2", "blocks.1.1.conv.3.weight", (144, 1, 3, 3)),
+    ("MobileNetV2", "blocks.2.0.conv.6.weight", (32, 144, 1, 1)),
+    ("MobileNetV2", "blocks.3.3.conv.0.weight", (384, 64, 1, 1)),
+    ("MobileNetV2", "blocks.5.2.conv.6.weight", (160, 960, 1, 1)),
+    ("MobileNetV2", "blocks.6.0.conv.0.weight", (960, 160, 1, 1)),
+    ("MobileNetV2", "blocks.6.0.conv.6.weight", (320, 960, 1, 1)),
+    ("MobileNetV2", "blocks.6.0.conv.7.running_var", (320,)),
+    ("MobileNetV2", "blocks.6.1.conv.0.weight", None),
+    ("MobileNetV2", "conv2.0.weight", (1280, 320, 1, 1)),
     ("MobileNetV2", "classifier.0.weight", (100, 1280)),
+    # MobileNetV2 (mobile_half: T=6, width 0.5)
+    ("MobileNetV2_0_5", "conv1.0.weight", (16, 3, 3, 3)),
+    ("MobileNetV2_0_5", "conv1.1.weight", (16,)),
+    ("MobileNetV2_0_5", "blocks.0.0.conv.0.weight", (16, 16, 1, 1)),
+    ("MobileNetV2_0_5", "blocks.0.0.conv.3.weight", (16, 1, 3, 3)),
+    ("MobileNetV2_0_5", "blocks.0.0.conv.6.weight", (8, 16, 1, 1)),
+    ("MobileNetV2_0_5", "blocks.1.0.conv.0.weight", (48, 8, 1, 1)),
+    ("MobileNetV2_0_5", "blocks.6.0.conv.6.weight", (160, 480, 1, 1)),
+    ("MobileNetV2_0_5", "blocks.6.0.conv.7.running_var", (160,)),
+    ("MobileNetV2_0_5", "conv2.0.weight", (1280, 160, 1, 1)),
+    ("MobileNetV2_0_5", "classifier.0.weight", (100, 1280)),
     # ShuffleV1 (groups 3, out_planes 240/480/960, blocks 4/8/4)
     ("ShuffleV1", "conv1.weight", (24, 3, 1, 1)),
     ("ShuffleV1", "layer1.0.conv1.weight", (54, 24, 1, 1)),
@@ -149,6 +168,8 @@ LINEAGE_KEY_COUNTS = {
     "wrn_16_1": 1 + 6 * 12 + 2 + 5 + 2,  # conv1, 6 blocks x (2 BN x 5 + 2 conv), 2 shortcuts, bn1, fc
     "vgg8": 5 * 7 + 2,  # 5 blocks x (conv w,b + BN 5), classifier
     "RegNetX_200MF": 6 + 13 * 18 + 4 * 6 + 2,  # stem, 13 blocks x 3 (conv + BN 5), 4 shortcuts, linear
+    "MobileNetV2": 6 + 17 * 18 + 6 + 2,  # stem, 17 inverted residuals x 3 (conv + BN 5), conv2, classifier
+    "MobileNetV2_0_5": 6 + 17 * 18 + 6 + 2,
 }
 
 
@@ -206,8 +227,9 @@ def test_cifar_forward_and_feature_interface(name):
     torch.testing.assert_close(logits_feat, logits)
     last, embedding = feats[-2], feats[-1]
     assert tuple(last.shape) == (2, *LAST_MAP[name])
-    assert embedding.shape == (2, LAST_MAP[name][0])
-    torch.testing.assert_close(embedding, last.mean(dim=(2, 3)))
+    assert embedding.shape == (2, EMBEDDING_WIDTH.get(name, LAST_MAP[name][0]))
+    if name not in EMBEDDING_WIDTH:
+        torch.testing.assert_close(embedding, last.mean(dim=(2, 3)))
 
 
 def test_train_mode_backward_reaches_every_parameter():
@@ -342,3 +364,125 @@ def test_load_checkpoint_with_python_objects_needs_trust(tmp_path):
         load_checkpoint(create_model("resnet8", 100), path)
     target = load_checkpoint(create_model("resnet8", 100), path, trusted=True)
     assert torch.equal(target.fc.weight, source.fc.weight)
+
+
+# ---------------------------------------------------------------- the authors' MobileNetV2
+
+def _authors_mobilenetv2_layout(num_classes: int) -> dict[str, tuple]:
+    """Every state_dict key and shape of the MTKD-RL / CA-MKD code's MobileNetV2 (T = 6, width 1.0), written
+    from its definition: conv_bn(3, 32, stride 2); per stage (t, c, n, s) n InvertedResiduals whose ``conv``
+    is [pw conv in->in*t, BN, ReLU, dw 3x3 conv, BN, ReLU, pw conv in*t->c, BN]; conv_1x1_bn(320, 1280);
+    classifier = Sequential(Linear(1280, K))."""
+    def conv_bn(prefix, out_ch, in_ch, k):
+        return {f"{prefix}.0.weight": (out_ch, in_ch, k, k), **bn(f"{prefix}.1", out_ch)}
+
+    def bn(prefix, ch):
+        return {f"{prefix}.weight": (ch,), f"{prefix}.bias": (ch,), f"{prefix}.running_mean": (ch,),
+                f"{prefix}.running_var": (ch,), f"{prefix}.num_batches_tracked": ()}
+
+    layout = conv_bn("conv1", 32, 3, 3)
+    in_ch = 32
+    for s, (t, c, n) in enumerate([(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]):
+        for i in range(n):
+            p, hidden = f"blocks.{s}.{i}.conv", in_ch * t
+            layout.update({f"{p}.0.weight": (hidden, in_ch, 1, 1), **bn(f"{p}.1", hidden),
+                           f"{p}.3.weight": (hidden, 1, 3, 3), **bn(f"{p}.4", hidden),
+                           f"{p}.6.weight": (c, hidden, 1, 1), **bn(f"{p}.7", c)})
+            in_ch = c
+    layout.update(conv_bn("conv2", 1280, 320, 1))
+    layout.update({"classifier.0.weight": (num_classes, 1280), "classifier.0.bias": (num_classes,)})
+    return layout
+
+
+def _authors_mobilenetv2_forward(sd: dict, x: torch.Tensor):
+    """The authors' forward (eval mode) as plain functions of their state_dict: feats [f0..f5], logits."""
+    import torch.nn.functional as F
+
+    def cbn(x, p, stride=1, groups=1, relu=True):
+        w = sd[f"{p[0]}.weight"]
+        x = F.conv2d(x, w, None, stride, w.shape[-1] // 2, 1, groups)
+        x = F.batch_norm(x, sd[f"{p[1]}.running_mean"], sd[f"{p[1]}.running_var"], sd[f"{p[1]}.weight"],
+                         sd[f"{p[1]}.bias"], False, 0.0, 1e-5)
+        return F.relu(x) if relu else x
+
+    out = cbn(x, ("conv1.0", "conv1.1"), stride=2)
+    feats = [out]
+    strides = [1, 1, 2, 2, 1, 2, 1]
+    for s, n in enumerate([1, 2, 3, 4, 3, 3, 1]):
+        for i in range(n):
+            p = f"blocks.{s}.{i}.conv"
+            stride = strides[s] if i == 0 else 1
+            y = cbn(out, (f"{p}.0", f"{p}.1"))
+            y = cbn(y, (f"{p}.3", f"{p}.4"), stride=stride, groups=y.shape[1])
+            y = cbn(y, (f"{p}.6", f"{p}.7"), relu=False)
+            out = out + y if (stride == 1 and out.shape[1] == y.shape[1]) else y
+        if s in (1, 2, 4, 6):
+            feats.append(out)
+    pooled = F.avg_pool2d(cbn(out, ("conv2.0", "conv2.1")), 2, ceil_mode=True).flatten(1)  # AvgPool2d(32 // 16)
+    feats.append(pooled)
+    return feats, F.linear(pooled, sd["classifier.0.weight"], sd["classifier.0.bias"])
+
+
+def test_authors_mobilenetv2_state_dict_loads_strictly_and_gives_their_features(tmp_path):
+    layout = _authors_mobilenetv2_layout(100)
+    model = create_model("MobileNetV2", 100)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == layout
+    gen = torch.Generator().manual_seed(5)
+    theirs = {}
+    for key, shape in layout.items():
+        if key.endswith("num_batches_tracked"):
+            theirs[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            theirs[key] = torch.rand(shape, generator=gen) + 0.5
+        elif key.endswith(("running_mean", "bias")):
+            theirs[key] = torch.randn(shape, generator=gen) * 0.1
+        elif key.endswith("weight") and len(shape) == 1:  # BN scale
+            theirs[key] = torch.rand(shape, generator=gen) + 0.5
+        else:
+            fan_in = max(1, int(torch.tensor(shape[1:]).prod()))
+            theirs[key] = torch.randn(shape, generator=gen) / fan_in ** 0.5
+    path = tmp_path / "S_MobileNetV2_best.pth"
+    torch.save({"model": theirs, "epoch": 240}, path)
+    ours = create_model("MobileNetV2", 100, weights=path).double().eval()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=gen)
+    with torch.no_grad():
+        feats, logits = ours(x, is_feat=True)
+    exp_feats, exp_logits = _authors_mobilenetv2_forward({k: v.double() if v.is_floating_point() else v
+                                                          for k, v in theirs.items()}, x)
+    assert len(feats) == len(exp_feats) == 6
+    for got, exp in zip(feats, exp_feats):
+        torch.testing.assert_close(got, exp)
+    torch.testing.assert_close(logits, exp_logits)
+    assert tuple(feats[-2].shape) == (3, 320, 2, 2) and tuple(feats[-1].shape) == (3, 1280)
+
+
+def test_half_width_checkpoint_does_not_load_into_the_authors_mobilenetv2(tmp_path):
+    path = tmp_path / "half.pth"
+    torch.save({"model": create_model("MobileNetV2_0_5", 100).state_dict()}, path)
+    with pytest.raises(ValueError, match=r"'conv1\.0\.weight' has shape \(16, 3, 3, 3\)"):
+        load_checkpoint(create_model("MobileNetV2", 100), path)
+
+
+# ---------------------------------------------------------------- classifier_head
+
+@pytest.mark.parametrize("name", CIFAR_MODELS + ["imagenet_resnet18"])
+def test_classifier_head_maps_the_embedding_to_the_logits(name):
+    from mtkd_fast.models import classifier_head
+
+    torch.manual_seed(3)
+    model = create_model(name, 11).eval()
+    head = classifier_head(model)
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 11
+    size = 64 if name.startswith("imagenet") else 32
+    with torch.no_grad():
+        feats, logits = model(torch.randn(2, 3, size, size), is_feat=True)
+        torch.testing.assert_close(head(feats[-1]), logits)
+
+
+def test_classifier_head_needs_a_linear_layer():
+    from mtkd_fast.models import classifier_head
+
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        classifier_head(torch.nn.Conv2d(3, 3, 1))
+    with pytest.raises(TypeError, match="model"):
+        classifier_head("resnet8")

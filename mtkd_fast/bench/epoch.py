@@ -197,6 +197,7 @@ class Run:
     """One configuration, ready to run epochs: ``epoch(ds, epoch_index)`` trains one pass over ``ds``."""
 
     def __init__(self, name: str, spec: BenchSpec, student_name: str, ds, teachers=None, cache_dir=None):
+        from .. import models
         from ..teachers import LiveTeachers
         from ..train import Trainer
 
@@ -223,8 +224,9 @@ class Run:
             self.trainer = None
             return
         cfg = self._config(_STRATEGY[name])
+        heads = [models.classifier_head(t) for t in teachers] if _STRATEGY[name] == "camkd" else None
         self.trainer = Trainer(cfg, student, source, ft, agent if _STRATEGY[name] == "mtkd_rl" else None,
-                               device=device)
+                               device=device, teacher_heads=heads)
 
     def _config(self, strategy: str):
         from ..train import TrainConfig

@@ -12,6 +12,7 @@ import json
 import os
 
 OPTIONAL_INT = {"max_steps_per_epoch", "limit_per_class"}
+OPTIONAL_FLOAT = {"aekd_nu"}
 LIST_OF_INT = {"milestones"}
 
 
@@ -33,6 +34,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
                                help=f"(default {default})", **kw)
         elif f.name in OPTIONAL_INT:
             group.add_argument(flag, type=int, help="(default: not set)", **kw)
+        elif f.name in OPTIONAL_FLOAT:
+            group.add_argument(flag, type=float, help="(default: not set)", **kw)
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             group.add_argument(flag, type=type(default), help=f"(default {default})", **kw)
         else:

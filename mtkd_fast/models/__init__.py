@@ -10,7 +10,9 @@
 - Every model: ``model(x)`` -> logits; ``model(x, is_feat=True)`` -> ``(feats, logits)`` with ``feats[-2]``
   the last feature map before global pooling [B, C, H, W] and ``feats[-1]`` its global average [B, C].
 - ``load_checkpoint(model, path)``: load ``{"model": state_dict}`` or a bare state_dict from a local file.
-- ``FeatureTransfer(student_shape, teacher_shapes)``: the per-teacher feature transfer E_m (spec section 1).
+- ``FeatureTransfer(student_shape, teacher_shapes, chained_resize=False)``: the per-teacher feature transfer E_m
+  (spec section 1; ``chained_resize`` reproduces the authors' chained resizing, section 8 item 7).
+- ``classifier_head(model)``: the final ``nn.Linear`` of a zoo model (feats[-1] -> logits).
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from torch import nn
 from . import imagenet
 from . import vit
 from .cifar import BUILDERS as _CIFAR_BUILDERS
+from .heads import classifier_head
 from .loading import load_checkpoint
 from .transfer import FeatureTransfer
 from .backbone import backbone
 
-__all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer"]
-__all__ += ["backbone"]
+__all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer", "classifier_head", "backbone"]
 
 _BUILDERS = {**_CIFAR_BUILDERS, **{name: imagenet.build for name in imagenet.ARCHS}}
 _BUILDERS.update({name: vit.build for name in vit.ARCHS})  # ViT and Swin (models/vit.py)

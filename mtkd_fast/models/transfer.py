@@ -1,15 +1,24 @@
 """Feature transfer of MTKD-RL (spec section 1): one small trainable module E_m per teacher.
 
 E_m(F_s): resize the student map F_s [B, C_s, H_s, W_s] spatially to the teacher's H_m x W_m (adaptive
-average pooling when H_s >= H_m, bilinear with align_corners=False otherwise; every teacher resizes the
-ORIGINAL student map), then Conv2d(C_s, C_m, 1x1, bias) -> BatchNorm2d(C_m) -> ReLU.
+average pooling when H_s >= H_m, bilinear with align_corners=False otherwise), then Conv2d(C_s, C_m, 1x1, bias)
+-> BatchNorm2d(C_m) -> ReLU.
+
+Which map is resized (spec section 8, item 7): by default every teacher resizes the ORIGINAL student map
+("independent"). The authors' code resizes in a CHAIN: teacher m resizes what teacher m-1 produced, to a square
+H_m x H_m, choosing pooling or bilinear by comparing the ORIGINAL H_s with H_m. ``chained_resize=True``
+reproduces that exactly. The two agree when all teachers share one map size and differ otherwise (a
+low-resolution teacher before a high-resolution one hands the later teacher a degraded map).
 
 Why the fast path is exact: both resizings are linear maps applied to each channel with weights that sum
 to 1 per output pixel, and the 1x1 convolution is a linear map over channels plus a bias, so
 resize(conv(x)) == conv(resize(x)). ``forward`` therefore applies the convolution at the smaller of the
 two resolutions, and runs the convolutions of all teachers that share a resolution as one matrix product
-(their weights concatenated); BatchNorm and ReLU then act per teacher as before. ``forward_plain`` is the
-authors' order, kept as the reference for tests and benchmarks.
+(their weights concatenated); BatchNorm and ReLU then act per teacher as before. With ``chained_resize``
+the chain of resizes runs on the student map itself (its C_s channels) and each run of consecutive teachers of
+one size (which the chain leaves unchanged between them) shares one convolution call. ``forward_plain`` is the
+plain order (per teacher: resize, conv, BN, ReLU, in the selected resize mode), kept as the reference for tests
+and benchmarks.
 
 Parameter names are the authors' ``TransFeat`` names (``embed{m}.transfer.0`` the convolution,
 ``embed{m}.transfer.1`` the BatchNorm), so their feature-transfer weights load unchanged.
@@ -84,13 +93,19 @@ class FeatureTransfer(nn.Module):
     Args:
         student_shape: (C_s, H_s, W_s) of the student's feats[-2].
         teacher_shapes: M triples (C_m, H_m, W_m), one per teacher's feats[-2].
+        chained_resize: resize in the authors' chain (module docstring) instead of each teacher resizing the
+            original map; needs square teacher maps, as the chain's target is H_m x H_m.
 
     ``forward(student_map)`` takes F_s [B, C_s, H_s, W_s] and returns the M maps G_m [B, C_m, H_m, W_m]
     (teachers that share a resolution get channel slices of one tensor: views, not contiguous copies).
     """
 
-    def __init__(self, student_shape: Sequence[int], teacher_shapes: Sequence[Sequence[int]]):
+    def __init__(self, student_shape: Sequence[int], teacher_shapes: Sequence[Sequence[int]],
+                 chained_resize: bool = False):
         super().__init__()
+        if not isinstance(chained_resize, bool):
+            raise ValueError(f"chained_resize: expected a bool, got {chained_resize!r}")
+        self.chained_resize = chained_resize
         self.student_shape = _check_shape("student_shape", student_shape)
         if not isinstance(teacher_shapes, (list, tuple)) or len(teacher_shapes) == 0:
             raise ValueError(f"teacher_shapes: expected a non-empty list of (C, H, W) triples, got {teacher_shapes!r}")
@@ -112,6 +127,18 @@ class FeatureTransfer(nn.Module):
                 self.register_buffer(matrix_name, _resize_matrix((h_s, w_s), (h, w), pool), persistent=False)
             channels = tuple(self.teacher_shapes[m][0] for m in members)
             self._groups.append(_ResolutionGroup((h, w), tuple(members), channels, pool, conv_first, same_size, matrix_name))
+        # the authors' chain: runs of consecutive teachers of one size share the chain's output at that point
+        self._chain: list[tuple[tuple[int, int], bool, tuple[int, ...], tuple[int, ...]]] = []
+        if chained_resize:
+            for m, (c_m, h, w) in enumerate(self.teacher_shapes):
+                if h != w:
+                    raise ValueError(f"teacher_shapes[{m}]: chained_resize resizes to a square H_m x H_m as the "
+                                     f"authors' code does, so it needs square teacher maps, got {h}x{w}")
+                if self._chain and self._chain[-1][0] == (h, h):
+                    size, pool, members, channels = self._chain[-1]
+                    self._chain[-1] = (size, pool, members + (m,), channels + (c_m,))
+                else:
+                    self._chain.append(((h, h), h_s >= h, (m,), (c_m,)))
 
     @property
     def heads(self) -> list[TransferHead]:
@@ -125,21 +152,36 @@ class FeatureTransfer(nn.Module):
             raise ValueError(f"student_map: expected shape [B, {c}, {h}, {w}], got {tuple(student_map.shape)}")
 
     def forward_plain(self, student_map: Tensor) -> list[Tensor]:
-        """The authors' order: per teacher, resize the student map, then conv -> BN -> ReLU."""
+        """The plain order: per teacher, resize, then conv -> BN -> ReLU. Independent: each teacher resizes the
+        original map; chained: the resized map carries over to the next teacher (the authors' loop)."""
         self._check_input(student_map)
         h_s = self.student_shape[1]
-        return [
-            head(resize(student_map, (h, w), pool=h_s >= h))
-            for head, (_, h, w) in zip(self.heads, self.teacher_shapes)
-        ]
+        if not self.chained_resize:
+            return [
+                head(resize(student_map, (h, w), pool=h_s >= h))
+                for head, (_, h, w) in zip(self.heads, self.teacher_shapes)
+            ]
+        outputs, current = [], student_map
+        for head, (_, h, _) in zip(self.heads, self.teacher_shapes):
+            current = resize(current, (h, h), pool=h_s >= h)
+            outputs.append(head(current))
+        return outputs
 
     def forward(self, student_map: Tensor) -> list[Tensor]:
         self._check_input(student_map)
         heads = self.heads
         outputs: list[Tensor | None] = [None] * len(heads)
+        if self.chained_resize:
+            current = student_map
+            for size, pool, members, channels in self._chain:
+                current = resize(current, size, pool)
+                weight = _cat([heads[m].transfer[0].weight for m in members])
+                bias = _cat([heads[m].transfer[0].bias for m in members])
+                mixed = F.conv2d(current, weight, bias)
+                self._normalise(mixed, members, channels, outputs)
+            return outputs  # type: ignore[return-value]
         for group in self._groups:
             convs = [heads[m].transfer[0] for m in group.members]
-            bns = [heads[m].transfer[1] for m in group.members]
             weight = _cat([c.weight for c in convs])
             bias = _cat([c.bias for c in convs])
             if group.same_size:
@@ -153,15 +195,20 @@ class FeatureTransfer(nn.Module):
                 mixed = resize(F.conv2d(student_map, weight, bias), group.size, group.pool)
             else:
                 mixed = F.conv2d(resize(student_map, group.size, group.pool), weight, bias)
-            normed = _group_batch_norm(mixed, bns)
-            if normed is None:  # BatchNorms that cannot share one call: one call each
-                parts = mixed.split(group.channels, dim=1)
-                for m, part, bn in zip(group.members, parts, bns):
-                    outputs[m] = F.relu(bn(part))
-            else:
-                for m, part in zip(group.members, F.relu(normed).split(group.channels, dim=1)):
-                    outputs[m] = part
+            self._normalise(mixed, group.members, group.channels, outputs)
         return outputs  # type: ignore[return-value]
+
+    def _normalise(self, mixed: Tensor, members, channels, outputs: list) -> None:
+        """BN -> ReLU of the teachers ``members`` on their concatenated conv outputs, into ``outputs``."""
+        heads = self.heads
+        bns = [heads[m].transfer[1] for m in members]
+        normed = _group_batch_norm(mixed, bns)
+        if normed is None:  # BatchNorms that cannot share one call: one call each
+            for m, part, bn in zip(members, mixed.split(channels, dim=1), bns):
+                outputs[m] = F.relu(bn(part))
+        else:
+            for m, part in zip(members, F.relu(normed).split(channels, dim=1)):
+                outputs[m] = part
 
 
 def _cat(tensors: list[Tensor]) -> Tensor:

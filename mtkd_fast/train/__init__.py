@@ -9,8 +9,9 @@ teacher pretraining, evaluation, checkpoints and multi-process training.
 
 from .config import STRATEGIES, TrainConfig, teacher_config
 from .run import train, train_teacher
-from .strategies import aver_weights, camkd_weights, ebkd_weights, make_strategy
+from .strategies import aekd_weights, aver_weights, camkd_feature_weights, camkd_weights, ebkd_weights, make_strategy
 from .trainer import Trainer, evaluate, feature_kl_per_sample
 
 __all__ = ["TrainConfig", "teacher_config", "STRATEGIES", "train", "train_teacher", "Trainer", "evaluate",
-           "make_strategy", "aver_weights", "ebkd_weights", "camkd_weights", "feature_kl_per_sample"]
+           "make_strategy", "aver_weights", "ebkd_weights", "camkd_weights", "camkd_feature_weights", "aekd_weights",
+           "feature_kl_per_sample"]

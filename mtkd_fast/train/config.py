@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-STRATEGIES = ("none", "aver", "ebkd", "camkd", "mtkd_rl")
+STRATEGIES = ("none", "aver", "ebkd", "camkd", "aekd", "mtkd_rl")
 SCHEDULES = ("multistep", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 FEATURE_KD = ("mse", "kl")
@@ -16,6 +16,7 @@ WARMUP_WEIGHTS = ("ones", "uniform")
 AMP = (None, "bf16", "fp16")
 AGENT_UPDATES = ("bce", "policy_gradient")
 BUFFER_DTYPES = ("float32", "bfloat16", "float16")
+TRANSFER_RESIZE = ("independent", "chained")
 
 
 @dataclass
@@ -38,6 +39,8 @@ class TrainConfig:
     data_backend: str = "auto"  # image folders: auto (DALI when it runs on the device) | dali | torchvision
     # method
     strategy: str = "mtkd_rl"  # teacher weighting: none | aver | ebkd | camkd | mtkd_rl
+    # strategy "aekd" is valid too; its nu-SVM parameter: None gives 1 / (0.6 M), the CA-MKD code's default
+    aekd_nu: Optional[float] = None
     temperature: float = 4.0
     alpha: float = 1.0
     beta: float = 5.0
@@ -49,6 +52,9 @@ class TrainConfig:
     agent_update: str = "bce"  # "bce" (parity) or "policy_gradient"
     agent_buffer_dtype: str = "float32"  # the replay buffer's state storage; bfloat16/float16 halve it
     loss_backend: str = "auto"  # MTKDLoss backend: auto | fused | reference
+    # feature transfer resize: "independent" (each teacher resizes the student's own map) or "chained" (the
+    # authors' code: each teacher resizes the previous teacher's resized map; spec section 8, item 7)
+    transfer_resize: str = "independent"
     # optimisation
     epochs: int = 240
     batch_size: int = 64
@@ -89,6 +95,7 @@ class TrainConfig:
         one_of("optimizer", OPTIMIZERS)
         one_of("feature_kd", FEATURE_KD)
         one_of("warmup_weights", WARMUP_WEIGHTS)
+        one_of("transfer_resize", TRANSFER_RESIZE)
         one_of("amp", AMP)
         one_of("agent_update", AGENT_UPDATES)
         one_of("agent_buffer_dtype", BUFFER_DTYPES)
@@ -102,6 +109,8 @@ class TrainConfig:
         for name in ("lr", "agent_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+        if self.aekd_nu is not None and not 0 < self.aekd_nu <= 1:
+            raise ValueError(f"aekd_nu: expected a number in (0, 1] or None, got {self.aekd_nu}")
         if self.weight_decay < 0 or self.alpha < 0 or self.beta < 0:
             raise ValueError("weight_decay, alpha, beta: expected non-negative numbers, got "
                              f"{self.weight_decay}, {self.alpha}, {self.beta}")
@@ -157,7 +166,7 @@ class TrainConfig:
 
 # The authors' teacher pretraining (spec section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight decay
 # 5e-4, the student's schedule, plain cross-entropy.
-SMALL_LR_TEACHERS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+SMALL_LR_TEACHERS = ("MobileNetV2", "MobileNetV2_0_5", "ShuffleV1", "ShuffleV2")
 
 
 def teacher_config(model: str, **overrides) -> TrainConfig:

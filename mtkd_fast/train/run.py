@@ -121,6 +121,10 @@ def train(config: TrainConfig) -> dict:
     local_batch = config.batch_size // dist_info.world_size
     _check_model_names(config)
     _check_data_root(config)
+    if config.strategy == "camkd" and (not config.teachers or (config.teacher_cache and not config.teacher_checkpoints)):
+        raise ValueError("strategy: 'camkd' applies each teacher's classifier to the transformed student features, so "
+                         "it needs the teacher models: give teachers (and, with a teacher_cache, their "
+                         "teacher_checkpoints)")
     if config.strategy != "none" and config.teachers and not config.teacher_checkpoints and dist_info.is_main:
         print("warning: no teacher_checkpoints given: the teachers keep their random initial weights", flush=True)
     data = _data()
@@ -153,11 +157,20 @@ def train(config: TrainConfig) -> dict:
             feats, _ = student(images, is_feat=True)
         student_shape = tuple(feats[-2].shape[1:])
         teacher_shapes = [tuple(f.shape[1:]) for f in probe.feature_maps]
-        feature_transfer = models.FeatureTransfer(student_shape=student_shape, teacher_shapes=teacher_shapes)
+        if config.strategy == "mtkd_rl":
+            for m, (e, f) in enumerate(zip(probe.embeddings, probe.feature_maps)):
+                if e.shape[1] != f.shape[1]:
+                    name = config.teachers[m] if m < len(config.teachers) else f"teacher {m}"
+                    raise ValueError(f"teachers[{m}]: {name}'s embedding ({e.shape[1]} values) is not the pooled "
+                                     f"feats[-2] ({f.shape[1]} channels), which MTKD-RL's cosine state needs")
+        feature_transfer = models.FeatureTransfer(student_shape=student_shape, teacher_shapes=teacher_shapes,
+                                                  chained_resize=config.transfer_resize == "chained")
         if config.strategy == "mtkd_rl":
             sizes = [int(e.shape[1]) + num_classes + 3 for e in probe.embeddings]
             agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
-    trainer = Trainer(config, student, source, feature_transfer, agent, device=device, dist_info=dist_info)
+    heads = [models.classifier_head(t) for t in teachers] if config.strategy == "camkd" else None
+    trainer = Trainer(config, student, source, feature_transfer, agent, device=device, dist_info=dist_info,
+                      teacher_heads=heads)
     if config.resume:
         path = os.path.join(config.out_dir, CHECKPOINT_LAST)
         trainer.resume(path)

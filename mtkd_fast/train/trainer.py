@@ -24,6 +24,7 @@ from . import distributed as D
 from .._io import save_atomic, write_bytes_atomic, write_csv_atomic
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
+from .diagnostics import WeightDiagnostics, write_diagnostics
 from .strategies import make_strategy
 
 __all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "CHECKPOINT_LAST",
@@ -113,14 +114,17 @@ class Trainer:
         agent: the :class:`MTKDAgent` (strategy "mtkd_rl" only).
         device: where the student trains.
         dist_info: rank/world size when running under torchrun (see ``distributed``).
+        teacher_heads: each teacher's final linear layer (``models.classifier_head``; strategy "camkd" only).
     """
 
     def __init__(self, config: TrainConfig, student: nn.Module, teachers=None, feature_transfer: Optional[nn.Module] = None,
-                 agent: Optional[MTKDAgent] = None, device="cpu", dist_info: Optional[D.DistInfo] = None):
+                 agent: Optional[MTKDAgent] = None, device="cpu", dist_info: Optional[D.DistInfo] = None,
+                 teacher_heads: Optional[Sequence[nn.Module]] = None):
         self.config = config
         self.device = torch.device(device)
         self.dist = dist_info or D.DistInfo()
-        self.strategy = make_strategy(config.strategy, agent, config.warmup_weights)
+        self.strategy = make_strategy(config.strategy, agent, config.warmup_weights, teacher_heads, config.temperature,
+                                      config.aekd_nu)
         if self.strategy.needs_teachers:
             if teachers is None:
                 raise ValueError(f"teachers: strategy {config.strategy!r} needs a teacher source")
@@ -152,6 +156,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.buffer: Optional[AgentReplayBuffer] = None
         self.num_teachers = getattr(self.teachers, "num_teachers", 0) if self.teachers is not None else 0
+        self.diagnostics = WeightDiagnostics(max(self.num_teachers, 1), self.device)
         self.epoch = 0
         self.start_epoch = 0
         self.step_in_epoch = 0
@@ -202,7 +207,9 @@ class Trainer:
                     cos = (reference.pooled_cosine([m.detach() for m in maps], t_out.embeddings) if maps is not None
                            else torch.zeros_like(kl))
                     state = make_state(cos, kl, tce, t_out.embeddings, tl)
-            wl, wf, actions = self.strategy.weights(self.epoch, tl, tce, state)
+            wl, wf, actions = self.strategy.weights(self.epoch, tl, tce, state, student_logits=logits.detach(),
+                                                    student_maps=maps, labels=labels)
+            self.diagnostics.update(wl, wf, tl, labels, state, self.agent)
             if maps is not None and cfg.feature_kd == "mse":
                 out = self.loss_fn(logits, tl, labels, wl, maps, t_out.feature_maps, wf)
                 loss, per_sample = out.loss, out.per_sample_loss
@@ -293,6 +300,7 @@ class Trainer:
             for t in range(self.num_teachers):
                 metrics[f"wl_t{t}"] = w[0][t]
                 metrics[f"wf_t{t}"] = w[1][t]
+            metrics.update(self.diagnostics.compute(D.all_reduce_sum))
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -422,6 +430,7 @@ class Trainer:
         if self.num_teachers:
             names = list(self.config.teachers) if len(self.config.teachers) == self.num_teachers else None
             plot_teacher_weights(self.history, self.num_teachers, os.path.join(out_dir, WEIGHTS_PNG), names)
+            write_diagnostics(self.history, self.num_teachers, out_dir, names)
         if writer is not None:
             row = self.history[-1]
             for key, value in row.items():

@@ -1,0 +1,187 @@
+"""A look inside the teacher weighting, per epoch: what the weights are and whether they follow the teachers.
+
+``WeightDiagnostics`` accumulates on the device, one ``update`` per training step and one read-back per epoch:
+
+- ``diag_entropy_wl`` / ``diag_entropy_wf``: the mean over samples of the entropy of the sample's logit / feature
+  weights (each row normalised to sum to 1), divided by log M: 1 = uniform over the teachers, 0 = one teacher.
+  Rows whose weights are all 0 (no feature distillation) are left out; NaN if every row is.
+- ``diag_corr_wl_right_t{m}`` / ``diag_corr_wf_right_t{m}``: over the epoch's samples, the Pearson correlation
+  between teacher m's weight and whether teacher m is right on the sample (its top-1 class is the label). NaN when
+  either does not vary (e.g. a teacher right on every sample, or constant weights).
+- MTKD-RL only (``state`` and ``agent`` given): the action is a blend of the agent's softmax pi and the priors
+  (docs/method.md section 4), w = l_1 pi + l_2 c + l_3 g with blend coefficients l (1/3 each, or softmax(lambda)
+  with ``dynamic``). Its distance from uniform u splits into the policy's and the priors' parts:
+  ``diag_policy_wl`` = mean_i l_1 ||pi_i - u||_1 and ``diag_prior_wl`` = mean_i ||l_2 (c_i - u) + l_3 (g_i - u)||_1
+  (likewise ``_wf`` with the feature head and g = gf), and ``diag_shift_wl`` = mean_i ||w_i - w_prior,i||_1, how
+  far the weights move from what the priors alone (renormalised, (l_2 c + l_3 g) / (l_2 + l_3)) would give.
+  In the warm-up epoch these describe the agent's action although the student used weight 1 per teacher.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+
+__all__ = ["WeightDiagnostics", "DIAGNOSTICS_PNG", "DIAGNOSTICS_CSV", "diagnostic_columns", "plot_diagnostics",
+           "write_diagnostics"]
+
+DIAGNOSTICS_PNG = "agent_diagnostics.png"
+DIAGNOSTICS_CSV = "agent_diagnostics.csv"
+
+# per weight kind (wl, wf): entropy sum, entropy count, 3 agent parts (policy, prior, shift) and their count
+_SCALARS = 6
+# per weight kind and teacher: n, sum w, sum w^2, sum r, sum r^2, sum w r
+_MOMENTS = 6
+
+
+class WeightDiagnostics:
+    """Per-epoch weight diagnostics (module docstring), summed on ``device``; ``num_teachers`` = M."""
+
+    def __init__(self, num_teachers: int, device="cpu"):
+        if isinstance(num_teachers, bool) or not isinstance(num_teachers, int) or num_teachers < 1:
+            raise ValueError(f"num_teachers: expected a positive int, got {num_teachers!r}")
+        self.num_teachers = num_teachers
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        M = self.num_teachers
+        self.scalars = torch.zeros(2, _SCALARS, dtype=torch.float64, device=self.device)
+        self.moments = torch.zeros(2, M, _MOMENTS, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, logit_weights: Tensor, feature_weights: Tensor, teacher_logits: Tensor, labels: Tensor,
+               state=None, agent=None) -> None:
+        """Add one batch: weights [B, M], teacher logits [M, B, K], labels [B]; ``state`` (an ``AgentState``) and
+        ``agent`` (an ``MTKDAgent``) for the policy/prior split. Nothing is read back to the host."""
+        M = self.num_teachers
+        if logit_weights.dim() != 2 or logit_weights.shape[1] != M:
+            raise ValueError(f"logit_weights: expected [B, {M}], got {tuple(logit_weights.shape)}")
+        right = (teacher_logits.argmax(-1) == labels.unsqueeze(0)).T.to(torch.float64)  # [B, M]
+        parts = None
+        if state is not None and agent is not None:
+            parts = self._agent_parts(state, agent, logit_weights, feature_weights)
+        log_m = math.log(M) if M > 1 else 1.0
+        for k, w in enumerate((logit_weights, feature_weights)):
+            w = w.detach().to(torch.float64)
+            total = w.sum(1, keepdim=True)
+            valid = (total > 0).squeeze(1)
+            p = w / torch.where(total > 0, total, torch.ones_like(total))
+            entropy = -(p * torch.log(p.clamp_min(1e-300))).sum(1) / log_m
+            self.scalars[k, 0] += torch.where(valid, entropy, torch.zeros_like(entropy)).sum()
+            self.scalars[k, 1] += valid.sum()
+            if parts is not None:
+                self.scalars[k, 2:5] += parts[k]
+                self.scalars[k, 5] += w.shape[0]
+            n = torch.full_like(w, 1.0)
+            self.moments[k] += torch.stack([n, w, w * w, right, right * right, w * right], dim=-1).sum(0)
+
+    @staticmethod
+    def _agent_parts(state, agent, logit_weights: Tensor, feature_weights: Tensor) -> list[Tensor]:
+        """Per head: sums over the batch of (policy part, prior part, distance from the priors-only weights)."""
+        pi_l, pi_f = agent.policy(state)
+        dt = torch.float64
+        tce, kl, cos = state.teacher_ce.to(dt), state.kl.to(dt), state.cos.to(dt)
+        c = reference.confidence_prior(tce)
+        M = tce.shape[1]
+        u = torch.full_like(c, 1.0 / M)
+        out = []
+        for pi, g, lam in ((pi_l, reference.gap_prior(kl), getattr(agent, "logit_weight_factor", None)),
+                           (pi_f, reference.similarity_prior(cos), getattr(agent, "feature_weight_factor", None))):
+            coef = torch.softmax(lam.detach().to(dt), 0) if (agent.dynamic and lam is not None) \
+                else torch.full((3,), 1.0 / 3, dtype=dt, device=c.device)
+            pi = pi.to(dt)
+            action = coef[0] * pi + coef[1] * c + coef[2] * g
+            prior_only = (coef[1] * c + coef[2] * g) / (coef[1] + coef[2])
+            out.append(torch.stack([(coef[0] * (pi - u)).abs().sum(1).sum(),
+                                    (coef[1] * (c - u) + coef[2] * (g - u)).abs().sum(1).sum(),
+                                    (action - prior_only).abs().sum(1).sum()]))
+        return out
+
+    def compute(self, reduce: Optional[Callable[[Tensor], Tensor]] = None, reset: bool = True) -> dict:
+        """The epoch's diagnostics as a dict of floats (one read-back), then (``reset``) start over; ``reduce``
+        sums over processes (DDP)."""
+        scalars, moments = self.scalars.clone(), self.moments.clone()
+        if reset:
+            self.reset()
+        if reduce is not None:
+            scalars, moments = reduce(scalars), reduce(moments)
+        s, mo = scalars.tolist(), moments.tolist()
+        nan = float("nan")
+        out = {}
+        for k, key in enumerate(("wl", "wf")):
+            out[f"diag_entropy_{key}"] = s[k][0] / s[k][1] if s[k][1] else nan
+            for j, name in enumerate(("policy", "prior", "shift")):
+                out[f"diag_{name}_{key}"] = s[k][2 + j] / s[k][5] if s[k][5] else nan
+            for m in range(self.num_teachers):
+                n, sw, sww, sr, srr, swr = mo[k][m]
+                cov = n * swr - sw * sr
+                var_w, var_r = n * sww - sw * sw, n * srr - sr * sr
+                # relative threshold: variances that are rounding noise count as none
+                ok = n > 1 and var_w > 1e-12 * max(n * sww, 1e-300) and var_r > 1e-12 * max(n * srr, 1e-300)
+                out[f"diag_corr_{key}_right_t{m}"] = cov / math.sqrt(var_w * var_r) if ok else nan
+        return out
+
+
+def diagnostic_columns(row: dict) -> dict:
+    """The diagnostics' entries of a metrics row."""
+    return {k: v for k, v in row.items() if k.startswith("diag_")}
+
+
+def write_diagnostics(history: list[dict], num_teachers: int, out_dir: str, names: Optional[list] = None) -> None:
+    """``agent_diagnostics.csv`` (epoch + the diag_ columns) and ``agent_diagnostics.png`` in ``out_dir``."""
+    import os
+
+    from .._io import write_csv_atomic
+
+    rows = [{"epoch": r["epoch"], **diagnostic_columns(r)} for r in history if diagnostic_columns(r)]
+    if not rows:
+        return
+    write_csv_atomic(os.path.join(out_dir, DIAGNOSTICS_CSV), rows)
+    plot_diagnostics(rows, num_teachers, os.path.join(out_dir, DIAGNOSTICS_PNG), names)
+
+
+def plot_diagnostics(rows: list[dict], num_teachers: int, path: str, names: Optional[list] = None,
+                     title: str = "") -> None:
+    """Three panels over epochs: weight entropy; correlation of each teacher's weight with its being right;
+    policy vs prior parts of the weights' distance from uniform (MTKD-RL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .._io import write_bytes_atomic
+
+    epochs = [r["epoch"] for r in rows]
+    get = lambda key: [r.get(key, float("nan")) for r in rows]  # noqa: E731
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for key, style, label in (("wl", "-", "logit"), ("wf", "--", "feature")):
+        axes[0].plot(epochs, get(f"diag_entropy_{key}"), style, marker="o", ms=3, label=f"{label} weights")
+        for t in range(num_teachers):
+            axes[1].plot(epochs, get(f"diag_corr_{key}_right_t{t}"), style, marker="o", ms=3,
+                         color=f"C{t}", label=f"{label}: teacher {t}" + (f" ({names[t]})" if names else ""))
+        axes[2].plot(epochs, get(f"diag_policy_{key}"), style, marker="o", ms=3, color="C0", label=f"{label}: policy part")
+        axes[2].plot(epochs, get(f"diag_prior_{key}"), style, marker="s", ms=3, color="C1", label=f"{label}: prior part")
+        axes[2].plot(epochs, get(f"diag_shift_{key}"), style, marker="^", ms=3, color="C2",
+                     label=f"{label}: L1 from priors-only weights")
+    axes[0].set_title("mean weight entropy / log M (1 = uniform)", fontsize=9)
+    axes[1].set_title("corr(teacher's weight, teacher is right)", fontsize=9)
+    axes[1].axhline(0.0, color="grey", lw=0.8)
+    axes[2].set_title("L1 distance of the weights from uniform: policy vs priors", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
