@@ -100,3 +100,12 @@ def test_bad_settings_are_refused(tmp_path, capsys):
         DemoSettings(student="no_such_model").validate()
     with pytest.raises(ValueError, match="teachers"):
         DemoSettings(teachers=("resnet8",)).validate()
+
+
+def test_student_per_class_flag_reaches_the_settings(tmp_path, monkeypatch):
+    import mtkd_fast.demo as demo_module
+
+    seen = {}
+    monkeypatch.setattr(demo_module, "run_demo", lambda settings, **kw: seen.setdefault("settings", settings))
+    assert main(["demo", "--student-per-class", "200", "--epochs", "60", "--out", str(tmp_path)]) == 0
+    assert seen["settings"].student_per_class == 200 and seen["settings"].epochs == 60

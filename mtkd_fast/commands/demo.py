@@ -30,6 +30,8 @@ def register(sub):
     p.add_argument("--epochs", type=_positive_int, help="student epochs (default 20; --quick: 2)")
     p.add_argument("--teacher-epochs", type=_positive_int, help="teacher epochs (default 4; --quick: 1)")
     p.add_argument("--methods", nargs="+", choices=METHODS, help=f"methods to compare (default: {' '.join(METHODS)})")
+    p.add_argument("--student-per-class", type=_positive_int,
+                   help="training images per class the student learns from (default 50; --quick: 8)")
     p.add_argument("--views", type=_positive_int,
                    help="augmentation views in the teacher cache (default 10; --quick: 2)")
     p.add_argument("--out", default="results/demo", help="results folder (default: results/demo)")
@@ -44,7 +46,7 @@ def run(args):
     from mtkd_fast.demo import DemoSettings, run_demo
 
     changes = {"device": args.device}
-    for name in ("epochs", "teacher_epochs", "views", "methods", "seeds"):
+    for name in ("epochs", "teacher_epochs", "student_per_class", "views", "methods", "seeds"):
         value = getattr(args, name)
         if value is not None:
             changes[name] = tuple(value) if isinstance(value, list) else value
