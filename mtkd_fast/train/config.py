@@ -69,6 +69,8 @@ class TrainConfig:
     # output
     out_dir: str = "runs/mtkd"
     resume: bool = False  # continue from out_dir/checkpoint_last.pt
+    overwrite: bool = False  # replace a run already in out_dir (without it or resume, such an out_dir is refused)
+    trust_checkpoint: bool = False  # allow full unpickling of trusted legacy checkpoint files (may run code)
     log_every: int = 50
     progress: bool = True
     tensorboard: bool = False
