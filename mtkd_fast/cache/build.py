@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Subset
 
 from ..teachers import LiveTeachers
 from . import storage
-from .._io import write_json_atomic
-from .manifest import (FORMAT, LAYOUT, MANIFEST, VERSION, CacheMismatchError, dataset_identity, first_difference,
-                       read_manifest, teacher_identity, unwrap_teachers)
+from .._io import clean_temp_files, write_json_atomic
+from .._lock import DirLock
+from .manifest import (DIGEST_KEY, FORMAT, LAYOUT, MANIFEST, VERSION, CacheMismatchError, dataset_identity,
+                       first_difference, manifest_digest, read_manifest, teacher_identity, unwrap_teachers)
 from .storage import FIELDS
 
 CHUNKS_DIR = "chunks"
@@ -285,10 +286,26 @@ def build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: 
                         dtype=dtype, feature_dtype=feature_dtype, topk=topk, topk_temperature=topk_temperature,
                         fields=fields, budget_bytes=budget_bytes, chunk_size=chunk_size,
                         view_schedule=view_schedule, schedule_seed=schedule_seed, device=device)
+    # one writer per cache directory: a second build into it is refused (the ranks of one torchrun job share
+    # rank 0's lock); temporary files a killed build left are removed under the lock
+    lock = DirLock(path, "cache").acquire() if rank == 0 else None
+    try:
+        if lock is not None:
+            clean_temp_files(path)
+            clean_temp_files(os.path.join(path, CHUNKS_DIR))
+        return _build_locked(path, layout, models, dataset, rank=rank, world_size=world_size, batch_size=batch_size,
+                             num_workers=num_workers, device=device, progress=progress, wait_timeout_s=wait_timeout_s)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_locked(path: str, layout: dict, models, dataset, *, rank: int, world_size: int, batch_size: int,
+                  num_workers: int, device, progress: bool, wait_timeout_s: float) -> dict | None:
     os.makedirs(os.path.join(path, CHUNKS_DIR), exist_ok=True)
     if os.path.exists(os.path.join(path, MANIFEST)):
         done = read_manifest(path)
-        d = first_difference({k: v for k, v in done.items() if k != "checksums"}, layout)
+        d = first_difference({k: v for k, v in done.items() if k not in ("checksums", DIGEST_KEY)}, layout)
         if d:
             raise CacheMismatchError(f"path: {path} already holds a finished cache made with a different {d[0]}: "
                                      f"cache has {d[1]!r}, this build has {d[2]!r}; choose another path")
@@ -367,6 +384,7 @@ def _finalize(path: str, layout: dict, wait_timeout_s: float) -> dict:
             for name in layout["arrays"]:
                 checksums[name][v][c] = rec[name]
     manifest = {**layout, "checksums": checksums}
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
     write_json_atomic(os.path.join(path, MANIFEST), manifest)
     os.unlink(os.path.join(path, LAYOUT))
     shutil.rmtree(os.path.join(path, CHUNKS_DIR), ignore_errors=True)
