@@ -44,8 +44,11 @@ def _resume_hint(argv: list[str], args) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) if str(exc) else type(exc).__name__
-    return text
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] ..." -> the message, naming the file
+        text = exc.strerror if not exc.filename or str(exc.filename) in exc.strerror \
+            else f"{exc.filename}: {exc.strerror}"
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
