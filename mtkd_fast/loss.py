@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import check_finite, check_weights, stack_teachers
+from ._validation import (check_finite, check_nonnegative_values, check_scale, check_temperature, check_weights,
+                          stack_teachers)
 
 BACKENDS = ("auto", "fused", "reference")
 
@@ -42,7 +43,11 @@ class MTKDLoss(nn.Module):
         beta: weight of feature distillation (default 5).
         backend: ``"fused"`` (compiled kernels; error if unavailable), ``"reference"`` (pure PyTorch) or
             ``"auto"`` (fused when the extension has kernels for the inputs' device, else reference).
-        check_finite: raise ``ValueError`` naming the input that holds NaN/Inf (synchronises the device).
+        check_finite: raise ``ValueError`` naming the input that holds NaN/Inf, or a negative teacher weight, and
+            on a NaN/Inf per-sample loss (synchronises the device).
+
+    ``temperature`` must be finite and > 0, ``alpha`` and ``beta`` finite and >= 0, teacher weights >= 0
+    (checked on CPU tensors always, on an accelerator under ``check_finite``).
     """
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 5.0, backend: str = "auto",
@@ -50,8 +55,8 @@ class MTKDLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature}")
+        check_temperature(temperature)  # finite and > 0
+        check_scale("alpha", alpha), check_scale("beta", beta)  # finite and >= 0
         self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
         self.backend = backend
         self.check_finite = check_finite
@@ -112,11 +117,13 @@ class MTKDLoss(nn.Module):
             check_finite("student_logits", student_logits)
             check_finite("teacher_logits", teachers)
             check_finite("logit_weights", logit_weights)
+            check_nonnegative_values("logit_weights", logit_weights)
             if has_maps:
                 for m in range(M):
                     check_finite(f"student_maps[{m}]", student_maps[m])
                     check_finite(f"teacher_maps[{m}]", teacher_maps[m])
                 check_finite("feature_weights", feature_weights)
+                check_nonnegative_values("feature_weights", feature_weights)
 
         fused = self.resolve_backend(student_logits.device) == "fused"
         impl = _fused_impl() if fused else reference
@@ -141,6 +148,8 @@ class MTKDLoss(nn.Module):
             per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights, mse, wf, self.alpha, self.beta).per_sample_loss
         else:
             per_sample = reference.per_sample_loss(sce, kl, logit_weights, mse, wf, self.alpha, self.beta)
+        if self.check_finite:  # finite inputs can still overflow (e.g. a huge T^2 KL)
+            check_finite("per_sample_loss", per_sample)
         return MTKDLossOutput(loss, kl, tce, sce, mse, cos, per_sample.detach())
 
 
