@@ -71,9 +71,3 @@ def test_resume_with_more_epochs_refits_cosine(tmp_path, capsys):
     assert lrs[:3] == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
     assert lrs[3:] == pytest.approx(expect[3:], rel=1e-9)  # 0.0095, 0.0024: not 0 and 0.0125
 
-
-def test_resume_without_checkpoint_is_one_line(tmp_path, capsys):
-    rc = cli.main(["train", "--student", "resnet8", "--strategy", "none", "--out-dir", str(tmp_path / "none"),
-                   "--resume", "--epochs", "1"] + TINY)
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "checkpoint_last.pt" in err and len(err.splitlines()) == 1
