@@ -37,17 +37,17 @@ class MTKDLossOutput(NamedTuple):
 class MTKDLoss(nn.Module):
     """L = mean_i SCE_i + alpha sum_m mean_i(wl_im KL_im) + beta sum_m mean_i(wf_im MSE_im).
 
+    ``temperature`` must be finite and > 0, ``alpha`` and ``beta`` finite and >= 0, teacher weights >= 0
+    (checked on CPU tensors always; on an accelerator under ``check_finite``, which also refuses a negative
+    weight and a NaN/Inf per-sample loss).
+
     Args:
         temperature: softmax temperature T of the KL term (default 4).
         alpha: weight of logit distillation (default 1).
         beta: weight of feature distillation (default 5).
         backend: ``"fused"`` (compiled kernels; error if unavailable), ``"reference"`` (pure PyTorch) or
             ``"auto"`` (fused when the extension has kernels for the inputs' device, else reference).
-        check_finite: raise ``ValueError`` naming the input that holds NaN/Inf, or a negative teacher weight, and
-            on a NaN/Inf per-sample loss (synchronises the device).
-
-    ``temperature`` must be finite and > 0, ``alpha`` and ``beta`` finite and >= 0, teacher weights >= 0
-    (checked on CPU tensors always, on an accelerator under ``check_finite``).
+        check_finite: raise ``ValueError`` naming the input that holds NaN/Inf (synchronises the device).
     """
 
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 5.0, backend: str = "auto",
