@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from ._validation import FLOAT_DTYPES, check_logits, check_maps, check_targets, check_tensor, check_weights, stack_teachers
 from ._validation import check_scale, check_temperature
+from ._validation import FLOAT_DTYPES, check_logits, check_maps, check_targets, check_tensor, check_weights, stack_teachers
 from .reference import FeatureKDOutput, LogitKDOutput, _check_stats
 
 __all__ = [
