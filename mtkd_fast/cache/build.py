@@ -9,6 +9,7 @@ batches, ends byte-identical to an uninterrupted one. Under torchrun each rank t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -237,7 +238,7 @@ def _batches(dataset, s: int, e: int, batch_size: int, num_workers: int, device)
         raise ValueError(f"dataset: expected {e - s} samples for items {s}..{e - 1}, the loader gave {pos - s}")
 
 
-def build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: Sequence[str] | None = None,
+def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: Sequence[str] | None = None,
                 checkpoints: Sequence[str | None] | None = None, dtype: str = "float16",
                 feature_dtype: str | None = None, topk: int | None = None, topk_temperature: float = 4.0,
                 fields: Sequence[str] = FIELDS, budget_bytes: int | None = None, chunk_size: int = 1024,
@@ -286,22 +287,6 @@ def build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: 
                         dtype=dtype, feature_dtype=feature_dtype, topk=topk, topk_temperature=topk_temperature,
                         fields=fields, budget_bytes=budget_bytes, chunk_size=chunk_size,
                         view_schedule=view_schedule, schedule_seed=schedule_seed, device=device)
-    # one writer per cache directory: a second build into it is refused (the ranks of one torchrun job share
-    # rank 0's lock); temporary files a killed build left are removed under the lock
-    lock = DirLock(path, "cache").acquire() if rank == 0 else None
-    try:
-        if lock is not None:
-            clean_temp_files(path)
-            clean_temp_files(os.path.join(path, CHUNKS_DIR))
-        return _build_locked(path, layout, models, dataset, rank=rank, world_size=world_size, batch_size=batch_size,
-                             num_workers=num_workers, device=device, progress=progress, wait_timeout_s=wait_timeout_s)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _build_locked(path: str, layout: dict, models, dataset, *, rank: int, world_size: int, batch_size: int,
-                  num_workers: int, device, progress: bool, wait_timeout_s: float) -> dict | None:
     os.makedirs(os.path.join(path, CHUNKS_DIR), exist_ok=True)
     if os.path.exists(os.path.join(path, MANIFEST)):
         done = read_manifest(path)
@@ -362,6 +347,25 @@ def _build_locked(path: str, layout: dict, models, dataset, *, rank: int, world_
     if rank != 0:
         return None
     return _finalize(path, layout, wait_timeout_s if world_size > 1 else 0.0)
+
+
+@functools.wraps(_build_cache)
+def build_cache(path: str, dataset, teachers, **options) -> dict | None:
+    # one writer per cache directory: a second build into it is refused (the ranks of one torchrun job share
+    # rank 0's lock); temporary files a killed build left are removed under the lock
+    rank = options.get("rank")
+    if rank is None or options.get("world_size") is None:
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    lock = DirLock(path, "cache").acquire() if rank == 0 else None
+    try:
+        if lock is not None:
+            clean_temp_files(path)
+            clean_temp_files(os.path.join(path, CHUNKS_DIR))
+        return _build_cache(path, dataset, teachers, **options)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _finalize(path: str, layout: dict, wait_timeout_s: float) -> dict:
