@@ -18,6 +18,50 @@ AMP = (None, "bf16", "fp16")
 AGENT_UPDATES = ("bce", "policy_gradient")
 BUFFER_DTYPES = ("float32", "bfloat16", "float16")
 
+# the type of each field, as a config file must give it (flags are converted by argparse)
+_OPTIONAL_INT = ("limit_per_class", "max_steps_per_epoch")
+_OPTIONAL_STR = ("teacher_cache", "data_root", "amp")
+_LIST_OF = {"teachers": str, "teacher_checkpoints": str, "milestones": int}
+
+
+def _check_types(cfg: "TrainConfig") -> None:
+    """Every field of the type its default has: a config file's ``{"lr": "0.1"}`` gets the same one-line
+    error as a bad flag (``lr: expected a number, got '0.1'``), not a TypeError deep in the trainer."""
+    for f in dataclasses.fields(cfg):
+        name = f.name
+        value = getattr(cfg, name)
+        if name in _LIST_OF:
+            kind = _LIST_OF[name]
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                what = "strings" if kind is str else "integers"
+                raise ValueError(f"{name}: expected a list of {what}, got {value!r}")
+            setattr(cfg, name, list(value))
+            continue
+        if name in _OPTIONAL_INT:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name}: expected an integer (or none), got {value!r}")
+            continue
+        if name in _OPTIONAL_STR:
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}: expected a string (or none), got {value!r}")
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected true or false, got {value!r}")
+        elif isinstance(default, int):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}: expected an integer, got {value!r}")
+        elif isinstance(default, float):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{name}: expected a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+
+
 
 @dataclass
 class TrainConfig:
@@ -161,50 +205,6 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
-
-
-# the type of each field, as a config file must give it (flags are converted by argparse)
-_OPTIONAL_INT = ("limit_per_class", "max_steps_per_epoch")
-_OPTIONAL_STR = ("teacher_cache", "data_root", "amp")
-_LIST_OF = {"teachers": str, "teacher_checkpoints": str, "milestones": int}
-
-
-def _check_types(cfg: "TrainConfig") -> None:
-    """Every field of the type its default has: a config file's ``{"lr": "0.1"}`` gets the same one-line
-    error as a bad flag (``lr: expected a number, got '0.1'``), not a TypeError deep in the trainer."""
-    for f in dataclasses.fields(cfg):
-        name = f.name
-        value = getattr(cfg, name)
-        if name in _LIST_OF:
-            kind = _LIST_OF[name]
-            if not isinstance(value, (list, tuple)) or not all(
-                    isinstance(v, kind) and not isinstance(v, bool) for v in value):
-                what = "strings" if kind is str else "integers"
-                raise ValueError(f"{name}: expected a list of {what}, got {value!r}")
-            setattr(cfg, name, list(value))
-            continue
-        if name in _OPTIONAL_INT:
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ValueError(f"{name}: expected an integer (or none), got {value!r}")
-            continue
-        if name in _OPTIONAL_STR:
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{name}: expected a string (or none), got {value!r}")
-            continue
-        default = f.default
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name}: expected true or false, got {value!r}")
-        elif isinstance(default, int):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name}: expected an integer, got {value!r}")
-        elif isinstance(default, float):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ValueError(f"{name}: expected a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name}: expected a finite number, got {value!r}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ValueError(f"{name}: expected a string, got {value!r}")
 
 
 # The authors' teacher pretraining (spec section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight decay
