@@ -124,6 +124,8 @@ def _claim_out_dir(config: TrainConfig) -> Optional[DirLock]:
     try:
         clean_temp_files(config.out_dir)
         present = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(config.out_dir, name))]
+        if present == [CONFIG_JSON]:  # a run stopped before its first epoch ended: nothing to keep
+            present = []
         if config.resume:
             if not os.path.isfile(os.path.join(config.out_dir, CHECKPOINT_LAST)):
                 raise FileNotFoundError(f"resume: no {CHECKPOINT_LAST} in out_dir {config.out_dir!r} to resume from")
