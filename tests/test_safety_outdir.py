@@ -11,7 +11,7 @@ import torch
 
 from mtkd_fast import cli
 from mtkd_fast._lock import LOCK_NAME
-from safety_cli import TINY, one_line_error, run
+from safety_cli import TINY
 
 BASE = ["train", "--student", "resnet8", "--strategy", "none", "--epochs", "1"] + TINY
 
@@ -62,7 +62,7 @@ def test_two_real_runs_into_one_out_dir(tmp_path, capsys):
     """Through the console script: while one run writes the out_dir, a second is refused; the first finishes
     and its outputs are its own."""
     out = tmp_path / "run"
-    slow = ["train", "--student", "resnet8", "--strategy", "none", "--epochs", "3", "--out-dir", out, "--lr", "0.07"] \
+    slow = ["train", "--student", "resnet8", "--strategy", "none", "--epochs", "8", "--out-dir", out, "--lr", "0.07"] \
         + [a for a in TINY if a not in ("--max-steps-per-epoch", "1")] + ["--max-steps-per-epoch", "2"]
     from safety_cli import ROOT, command
 
@@ -82,4 +82,4 @@ def test_two_real_runs_into_one_out_dir(tmp_path, capsys):
     assert first.returncode == 0, stderr
     assert json.loads((out / "config.json").read_text())["lr"] == 0.07
     ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
-    assert ckpt["config"]["lr"] == 0.07 and ckpt["epoch"] == 3
+    assert ckpt["config"]["lr"] == 0.07 and ckpt["epoch"] == 8
