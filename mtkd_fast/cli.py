@@ -30,7 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
+    _add_debug_flag(parser)
     return parser
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after any verb too (``mtkd-fast train ... --debug``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                if "--debug" not in child._option_string_actions:
+                    child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                       help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
+                _add_debug_flag(child)
 
 
 def _resume_hint(argv: list[str], args) -> str:

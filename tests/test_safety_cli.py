@@ -79,6 +79,10 @@ def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
     assert cli.main(args) == 1
     with pytest.raises(DataError, match="bad.pth"):
         cli.main(["--debug"] + args)
+    with pytest.raises(DataError, match="bad.pth"):
+        cli.main(args + ["--debug"])  # after the verb too
+    with pytest.raises(ValueError, match="--random-teachers"):
+        cli.main(["cache", "build", "--out", str(tmp_path / "c"), "--teachers", "resnet8", "--debug"])
     monkeypatch.setenv("MTKD_FAST_DEBUG", "1")
     with pytest.raises(DataError, match="bad.pth"):
         cli.main(args)
