@@ -16,7 +16,12 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-__all__ = ["write_atomic", "write_bytes_atomic", "write_json_atomic", "write_csv_atomic", "save_atomic", "file_sha256"]
+__all__ = ["write_atomic", "write_bytes_atomic", "write_json_atomic", "write_csv_atomic", "save_atomic", "file_sha256",
+           "load_torch_file", "clean_temp_files", "TRUST_HINT"]
+
+TEMP_PREFIX = ".tmp-"
+# the documented opt-in for a trusted file that holds more than tensors and plain containers
+TRUST_HINT = "if you trust this file, pass --trust-checkpoint"
 
 
 def _public_mode() -> int:
@@ -30,7 +35,7 @@ def write_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write(f)`` on a binary temporary file beside ``path``, then move it onto ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -38,9 +43,16 @@ def write_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _public_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # a full disk (or any failed write) names the file; the previous version of ``path`` is untouched
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            reason = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"{path}: could not write ({reason}); the previous file is unchanged") from exc
+        if isinstance(exc, RuntimeError) and "write" in str(exc).lower():  # torch's zip writer wraps OSErrors
+            raise OSError(f"{path}: could not write ({str(exc).splitlines()[0]}); the previous file is unchanged") \
+                from exc
         raise
 
 
@@ -76,3 +88,56 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def clean_temp_files(directory: str) -> list[str]:
+    """Remove the ``.tmp-*`` files a killed writer left in ``directory`` (call it while holding the directory's
+    lock, so no live writer's file is removed). Returns the removed paths."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in os.listdir(directory):
+        full = os.path.join(directory, name)
+        if name.startswith(TEMP_PREFIX) and os.path.isfile(full):
+            try:
+                os.unlink(full)
+                removed.append(full)
+            except OSError:
+                pass
+    return removed
+
+
+def load_torch_file(path: str, map_location="cpu", trusted: bool = False, what: str = "checkpoint"):
+    """``torch.load`` a file a user handed us, with ``weights_only=True`` unless ``trusted``.
+
+    Every failure is one ``DataError`` line naming the file: missing, empty, not a PyTorch file, truncated, or
+    holding Python objects a weights-only load refuses (those are never unpickled, so no code in them runs).
+    """
+    import pickle
+
+    from ._validation import DataError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no such file {path!r}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the {what} file is empty")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as exc:
+        if not trusted and "weights only load failed" in str(exc).lower():
+            raise DataError(f"{path}: refused: the {what} holds Python objects besides tensors and plain "
+                            f"containers, and loading them could run code; {TRUST_HINT}") from None
+        raise DataError(f"{path}: not a readable PyTorch {what} (corrupt or not a torch.save file: "
+                        f"{_first_line(exc)})") from None
+    except (EOFError, RuntimeError, ValueError, OSError, AttributeError, ImportError, IndexError, KeyError,
+            TypeError, MemoryError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise DataError(f"{path}: not a readable PyTorch {what} (corrupt or truncated: "
+                        f"{type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else "no details")[:200]

@@ -6,10 +6,18 @@ the argument's name and says what was expected, so a user sees at once which inp
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+
+
+class DataError(ValueError):
+    """A file or directory the user handed us cannot be used as it is (corrupt, truncated, in use by another
+    process, edited). The command line reports it in one line with exit status 1 (usage mistakes: 2)."""
+
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -86,7 +94,10 @@ def check_targets(name: str, targets: Tensor, B: int, K: int, device) -> None:
 
 
 def check_weights(name: str, w: Tensor, B: int, M: int, device, what: str = "teacher weights") -> None:
-    """A floating [B, M] tensor on ``device``."""
+    """A floating [B, M] tensor on ``device``; teacher weights must also be non-negative (a negative weight turns
+    distillation into pushing the student away from a teacher). Like the target range, the values are checked
+    on the CPU only (on an accelerator that would read back to the host every step; ``check_finite=True`` of
+    :class:`mtkd_fast.MTKDLoss` checks them there)."""
     check_tensor(name, w)
     if w.dim() != 2 or w.shape[0] != B or w.shape[1] != M:
         raise ValueError(f"{name}: expected {what} of shape [{B}, {M}] ([B, M]), got {_shape(w)}")
@@ -94,6 +105,31 @@ def check_weights(name: str, w: Tensor, B: int, M: int, device, what: str = "tea
         raise ValueError(f"{name}: expected a floating dtype, got {w.dtype}")
     if w.device != torch.device(device):
         raise ValueError(f"{name}: expected device {device}, got {w.device}")
+    if what == "teacher weights" and w.numel() and w.device.type == "cpu" and not torch.compiler.is_compiling():
+        check_nonnegative_values(name, w)
+
+
+def check_nonnegative_values(name: str, w: Tensor) -> None:
+    """Raise if ``w`` has a negative entry (reads the tensor: call it on the CPU or when a sync is wanted)."""
+    lo = float(w.detach().min())
+    if lo < 0:
+        raise ValueError(f"{name}: expected non-negative teacher weights, got a minimum of {lo:g}")
+
+
+def check_temperature(temperature, name: str = "temperature") -> float:
+    """A finite number > 0 (T = inf makes every softmax uniform and the KL term NaN)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{name}: expected a finite positive number, got {temperature!r}")
+    return float(temperature)
+
+
+def check_scale(name: str, value) -> float:
+    """A loss weight (alpha, beta): a finite number >= 0 (a negative one would reward moving away from the
+    teachers, and the loss could fall below the cross-entropy alone)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name}: expected a finite non-negative number, got {value!r}")
+    return float(value)
 
 
 def check_per_sample(name: str, v: Tensor, B: int, device) -> None:
@@ -120,6 +156,8 @@ def check_maps(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor]) -
         check_tensor(f"teacher_maps[{m}]", f)
         if g.dim() != 4:
             raise ValueError(f"student_maps[{m}]: expected shape [B, C, H, W], got {_shape(g)}")
+        if g.numel() == 0:  # B = 0 or an empty channel/spatial dimension: no mean to take, on any backend
+            raise ValueError(f"student_maps[{m}]: expected a non-empty map (B, C, H, W >= 1), got {_shape(g)}")
         if f.shape != g.shape:
             raise ValueError(f"teacher_maps[{m}]: expected shape {_shape(g)} like student_maps[{m}], got {_shape(f)}")
         if g.shape[0] != ref.shape[0]:

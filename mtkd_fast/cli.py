@@ -1,37 +1,99 @@
 """The ``mtkd-fast`` command line. Each verb lives in its own module under ``mtkd_fast/commands/``, which
-defines ``register(subparsers)``; this file only discovers them, so adding a verb touches one new file."""
+defines ``register(subparsers)``; this file only discovers them, so adding a verb touches one new file.
+
+A user's mistake is reported in one line, without a traceback: exit status 2 for usage (a bad option, a missing
+file, a value out of range), 1 for a file or directory that cannot be used as it is (corrupt, locked, disk full),
+130 for Ctrl-C. ``--debug`` (or ``MTKD_FAST_DEBUG=1``) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
+import shlex
 import sys
 
 from . import commands
+from ._validation import DataError
+
+DEBUG_ENV = "MTKD_FAST_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtkd-fast", description="Fast multi-teacher knowledge distillation (MTKD-RL).")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         if hasattr(module, "register"):
             module.register(sub)
+    _add_debug_flag(parser)
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after any verb too (``mtkd-fast train ... --debug``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                if "--debug" not in child._option_string_actions:
+                    child.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                       help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
+                _add_debug_flag(child)
+
+
+def _resume_hint(argv: list[str], args) -> str:
+    """What to run to continue after an interruption."""
+    if args.command in ("train", "train-teacher"):
+        again = [a for a in argv if a not in ("--resume", "--overwrite", "--no-resume")] + ["--resume"]
+        return "; resume with: mtkd-fast " + " ".join(shlex.quote(a) for a in again)
+    if args.command == "cache" and getattr(args, "cache_command", None) == "build":
+        return "; run the same command again to resume the build: mtkd-fast " + " ".join(shlex.quote(a) for a in argv)
+    return ""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] ..." -> the message, naming the file
+        text = exc.strerror if not exc.filename or str(exc.filename) in exc.strerror \
+            else f"{exc.filename}: {exc.strerror}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    name = f"mtkd-fast {args.command}"
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:  # user errors: one clear line, no traceback
-        print(f"mtkd-fast {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{name}: interrupted{_resume_hint(argv, args)}", file=sys.stderr)
+        return 130
+    except DataError as exc:  # a file or directory that cannot be used as it is
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:  # usage
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permissions, ...: the message names the file
+        if debug:
+            raise
+        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -174,7 +174,8 @@ def _train_or_load_teacher(settings: DemoSettings, arch: str, index: int, finger
         result = train_teacher(arch, dataset="bundled", limit_per_class=settings.teacher_per_class,
                                epochs=settings.teacher_epochs, lr=recipe["lr"], batch_size=settings.batch_size,
                                schedule="cosine", seed=recipe["seed"], max_steps_per_epoch=settings.max_steps_per_epoch,
-                               eval_every=settings.teacher_epochs, device=str(device), out_dir=run_dir, log_every=10)
+                               eval_every=settings.teacher_epochs, device=str(device), out_dir=run_dir, log_every=10,
+                               overwrite=True)  # a run here is one the demo found not reusable
     write_bytes_atomic(os.path.join(run_dir, "train.log"), log.getvalue().encode())
     ckpt = os.path.join(folder, "teacher.pth")
     # the LAST epoch's weights: picking the best epoch would select on the test split

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import check_finite, check_weights, stack_teachers
+from ._validation import (check_finite, check_nonnegative_values, check_scale, check_temperature, check_weights,
+                          stack_teachers)
 
 BACKENDS = ("auto", "fused", "reference")
 
@@ -36,6 +37,10 @@ class MTKDLossOutput(NamedTuple):
 class MTKDLoss(nn.Module):
     """L = mean_i SCE_i + alpha sum_m mean_i(wl_im KL_im) + beta sum_m mean_i(wf_im MSE_im).
 
+    ``temperature`` must be finite and > 0, ``alpha`` and ``beta`` finite and >= 0, teacher weights >= 0
+    (checked on CPU tensors always; on an accelerator under ``check_finite``, which also refuses a negative
+    weight and a NaN/Inf per-sample loss).
+
     Args:
         temperature: softmax temperature T of the KL term (default 4).
         alpha: weight of logit distillation (default 1).
@@ -51,8 +56,8 @@ class MTKDLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {temperature}")
+        check_temperature(temperature)  # finite and > 0
+        check_scale("alpha", alpha), check_scale("beta", beta)  # finite and >= 0
         self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
         self.backend = backend
         self.check_finite = check_finite
@@ -121,11 +126,13 @@ class MTKDLoss(nn.Module):
             check_finite("student_logits", student_logits)
             check_finite("teacher_logits", teachers)
             check_finite("logit_weights", logit_weights)
+            check_nonnegative_values("logit_weights", logit_weights)
             if has_maps:
                 for m in range(M):
                     check_finite(f"student_maps[{m}]", student_maps[m])
                     check_finite(f"teacher_maps[{m}]", teacher_maps[m])
                 check_finite("feature_weights", feature_weights)
+                check_nonnegative_values("feature_weights", feature_weights)
 
         dtypes = (student_logits.dtype, student_maps[0].dtype) if has_maps else (student_logits.dtype,)
         fused = self.resolve_backend(student_logits.device, dtypes) == "fused"
@@ -151,6 +158,8 @@ class MTKDLoss(nn.Module):
             per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights, mse, wf, self.alpha, self.beta).per_sample_loss
         else:
             per_sample = reference.per_sample_loss(sce, kl, logit_weights, mse, wf, self.alpha, self.beta)
+        if self.check_finite:  # finite inputs can still overflow (e.g. a huge T^2 KL)
+            check_finite("per_sample_loss", per_sample)
         return MTKDLossOutput(loss, kl, tce, sce, mse, cos, per_sample.detach())
 
 

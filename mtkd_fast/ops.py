@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _ext
+from ._validation import check_scale, check_temperature
 from ._validation import FLOAT_DTYPES, check_logits, check_maps, check_targets, check_tensor, check_weights, stack_teachers
 from .reference import FeatureKDOutput, LogitKDOutput, _check_stats
 
@@ -101,8 +102,7 @@ def mtkd_logit_kd(
     M = len(teachers)
     check_targets("targets", targets, B, K, student_logits.device)
     check_weights("weights", weights, B, M, student_logits.device)
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+    check_temperature(temperature), check_scale("alpha", alpha)
     dtype = _common_dtype([student_logits, *teachers])
     student = student_logits.to(dtype).contiguous()
     teachers = [t.detach().to(dtype).contiguous() for t in teachers]
@@ -140,6 +140,7 @@ def feature_kd_and_cosine(
     Without embeddings the third value is None. Used by :class:`mtkd_fast.MTKDLoss`.
     """
     _require_extension()
+    check_scale("beta", beta)
     check_maps(student_maps, teacher_maps)
     B, M = student_maps[0].shape[0], len(student_maps)
     check_weights("weights", weights, B, M, student_maps[0].device)
@@ -186,6 +187,7 @@ def per_sample_loss_and_reward(
     """
     _require_extension()
     _check_stats(student_ce, kl, logit_weights, mse, feature_weights)
+    check_scale("alpha", alpha), check_scale("beta", beta)
     for name, t in (("student_ce", student_ce), ("kl", kl)):
         if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")

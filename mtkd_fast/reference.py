@@ -22,7 +22,9 @@ from ._validation import (
     check_logits,
     check_maps,
     check_per_sample,
+    check_scale,
     check_targets,
+    check_temperature,
     check_weights,
     stack_teachers,
 )
@@ -149,6 +151,7 @@ def mtkd_logit_kd(
     ``weights`` [B, M] carry no gradient (detached here, as the spec requires).
     """
     check_logits("student_logits", student_logits)
+    check_scale("alpha", alpha)
     teachers = stack_teachers("teacher_logits", teacher_logits, student_logits)
     B, M = student_logits.shape[0], teachers.shape[0]
     check_targets("targets", targets, B, student_logits.shape[1], student_logits.device)
@@ -165,6 +168,7 @@ def mtkd_feature_kd(
     student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], weights: Tensor, beta: float = 5.0
 ) -> FeatureKDOutput:
     """Feature distillation: ``beta * sum_m mean_i(wf_im * MSE_im)`` and the per-sample MSE [B, M]."""
+    check_scale("beta", beta)
     mse = feature_mse_per_sample(student_maps, teacher_maps)
     B, M = mse.shape
     check_weights("weights", weights, B, M, mse.device)
@@ -231,6 +235,7 @@ def per_sample_loss(
     ``mse``/``feature_weights`` may be omitted together (logit distillation only).
     """
     B, M = _check_stats(student_ce, kl, logit_weights, mse, feature_weights)
+    check_scale("alpha", alpha), check_scale("beta", beta)
     loss = student_ce + alpha * (logit_weights.detach().to(kl.dtype) * kl).sum(1)
     if mse is not None:
         loss = loss + beta * (feature_weights.detach().to(mse.dtype) * mse).sum(1)
@@ -338,17 +343,25 @@ def action(
 def normalized_reward(per_sample: Tensor) -> Tensor:
     """r_hat = clamp((r - mean r) / std r, 0, 1) with r = -per_sample loss and Bessel's std.
 
-    A batch of one sample, or one whose losses are all equal (std 0), gets reward 0 instead of NaN.
+    A batch of one sample, or one whose losses are all equal (std 0), gets reward 0 instead of NaN. A NaN/Inf
+    loss gets reward 0 and is left out of the mean and std, so it does not zero the other samples' rewards
+    (``MTKDLoss(check_finite=True)`` raises on it instead).
     """
     if per_sample.dim() != 1:
         raise ValueError(f"per_sample: expected a [B] vector of per-sample losses, got {tuple(per_sample.shape)}")
     r = -per_sample.detach()
     if r.numel() < 2:
         return torch.zeros_like(r)
-    std = r.std(unbiased=True)
-    # select instead of branching on std > 0: a training step never reads the std back to the host
-    z = ((r - r.mean()) / torch.where(std > 0, std, torch.ones_like(std))).clamp(0.0, 1.0)
-    return torch.where(std > 0, z, torch.zeros_like(z))
+    # selects instead of branches: a training step never reads a statistic back to the host
+    finite = torch.isfinite(r)
+    n = finite.sum().to(r.dtype)
+    zero = torch.zeros_like(r)
+    mean = torch.where(finite, r, zero).sum() / n.clamp(min=1)
+    dev = torch.where(finite, r - mean, zero)
+    std = (dev.pow(2).sum() / (n - 1).clamp(min=1)).sqrt()
+    ok = (n >= 2) & (std > 0)
+    z = (dev / torch.where(ok, std, torch.ones_like(std))).clamp(0.0, 1.0)
+    return torch.where(ok & finite, z, zero)
 
 
 def agent_bce_loss(logit_weights: Tensor, feature_weights: Tensor, reward: Tensor) -> Tensor:
@@ -375,8 +388,7 @@ def agent_bce_loss(logit_weights: Tensor, feature_weights: Tensor, reward: Tenso
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature: expected a positive number, got {temperature}")
+    check_temperature(temperature)
 
 
 def _check_bm(name: str, t: Tensor) -> int:

@@ -61,7 +61,7 @@ def test_cli_build_info_verify(tmp_path, capsys):
     out = tmp_path / "c"
     args = ["cache", "build", "--out", str(out), "--dataset", "bundled", "--limit-per-class", "2", "--teachers",
             *TEACHERS, "--views", "2", "--feature-dtype", "int8", "--chunk-size", "8", "--device", "cpu",
-            "--no-progress"]
+            "--no-progress", "--random-teachers"]
     assert main(args) == 0
     assert "2 view(s) x 20 samples" in capsys.readouterr().out
     assert main(["cache", "info", str(out)]) == 0

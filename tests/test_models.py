@@ -360,7 +360,7 @@ def test_load_checkpoint_with_python_objects_needs_trust(tmp_path):
     source = _randomised(create_model("resnet8", 100))
     path = tmp_path / "old.pth"
     torch.save({"model": source.state_dict(), "opt": argparse.Namespace(lr=0.05)}, path)
-    with pytest.raises(ValueError, match=r"old\.pth: holds Python objects.*trusted=True"):
+    with pytest.raises(ValueError, match=r"old\.pth: refused: the checkpoint holds Python objects.*--trust-checkpoint"):
         load_checkpoint(create_model("resnet8", 100), path)
     target = load_checkpoint(create_model("resnet8", 100), path, trusted=True)
     assert torch.equal(target.fc.weight, source.fc.weight)

@@ -9,6 +9,7 @@ batches, ends byte-identical to an uninterrupted one. Under torchrun each rank t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,9 +22,10 @@ from torch.utils.data import DataLoader, Subset
 
 from ..teachers import LiveTeachers
 from . import storage
-from .._io import write_json_atomic
-from .manifest import (FORMAT, LAYOUT, MANIFEST, VERSION, CacheMismatchError, dataset_identity, first_difference,
-                       read_manifest, teacher_identity, unwrap_teachers)
+from .._io import clean_temp_files, write_json_atomic
+from .._lock import DirLock
+from .manifest import (DIGEST_KEY, FORMAT, LAYOUT, MANIFEST, VERSION, CacheMismatchError, dataset_identity,
+                       first_difference, manifest_digest, read_manifest, teacher_identity, unwrap_teachers)
 from .storage import FIELDS
 
 CHUNKS_DIR = "chunks"
@@ -236,7 +238,7 @@ def _batches(dataset, s: int, e: int, batch_size: int, num_workers: int, device)
         raise ValueError(f"dataset: expected {e - s} samples for items {s}..{e - 1}, the loader gave {pos - s}")
 
 
-def build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: Sequence[str] | None = None,
+def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: Sequence[str] | None = None,
                 checkpoints: Sequence[str | None] | None = None, dtype: str = "float16",
                 feature_dtype: str | None = None, topk: int | None = None, topk_temperature: float = 4.0,
                 fields: Sequence[str] = FIELDS, budget_bytes: int | None = None, chunk_size: int = 1024,
@@ -288,7 +290,7 @@ def build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: 
     os.makedirs(os.path.join(path, CHUNKS_DIR), exist_ok=True)
     if os.path.exists(os.path.join(path, MANIFEST)):
         done = read_manifest(path)
-        d = first_difference({k: v for k, v in done.items() if k != "checksums"}, layout)
+        d = first_difference({k: v for k, v in done.items() if k not in ("checksums", DIGEST_KEY)}, layout)
         if d:
             raise CacheMismatchError(f"path: {path} already holds a finished cache made with a different {d[0]}: "
                                      f"cache has {d[1]!r}, this build has {d[2]!r}; choose another path")
@@ -347,6 +349,25 @@ def build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: 
     return _finalize(path, layout, wait_timeout_s if world_size > 1 else 0.0)
 
 
+@functools.wraps(_build_cache)
+def build_cache(path: str, dataset, teachers, **options) -> dict | None:
+    # one writer per cache directory: a second build into it is refused (the ranks of one torchrun job share
+    # rank 0's lock); temporary files a killed build left are removed under the lock
+    rank = options.get("rank")
+    if rank is None or options.get("world_size") is None:
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    lock = DirLock(path, "cache").acquire() if rank == 0 else None
+    try:
+        if lock is not None:
+            clean_temp_files(path)
+            clean_temp_files(os.path.join(path, CHUNKS_DIR))
+        return _build_cache(path, dataset, teachers, **options)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _finalize(path: str, layout: dict, wait_timeout_s: float) -> dict:
     """Gather every unit's checksums into manifest.json (waiting for other ranks' records up to the timeout)."""
     V, C = layout["views"], layout["num_chunks"]
@@ -367,6 +388,7 @@ def _finalize(path: str, layout: dict, wait_timeout_s: float) -> dict:
             for name in layout["arrays"]:
                 checksums[name][v][c] = rec[name]
     manifest = {**layout, "checksums": checksums}
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
     write_json_atomic(os.path.join(path, MANIFEST), manifest)
     os.unlink(os.path.join(path, LAYOUT))
     shutil.rmtree(os.path.join(path, CHUNKS_DIR), ignore_errors=True)

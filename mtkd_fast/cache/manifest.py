@@ -18,18 +18,20 @@ import torch
 from torch import nn
 
 from .._io import file_sha256
+from .._validation import DataError
 
 FORMAT = "mtkd_fast.teacher_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
 LAYOUT = "layout.json"  # written when a build starts; becomes manifest.json (plus checksums) when it ends
+DIGEST_KEY = "manifest_sha256"  # the manifest's checksum of its own content (see manifest_digest)
 
 
 class CacheMismatchError(ValueError):
     """The cache was made from other teachers, data or settings than the caller's."""
 
 
-class CacheCorruptError(ValueError):
+class CacheCorruptError(DataError):
     """A cache file is missing bytes or its content does not match the recorded checksum."""
 
 
@@ -44,13 +46,34 @@ def read_manifest(cache_dir: str) -> dict:
     try:
         with open(path) as f:
             m = json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CacheCorruptError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(m, dict):
+        raise CacheCorruptError(f"{path}: expected a JSON object, got {type(m).__name__}; rebuild the cache")
     if m.get("format") != FORMAT:
         raise ValueError(f"path: {path} is not an mtkd_fast teacher cache (format {m.get('format')!r})")
     if m.get("version") != VERSION:
         raise ValueError(f"path: cache format version {m.get('version')} is not supported (expected {VERSION})")
+    check_manifest_digest(m, path)
     return m
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON (sorted keys, no spaces) without its own digest entry: every
+    array's dtype, shape and file, the encodings and the chunk checksums are covered by it."""
+    body = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_manifest_digest(manifest: dict, path: str) -> None:
+    """Raise CacheCorruptError if ``manifest`` was edited (or damaged) after the build wrote it."""
+    recorded = manifest.get(DIGEST_KEY)
+    if recorded is None:
+        raise CacheCorruptError(f"{path}: the manifest has no checksum of its own content ({DIGEST_KEY}); it was "
+                                "edited or written by an older version: rebuild the cache")
+    if recorded != manifest_digest(manifest):
+        raise CacheCorruptError(f"{path}: the manifest's content does not match its checksum ({DIGEST_KEY}): the "
+                                "file was edited or damaged; rebuild the cache")
 
 
 def first_difference(expected: Any, actual: Any, prefix: str = "") -> tuple[str, Any, Any] | None:

@@ -39,7 +39,10 @@ def verify_chunk(manifest: dict, arrays: dict, v: int, c: int, path: str = "") -
 def verify_cache(path: str, progress: bool = False) -> dict:
     """Check every array's size and every chunk's checksum. Returns ``{"ok": bool, "problems": [str, ...],
     "chunks_checked": int}``; never raises for a damaged cache (that is what it reports)."""
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except CacheCorruptError as exc:  # an edited or damaged manifest: nothing else can be trusted
+        return {"ok": False, "problems": [str(exc)], "chunks_checked": 0}
     problems = []
     arrays = {}
     for name, spec in manifest["arrays"].items():

@@ -20,6 +20,12 @@ def register(sub):
     b.add_argument("--limit-per-class", type=int, default=None, help="use the first N training samples of each class")
     b.add_argument("--teachers", nargs="+", required=True, metavar="ARCH", help="teacher model names")
     b.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE", help="one checkpoint per teacher")
+    b.add_argument("--random-teachers", action="store_true",
+                   help="build from randomly initialised teachers (benchmarks only); without it --checkpoints is "
+                        "required")
+    b.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow legacy teacher checkpoints that hold Python objects besides tensors (unpickling can "
+                        "run code: only for files you trust)")
     b.add_argument("--views", type=int, default=1, help="V, augmentation views per sample (default 1)")
     b.add_argument("--view-schedule", default="cyclic", choices=["cyclic", "shuffled"])
     b.add_argument("--schedule-seed", type=int, default=0)
@@ -83,6 +89,9 @@ def run_build(args):
     from mtkd_fast.cache.storage import format_bytes, parse_bytes
     from mtkd_fast.data import build_dataset
 
+    if args.checkpoints is None and not args.random_teachers:
+        raise ValueError("--checkpoints: no teacher checkpoints given; a cache of randomly initialised teachers is "
+                         "only useful for benchmarks: pass --random-teachers to build one")
     if args.checkpoints is not None and len(args.checkpoints) != len(args.teachers):
         raise ValueError(f"--checkpoints: expected {len(args.teachers)} files (one per teacher), "
                          f"got {len(args.checkpoints)}")
@@ -104,7 +113,7 @@ def run_build(args):
         for m, name in enumerate(args.teachers):
             model = models.create_model(name, int(ds.num_classes))
             if args.checkpoints:
-                models.load_checkpoint(model, args.checkpoints[m])
+                models.load_checkpoint(model, args.checkpoints[m], trusted=args.trust_checkpoint)
             teachers.append(model)
         manifest = build_cache(
             args.out, ds, teachers, views=args.views, teacher_names=args.teachers, checkpoints=args.checkpoints,

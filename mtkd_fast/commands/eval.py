@@ -17,6 +17,9 @@ def register(sub):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--limit-per-class", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a legacy checkpoint that holds Python objects besides tensors (unpickling it can run "
+                        "code: only for a file you trust); by default such a file is refused")
     p.set_defaults(func=run)
 
 
@@ -31,15 +34,15 @@ def run(args):
         raise FileNotFoundError(f"checkpoint: no such file {args.checkpoint!r}")
     if args.data_root is not None and not os.path.exists(args.data_root):
         raise FileNotFoundError(f"data_root: no such directory {args.data_root!r}")
+    state = load_checkpoint_file(args.checkpoint, trusted=args.trust_checkpoint)  # before reading any data
     device = resolve_device(args.device)
     subset = {"limit_per_class": args.limit_per_class} if args.limit_per_class else {}
     ds = data.build_dataset(args.dataset, split=args.split, root=args.data_root, augment=False, **subset)
     model = models.create_model(args.model, int(ds.num_classes))
-    state = load_checkpoint_file(args.checkpoint)
     if isinstance(state, dict) and "student" in state and "optimizer" in state:  # a training checkpoint
         load_module_state(model, state["student"], args.checkpoint, "student")
     else:
-        models.load_checkpoint(model, args.checkpoint)
+        models.load_checkpoint(model, args.checkpoint, trusted=args.trust_checkpoint)
     model.to(device)
     loader = data.build_loader(ds, args.batch_size, shuffle=False, device=str(device))
     result = evaluate(model, loader, device)

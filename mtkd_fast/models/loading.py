@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 
 import torch
@@ -43,13 +42,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, trusted: bool = F
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint: no such file: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except pickle.UnpicklingError as err:
-        raise ValueError(
-            f"{path}: holds Python objects besides tensors, so it cannot be read with weights_only=True; "
-            f"if you trust this file, pass trusted=True"
-        ) from err
+    from .._io import load_torch_file  # one-line errors for empty, corrupt and non-weights-only files
+
+    obj = load_torch_file(path, trusted=trusted)
     state = _extract_state_dict(obj, path)
     expected = model.state_dict()
     arch = type(model).__name__

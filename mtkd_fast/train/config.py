@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,6 +18,50 @@ AMP = (None, "bf16", "fp16")
 AGENT_UPDATES = ("bce", "policy_gradient")
 BUFFER_DTYPES = ("float32", "bfloat16", "float16")
 TRANSFER_RESIZE = ("independent", "chained")
+
+# the type of each field, as a config file must give it (flags are converted by argparse)
+_OPTIONAL_INT = ("limit_per_class", "max_steps_per_epoch")
+_OPTIONAL_STR = ("teacher_cache", "data_root", "amp")
+_LIST_OF = {"teachers": str, "teacher_checkpoints": str, "milestones": int}
+
+
+def _check_types(cfg: "TrainConfig") -> None:
+    """Every field of the type its default has: a config file's ``{"lr": "0.1"}`` gets the same one-line
+    error as a bad flag (``lr: expected a number, got '0.1'``), not a TypeError deep in the trainer."""
+    for f in dataclasses.fields(cfg):
+        name = f.name
+        value = getattr(cfg, name)
+        if name in _LIST_OF:
+            kind = _LIST_OF[name]
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                what = "strings" if kind is str else "integers"
+                raise ValueError(f"{name}: expected a list of {what}, got {value!r}")
+            setattr(cfg, name, list(value))
+            continue
+        if name in _OPTIONAL_INT:
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name}: expected an integer (or none), got {value!r}")
+            continue
+        if name in _OPTIONAL_STR:
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}: expected a string (or none), got {value!r}")
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}: expected true or false, got {value!r}")
+        elif isinstance(default, int):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}: expected an integer, got {value!r}")
+        elif isinstance(default, float):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(f"{name}: expected a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: expected a finite number, got {value!r}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+
 
 
 @dataclass
@@ -76,6 +121,8 @@ class TrainConfig:
     # output
     out_dir: str = "runs/mtkd"
     resume: bool = False  # continue from out_dir/checkpoint_last.pt
+    overwrite: bool = False  # replace a run already in out_dir (without it or resume, such an out_dir is refused)
+    trust_checkpoint: bool = False  # allow full unpickling of trusted legacy checkpoint files (may run code)
     log_every: int = 50
     progress: bool = True
     tensorboard: bool = False
@@ -85,6 +132,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> "TrainConfig":
+        _check_types(self)
+
         def one_of(name, allowed):
             value = getattr(self, name)
             if value not in allowed:
@@ -104,8 +153,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "agent_step", "log_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature: expected a positive number, got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature: expected a finite positive number, got {self.temperature}")
+        for name in ("limit_per_class", "max_steps_per_epoch"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer (or none), got {getattr(self, name)!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: expected a non-negative integer, got {self.num_workers}")
         for name in ("lr", "agent_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from typing import Optional
 
 import numpy as np
@@ -17,7 +18,9 @@ from ..teachers import LiveTeachers
 from . import distributed as D
 from .config import TrainConfig, teacher_config
 from .checkpoint import write_bytes_atomic
-from .trainer import CHECKPOINT_LAST, CONFIG_JSON, Trainer
+from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
+from .._io import clean_temp_files, load_torch_file
+from .._lock import DirLock
 
 __all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes", "build_teachers"]
 
@@ -44,10 +47,12 @@ def _data():
     return data
 
 
-def checkpoint_num_classes(path: str) -> Optional[int]:
+def checkpoint_num_classes(path: str, trusted: bool = False) -> Optional[int]:
     """The class count of a classifier checkpoint ({"model": state_dict} or a bare state_dict): the output size
     of its last 2-d weight (the final linear layer)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_torch_file(path, trusted=trusted, what="teacher checkpoint")
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state_dict or {{'model': state_dict}}, got {type(state).__name__}")
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     last = None
@@ -65,7 +70,7 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
         for name, path in zip(config.teachers, config.teacher_checkpoints):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"teacher_checkpoints: no such file {path!r} (teacher {name})")
-            counts[path] = checkpoint_num_classes(path)
+            counts[path] = checkpoint_num_classes(path, trusted=config.trust_checkpoint)
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{p}: {k}" for p, k in counts.items())
             raise ValueError(f"teacher_checkpoints: the teachers have different class counts ({listed})")
@@ -77,7 +82,7 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
     for m, name in enumerate(config.teachers):
         model = models.create_model(name, num_classes)
         if config.teacher_checkpoints:
-            models.load_checkpoint(model, config.teacher_checkpoints[m])
+            models.load_checkpoint(model, config.teacher_checkpoints[m], trusted=config.trust_checkpoint)
         teachers.append(model.to(device))
     return teachers
 
@@ -109,9 +114,50 @@ def _check_data_root(config: TrainConfig) -> None:
         raise FileNotFoundError(f"data_root: no such directory {config.data_root!r} (dataset {config.dataset!r})")
 
 
+def _claim_out_dir(config: TrainConfig) -> Optional[DirLock]:
+    """Lock ``out_dir`` against a second writer, remove temporary files a killed run left, and refuse an out_dir
+    that already holds a run unless ``resume`` or ``overwrite`` (which removes the old run's outputs) is set.
+    Only the main process (RANK 0) does this; returns the held lock (None on other ranks)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    lock = DirLock(config.out_dir, "out_dir").acquire()
+    try:
+        clean_temp_files(config.out_dir)
+        present = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(config.out_dir, name))]
+        if present == [CONFIG_JSON]:  # a run stopped before its first epoch ended: nothing to keep
+            present = []
+        if config.resume:
+            if not os.path.isfile(os.path.join(config.out_dir, CHECKPOINT_LAST)):
+                raise FileNotFoundError(f"resume: no {CHECKPOINT_LAST} in out_dir {config.out_dir!r} to resume from")
+        elif present and not config.overwrite:
+            raise ValueError(f"out_dir: {config.out_dir} already holds a run ({', '.join(present)}); pass --resume "
+                             "to continue it, --overwrite to replace it, or choose another --out-dir")
+        elif present:
+            for name in present:
+                os.unlink(os.path.join(config.out_dir, name))
+            shutil.rmtree(os.path.join(config.out_dir, "tensorboard"), ignore_errors=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def train(config: TrainConfig) -> dict:
     """Run ``config`` to the end (or from its last checkpoint with ``resume``). Returns the final metrics and the
-    paths of the CSV, the PNG and the checkpoints (see the README's "Training" section for the layout)."""
+    paths of the CSV, the PNG and the checkpoints (see the README's "Training" section for the layout).
+
+    The out_dir is locked while the run writes to it; one that already holds a run is refused unless
+    ``resume`` (continue it) or ``overwrite`` (replace it) is set."""
+    config.validate()
+    lock = _claim_out_dir(config)
+    try:
+        return _train(config)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig) -> dict:
     config.validate()
     device = D.resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = D.init_distributed(device)

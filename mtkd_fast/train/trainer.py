@@ -21,7 +21,8 @@ from .. import reference
 from ..agent import AgentReplayBuffer, MTKDAgent, make_state, normalized_reward
 from ..loss import MTKDLoss
 from . import distributed as D
-from .._io import save_atomic, write_bytes_atomic, write_csv_atomic
+from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
+from .._validation import DataError
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
 from .diagnostics import WeightDiagnostics, write_diagnostics
@@ -37,6 +38,11 @@ STUDENT_LAST = "student_last.pth"
 METRICS_CSV = "metrics.csv"
 WEIGHTS_PNG = "teacher_weights.png"
 CONFIG_JSON = "config.json"
+# what a run writes into its out_dir (a run is there when any of these is)
+RUN_OUTPUTS = (CHECKPOINT_LAST, CHECKPOINT_BEST, STUDENT_BEST, STUDENT_LAST, METRICS_CSV, WEIGHTS_PNG, CONFIG_JSON)
+# TrainConfig fields a resumed run must share with its checkpoint (see Trainer.check_resume_config)
+RESUME_FIXED = ("student", "teachers", "teacher_checkpoints", "dataset", "limit_per_class", "strategy", "feature_kd",
+                "warmup_weights", "agent_update", "optimizer", "schedule", "milestones", "lr_decay", "lr")
 
 _AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -318,10 +324,66 @@ class Trainer:
             "best_top1": self.best_top1,
             "history": self.history,
             "config": self.config.to_dict(),
+            "teacher_checkpoint_sha256": self._teacher_checkpoint_hashes(),
             "rng": rng_state(),
         }
 
+    def _teacher_checkpoint_hashes(self) -> list:
+        """SHA-256 of each teacher checkpoint file (computed once): a resumed run must use the same files."""
+        if getattr(self, "_teacher_hashes", None) is None:
+            self._teacher_hashes = [file_sha256(p) if os.path.isfile(p) else None
+                                    for p in self.config.teacher_checkpoints]
+        return self._teacher_hashes
+
+    def check_resume_config(self, ckpt: dict, path: str) -> None:
+        """Refuse, naming the field, to resume with other teachers (or their order or checkpoints), student, data,
+        method or optimiser settings than the checkpoint's: the run would go on silently as another one."""
+        saved = ckpt.get("config")
+        if not isinstance(saved, dict):
+            raise DataError(f"{path}: has no run config; cannot check that this run matches it")
+        now = self.config.to_dict()
+        for name in RESUME_FIXED:
+            if name == "teacher_checkpoints":
+                continue
+            if name in saved and saved[name] != now[name]:
+                raise ValueError(f"{name}: the checkpoint {path} was trained with {saved[name]!r}, this run has "
+                                 f"{now[name]!r}; resume with the same {name} or start a new run in another out_dir")
+        old_paths = list(saved.get("teacher_checkpoints") or [])
+        new_paths = list(self.config.teacher_checkpoints)
+        old_hashes = ckpt.get("teacher_checkpoint_sha256")
+        if len(old_paths) != len(new_paths):
+            raise ValueError(f"teacher_checkpoints: the checkpoint {path} was trained with {old_paths!r}, this run "
+                             f"has {new_paths!r}")
+        new_hashes = self._teacher_checkpoint_hashes() if old_hashes else None
+        for m, (a, b) in enumerate(zip(old_paths, new_paths)):
+            same = (old_hashes[m] == new_hashes[m]) if old_hashes and old_hashes[m] and new_hashes[m] \
+                else os.path.normpath(a) == os.path.normpath(b)
+            if not same:
+                raise ValueError(f"teacher_checkpoints[{m}]: the checkpoint {path} was trained with teacher weights "
+                                 f"from {a!r}, this run gives {b!r} (other content); resume with the same files")
+
+    def _refit_schedule(self, saved_epochs: int, path: str) -> None:
+        """The checkpoint's schedule was fitted to ``saved_epochs``; with another ``epochs`` a cosine schedule is
+        rebuilt for the new length at the resumed epoch (multistep and constant do not depend on it)."""
+        cfg = self.config
+        if saved_epochs == cfg.epochs:
+            return
+        if cfg.schedule == "cosine":
+            self.scheduler = _build_scheduler(cfg, self.optimizer)
+            self.scheduler.last_epoch = self.start_epoch
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * (1 + math.cos(math.pi * min(self.start_epoch, cfg.epochs)
+                                                                  / cfg.epochs)) / 2
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            note = (f"the cosine schedule is refitted to {cfg.epochs} epochs "
+                    f"(lr {self.optimizer.param_groups[0]['lr']:.6g} for epoch {self.start_epoch + 1})")
+        else:
+            note = f"the {cfg.schedule} schedule does not depend on the number of epochs"
+        if self.dist.is_main:
+            print(f"resume: epochs changed from {saved_epochs} (in {path}) to {cfg.epochs}; {note}", flush=True)
+
     def load_state_dict(self, ckpt: dict, path: str = "<checkpoint>") -> None:
+        self.check_resume_config(ckpt, path)
         load_module_state(self.student, ckpt["student"], path, "student")
         if self.feature_transfer is not None:
             if ckpt.get("feature_transfer") is None:
@@ -340,9 +402,13 @@ class Trainer:
         self.best_top1 = float(ckpt["best_top1"])
         self.history = list(ckpt["history"])
         set_rng_state(ckpt["rng"])
+        self._refit_schedule(int(ckpt["config"].get("epochs", self.config.epochs)), path)
 
-    def resume(self, path: str) -> None:
-        self.load_state_dict(load_checkpoint_file(path, map_location=self.device), path)
+    def resume(self, path: str, trusted: Optional[bool] = None) -> None:
+        """Continue from ``path`` (read weights-only; ``trusted`` defaults to ``config.trust_checkpoint``)."""
+        trusted = self.config.trust_checkpoint if trusted is None else trusted
+        self.load_state_dict(load_checkpoint_file(path, map_location=self.device, trusted=trusted,
+                                                  require_training=True), path)
 
     # ------------------------------------------------------------------ epochs
     def view_for_epoch(self, epoch: int) -> int:

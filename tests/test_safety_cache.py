@@ -1,0 +1,104 @@
+"""The teacher cache refuses what would give silent garbage or a half-finished directory: an edited manifest
+(its own content is checksummed), a second concurrent build into one folder (a lock with pid and host), a build
+of random-init teachers without ``--random-teachers``; temp files a killed build left are cleaned."""
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+
+from mtkd_fast import cli
+from mtkd_fast._lock import LOCK_NAME, DirLock
+from mtkd_fast._validation import DataError
+from mtkd_fast.cache import CacheCorruptError, open_teacher_source, read_manifest
+from safety_cli import run
+
+BUILD = ["--teachers", "resnet8", "resnet8", "--limit-per-class", "1", "--chunk-size", "4", "--batch-size", "8",
+         "--no-progress", "--device", "cpu", "--random-teachers"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache") / "c"
+    assert cli.main(["cache", "build", "--out", str(path)] + BUILD) == 0
+    return path
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_edited_manifest_is_caught(built, tmp_path, capsys):
+    path = _copy(built, tmp_path / "edited")
+    m = json.loads((path / "manifest.json").read_text())
+    m["encodings"]["logits"] = "bfloat16"
+    m["arrays"]["t0.logits"]["dtype"] = "bfloat16"
+    (path / "manifest.json").write_text(json.dumps(m, indent=1))
+    proc = run(["cache", "verify", path, "--no-progress"])
+    assert proc.returncode == 1 and "manifest" in proc.stdout and "checksum" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr
+    with pytest.raises(CacheCorruptError, match="edited or damaged"):
+        open_teacher_source(str(path))
+    # a cache that is fine still verifies and opens
+    assert cli.main(["cache", "verify", str(built), "--no-progress"]) == 0
+    assert read_manifest(str(built))["views"] == 1 and open_teacher_source(str(built)).num_teachers == 2
+
+
+@pytest.mark.parametrize("content", ["[]", "{without arrays}"])
+def test_broken_manifest_one_line(built, tmp_path, capsys, content):
+    path = _copy(built, tmp_path / "broken")
+    if content == "[]":
+        (path / "manifest.json").write_text("[]")
+    else:
+        m = json.loads((path / "manifest.json").read_text())
+        del m["arrays"]
+        (path / "manifest.json").write_text(json.dumps(m))
+    for verb in (["info", str(path)], ["verify", str(path), "--no-progress"]):
+        rc = cli.main(["cache"] + verb)
+        out = capsys.readouterr()
+        assert rc == 1 and "manifest.json" in out.out + out.err, out
+
+
+def test_second_concurrent_build_is_refused(built, tmp_path, capsys):
+    path = tmp_path / "busy"
+    holder = subprocess.Popen(["sleep", "60"])  # a live process on this host holds the lock
+    try:
+        path.mkdir()
+        (path / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        rc = cli.main(["cache", "build", "--out", str(path)] + BUILD)
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and f"process {holder.pid}" in err and LOCK_NAME in err and len(err.splitlines()) == 1
+        assert sorted(os.listdir(path)) == [LOCK_NAME]  # nothing written beside the holder's lock
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale, replaced, and the build finishes cleanly
+    (path / ".tmp-abc.json").write_text("left by a killed build")
+    assert cli.main(["cache", "build", "--out", str(path)] + BUILD) == 0
+    names = sorted(os.listdir(path))
+    assert LOCK_NAME not in names and "chunks" not in names and ".tmp-abc.json" not in names
+    assert cli.main(["cache", "verify", str(path), "--no-progress"]) == 0
+
+
+def test_lock_from_another_host_is_not_taken_over(tmp_path):
+    (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere.example"}))
+    with pytest.raises(DataError, match="elsewhere.example"):
+        DirLock(str(tmp_path), "cache").acquire()
+    os.unlink(tmp_path / LOCK_NAME)
+    with DirLock(str(tmp_path), "cache"):
+        with pytest.raises(DataError, match=f"process {os.getpid()}"):
+            DirLock(str(tmp_path), "cache").acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_build_without_checkpoints_needs_random_teachers(tmp_path, capsys):
+    args = [a for a in BUILD if a != "--random-teachers"]
+    rc = cli.main(["cache", "build", "--out", str(tmp_path / "r")] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--random-teachers" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()

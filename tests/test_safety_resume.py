@@ -1,0 +1,73 @@
+"""Resuming refuses a run that differs from its checkpoint in what defines it (naming the field), and a new
+number of epochs refits a cosine schedule instead of running at the old schedule's learning rates."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+from mtkd_fast import cli
+from mtkd_fast.models import create_model
+from safety_cli import TINY
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teachers")
+    paths = []
+    for seed, arch in ((1, "resnet8"), (2, "resnet14"), (3, "resnet8")):
+        torch.manual_seed(seed)
+        p = d / f"{arch}_{seed}.pth"
+        torch.save({"model": create_model(arch, 10).state_dict()}, p)
+        paths.append(str(p))
+    return paths  # the run's two teachers, and another resnet8
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, teacher_files):
+    out = tmp_path_factory.mktemp("run") / "r"
+    args = ["train", "--student", "resnet8", "--teachers", "resnet8", "resnet14", "--teacher-checkpoints",
+            teacher_files[0], teacher_files[1], "--strategy", "aver", "--epochs", "1", "--out-dir", str(out)] + TINY
+    return out, args
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda a, t: a + ["--teachers", "resnet14", "resnet8", "--teacher-checkpoints", t[1], t[0]], "teachers"),
+    (lambda a, t: _swap(a, t[0], t[2]), "teacher_checkpoints[0]"),  # another file of the same architecture
+    (lambda a, t: a + ["--student", "resnet14"], "student"),
+    (lambda a, t: a + ["--strategy", "camkd"], "strategy"),
+    (lambda a, t: a + ["--limit-per-class", "3"], "limit_per_class"),
+    (lambda a, t: a + ["--schedule", "cosine"], "schedule"),
+])
+def test_resume_refuses_another_run(finished, teacher_files, capsys, change, field):
+    out, args = finished
+    if not (out / "checkpoint_last.pt").exists():
+        assert cli.main(args) == 0
+    before = (out / "checkpoint_last.pt").read_bytes()
+    capsys.readouterr()
+    rc = cli.main(change(list(args), teacher_files) + ["--resume", "--epochs", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"mtkd-fast train: error: {field}:"), err
+    assert len(err.splitlines()) == 1
+    assert (out / "checkpoint_last.pt").read_bytes() == before
+
+
+def _swap(args, a, b):
+    return [b if x == a else a if x == b else x for x in args]
+
+
+def test_resume_with_more_epochs_refits_cosine(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--student", "resnet8", "--strategy", "none", "--schedule", "cosine", "--lr", "0.05",
+            "--out-dir", str(out)] + TINY
+    assert cli.main(base + ["--epochs", "3"]) == 0
+    capsys.readouterr()
+    assert cli.main(base + ["--epochs", "5", "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "epochs changed from 3" in text and "refitted to 5 epochs" in text
+    lrs = [float(r["lr"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+    expect = [0.05 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]
+    assert lrs[:3] == pytest.approx([0.05 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])
+    assert lrs[3:] == pytest.approx(expect[3:], rel=1e-9)  # 0.0095, 0.0024: not 0 and 0.0125
+
