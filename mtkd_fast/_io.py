@@ -107,11 +107,13 @@ def clean_temp_files(directory: str) -> list[str]:
     return removed
 
 
-def load_torch_file(path: str, map_location="cpu", trusted: bool = False, what: str = "checkpoint"):
+def load_torch_file(path: str, map_location="cpu", trusted: bool = False, what: str = "checkpoint",
+                    hint: str = TRUST_HINT):
     """``torch.load`` a file a user handed us, with ``weights_only=True`` unless ``trusted``.
 
     Every failure is one ``DataError`` line naming the file: missing, empty, not a PyTorch file, truncated, or
-    holding Python objects a weights-only load refuses (those are never unpickled, so no code in them runs).
+    holding Python objects a weights-only load refuses (those are never unpickled, so no code in them runs);
+    ``hint`` ends that last message (what the user can do instead).
     """
     import pickle
 
@@ -122,12 +124,17 @@ def load_torch_file(path: str, map_location="cpu", trusted: bool = False, what: 
         raise FileNotFoundError(f"{what}: no such file {path!r}")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the {what} file is empty")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; files from torch < 1.6 are a bare pickle (protocol 2+ opens with 0x80)
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise DataError(f"{path}: not a readable PyTorch {what} (not a torch.save file)")
     try:
         return torch.load(path, map_location=map_location, weights_only=not trusted)
     except pickle.UnpicklingError as exc:
         if not trusted and "weights only load failed" in str(exc).lower():
             raise DataError(f"{path}: refused: the {what} holds Python objects besides tensors and plain "
-                            f"containers, and loading them could run code; {TRUST_HINT}") from None
+                            f"containers, and loading them could run code; {hint}") from None
         raise DataError(f"{path}: not a readable PyTorch {what} (corrupt or not a torch.save file: "
                         f"{_first_line(exc)})") from None
     except (EOFError, RuntimeError, ValueError, OSError, AttributeError, ImportError, IndexError, KeyError,

@@ -95,8 +95,13 @@ def test_export_bad_input_is_one_line(tmp_path, capsys):
 
     torch.save({"student": _student().state_dict(), "rng": np.random.get_state()}, tmp_path / "checkpoint_best.pth")
     assert main(["export", "--checkpoint", str(tmp_path / "checkpoint_best.pth"), "--arch", "imagenet_resnet18",
-                 "--out", str(tmp_path / "o.pth")]) == 2
-    assert "student_best.pth" in capsys.readouterr().err
+                 "--out", str(tmp_path / "o.pth")]) == 1  # a data problem, not a usage error
+    err = capsys.readouterr().err
+    assert "student_best.pth" in err and "--trust-checkpoint" not in err
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    assert main(["export", "--checkpoint", str(tmp_path / "garbage.pth"), "--arch", "imagenet_resnet18",
+                 "--out", str(tmp_path / "o.pth")]) == 1
+    assert "garbage.pth: not a readable PyTorch" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 
 # the classifier weight of each torchvision family: its rows are the number of classes
 _CLASSIFIER_KEYS = ("fc.weight", "heads.head.weight", "head.weight")
@@ -20,9 +19,8 @@ def register(sub):
 
 def export_state_dict(checkpoint: str, arch: str) -> dict:
     """The weights of ``checkpoint`` checked against ``arch`` (strictly), as torchvision's state_dict of it."""
-    import torch
-
     from .. import models
+    from .._io import load_torch_file
     from ..models.loading import _extract_state_dict
 
     if not (arch.startswith("imagenet_") and arch in models.list_models()):
@@ -30,11 +28,8 @@ def export_state_dict(checkpoint: str, arch: str) -> dict:
         raise ValueError(f"--arch: expected a torchvision-based model ({', '.join(valid)}), got {arch!r}")
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"--checkpoint: no such file: {checkpoint}")
-    try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"--checkpoint: {checkpoint} holds Python objects besides tensors (a full training "
-                         f"checkpoint?); pass the run's student_best.pth or student_last.pth") from err
+    obj = load_torch_file(checkpoint, what="--checkpoint",
+                          hint="pass the run's student_best.pth or student_last.pth (a full training checkpoint?)")
     state = _extract_state_dict(obj, checkpoint)
     key = next((k for k in _CLASSIFIER_KEYS if k in state and state[k].dim() == 2), None)
     if key is None:

@@ -20,7 +20,6 @@ must be in the file with its shape. Files are read with ``weights_only=True``.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from typing import Optional
 
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 from . import imagenet
+from .._io import load_torch_file
 from .loading import _extract_state_dict
 
 TASKS = ("detection", "instance_segmentation", "segmentation")
@@ -43,11 +43,8 @@ def _load_state(weights, arg: str = "weights") -> dict[str, Tensor]:
     path = os.fspath(weights)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{arg}: no such file: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{arg}: {path} holds Python objects besides tensors; pass a student file "
-                         f"(student_best.pth) or the output of `mtkd-fast export`") from err
+    obj = load_torch_file(path, what=arg, hint="pass a student file (student_best.pth) or the output of "
+                          "`mtkd-fast export`")
     return _extract_state_dict(obj, path)
 
 
