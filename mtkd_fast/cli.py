@@ -74,27 +74,34 @@ def main(argv: list[str] | None = None) -> int:
     name = f"mtkd-fast {args.command}"
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        if debug:
+    except BaseException as exc:
+        if debug or isinstance(exc, SystemExit):
             raise
-        print(f"\n{name}: interrupted{_resume_hint(argv, args)}", file=sys.stderr)
-        return 130
-    except DataError as exc:  # a file or directory that cannot be used as it is
-        if debug:
-            raise
-        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:  # usage
-        if debug:
-            raise
-        print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # disk full, permissions, ...: the message names the file
-        if debug:
+        if _interrupted(exc):
+            print(f"\n{name}: interrupted{_resume_hint(argv, args)}", file=sys.stderr)
+            return 130
+        if isinstance(exc, DataError):  # a file or directory that cannot be used as it is
+            status = 1
+        elif isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):  # usage
+            status = 2
+        elif isinstance(exc, OSError):  # disk full, permissions, ...: the message names the file
+            status = 1
+        else:
             raise
         print(f"{name}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+        return status
 
+
+def _interrupted(exc: BaseException) -> bool:
+    """Ctrl-C, also when it struck inside a library whose clean-up then raised another error (torch.save's
+    zip writer does: the KeyboardInterrupt is that error's context)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 if __name__ == "__main__":
     sys.exit(main())

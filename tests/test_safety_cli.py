@@ -103,3 +103,21 @@ def test_user_mistakes_exit_codes(tmp_path, capsys):
         rc = cli.main(args)
         err = capsys.readouterr().err.strip()
         assert rc == code and text in err and len(err.splitlines()) == 1, (args, err)
+
+
+def test_ctrl_c_inside_a_library_clean_up_still_counts_as_interrupted(monkeypatch, capsys):
+    """torch.save's zip writer turns a KeyboardInterrupt into a RuntimeError raised during its clean-up."""
+    def interrupted_save(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    args = parser.parse_args(["info"])
+    monkeypatch.setattr(args, "func", interrupted_save, raising=False)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: args)
+    monkeypatch.delenv("MTKD_FAST_DEBUG", raising=False)
+    assert cli.main(["info"]) == 130
+    assert "interrupted" in capsys.readouterr().err
