@@ -488,6 +488,14 @@ def test_agent_stats_bad_input_names_the_argument():
         op(zs, list(zt), torch.full_like(y, 6), gs, emb, 4.0, 1e-8)
 
 
+def test_feature_kd_op_takes_an_empty_batch():
+    gs = [torch.randn(0, 3, 2, 2), torch.randn(0, 2, 1, 3)]
+    loss, mse, cos, grads = torch.ops.mtkd_fast.feature_kd(gs, [torch.randn_like(x) for x in gs], torch.zeros(0, 2),
+                                                           5.0, [torch.randn(0, 3), torch.randn(0, 2)], 1e-8)
+    assert float(loss) == 0.0 and mse.shape == cos.shape == (0, 2)  # a sum over no samples, as on CUDA
+    assert [g.shape for g in grads] == [x.shape for x in gs]
+
+
 def test_agent_stats_op_takes_an_empty_batch():
     op = torch.ops.mtkd_fast.agent_stats
     kl, tce, cos = op(torch.randn(0, 5), [torch.randn(0, 5)] * 2, torch.zeros(0, dtype=torch.long),

@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_
     double total = 0;
     for (int64_t i = 0; i < B; ++i)
       for (int64_t m = 0; m < M; ++m) total += double(w[i * M + m]) * double(mse_out[i * M + m]);
-    loss.fill_(beta * total / double(B));
+    loss.fill_(B > 0 ? beta * total / double(B) : 0.0);  // no samples: 0, as the CUDA kernel
   });
   return {loss, mse, cos, grads};
 }
