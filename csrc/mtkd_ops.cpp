@@ -36,7 +36,7 @@ TORCH_LIBRARY(mtkd_fast, m) {
   m.def(
       "pooled_cosine_backward(Tensor grad, Tensor[] student_maps, Tensor[] teacher_embeddings, float eps) -> "
       "(Tensor[] grad_student_maps, Tensor[] grad_teacher_embeddings)");
-  // The agent state's statistics (spec section 2), computed before the teacher weights exist, no gradients:
+  // The agent state's statistics (docs/method.md section 2), computed before the teacher weights exist, no gradients:
   // kl [B, M] and teacher_ce [B, M] as logit_kd's, cos [B, M] as pooled_cosine(student_maps,
   // teacher_embeddings, eps). Logits as for logit_kd (B may be 0); student_maps either empty (cos is then 0)
   // or one per teacher, of the logits' dtype, contiguous or channels_last; teacher_embeddings [B, C_m] in the

@@ -183,7 +183,7 @@ def agent_stats(
     temperature: float = 4.0,
     eps: float = 1e-8,
 ) -> AgentStats:
-    """The agent state's statistics ``(kl [B, M], teacher_ce [B, M], cos [B, M])`` (spec section 2), computed
+    """The agent state's statistics ``(kl [B, M], teacher_ce [B, M], cos [B, M])`` (docs/method.md section 2), computed
     before the teacher weights exist, in one pass over the logits and one over the student maps; no gradients.
 
     Same maths as :func:`mtkd_fast.reference.agent_stats`: ``kl`` and ``teacher_ce`` as :func:`mtkd_logit_kd`

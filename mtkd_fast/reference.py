@@ -150,7 +150,7 @@ def agent_stats(
     temperature: float = 4.0,
     eps: float = 1e-8,
 ) -> AgentStats:
-    """KL, TCE and COS of the agent state (spec section 2), computed before the teacher weights exist.
+    """KL, TCE and COS of the agent state (docs/method.md section 2), computed before the teacher weights exist.
 
     :func:`kl_per_sample`, :func:`teacher_cross_entropy` and :func:`pooled_cosine` of the detached inputs;
     without student maps (``None``) the cosine is 0. The oracle of :func:`mtkd_fast.ops.agent_stats`.

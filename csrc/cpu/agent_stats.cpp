@@ -1,4 +1,4 @@
-// CPU kernel of mtkd_fast::agent_stats: the agent state's per-sample statistics (spec section 2), computed
+// CPU kernel of mtkd_fast::agent_stats: the agent state's per-sample statistics (docs/method.md section 2), computed
 // before the teacher weights exist: KL_{i,m}, TCE_{i,m} from the logits and COS_{i,m} from the student maps
 // and the teacher embeddings. One parallel region over the (sample, teacher) tasks, sample-major: task
 // (i, m) reads teacher m's row i and pools student map m of sample i once; the student row's log-normaliser

@@ -1,4 +1,4 @@
-"""One student step's distillation in the order MTKD-RL needs it (spec sections 2-5 and 7; docs/method.md
+"""One student step's distillation in the order MTKD-RL needs it (docs/method.md
 sections 2-5 and 7): the agent state from the teachers' outputs and the student's detached outputs, then the
 teacher weights (the state's consumer), then the weighted loss with its gradients, then the per-sample loss
 and the reward. ``Trainer.train_step`` calls :func:`distill_step`, and ``benchmarks/bench_ops.py`` times the
@@ -30,7 +30,7 @@ class DistillStep(NamedTuple):
     """What one step's distillation hands back; everything but ``loss`` is detached."""
 
     loss: Tensor  # scalar, differentiable w.r.t. the student logits and maps
-    per_sample_loss: Tensor  # [B] l_i (spec section 5)
+    per_sample_loss: Tensor  # [B] l_i (docs/method.md section 5)
     reward: Optional[Tensor]  # [B] r_hat normalised over this batch (None when not asked for)
     logit_weights: Tensor  # [B, M]
     feature_weights: Tensor  # [B, M]
