@@ -1,14 +1,28 @@
-"""Fused ops vs the authors' way, the eager reference and the compiled reference (forward + backward of one
-step's loss, agent state, priors and reward), at the CIFAR and ImageNet shapes of the brief.
+"""One training step's distillation, forward + backward, timed the way the trainer runs it: the agent state
+first (before the weights exist), then the weights, then the weighted loss and its gradients, then the
+per-sample loss and the reward -- by calling ``mtkd_fast.train.step.distill_step``, the function
+``Trainer.train_step`` calls. Against the authors' way, the eager reference and the compiled reference (the same
+function on ``backend="reference"``), at the CIFAR and ImageNet shapes.
 
     .venv/bin/python -m pytest benchmarks/bench_ops.py -q --benchmark-only \
         --benchmark-columns=min,median,mean,stddev,rounds
     MTKD_BENCH_DEVICE=cuda ...   # the same on the GPU (every timed call ends with a device synchronize)
+    MTKD_BENCH_THREADS=1 .venv/bin/python benchmarks/bench_ops.py   # variants interleaved round by round
 
-Besides pytest-benchmark's table, the module writes benchmarks/results/bench_ops_<N>thread.{json,csv,png} (CPU) or
+Variants: ``fused`` / ``reference`` / ``compiled_reference``: ``distill_step`` on the fused backend, on the
+reference backend, and ``torch.compile`` of the latter; ``authors``: benchmarks/authors_way.py; and, labelled
+apart, ``mtkdloss_cos_in_loss``: ``MTKDLoss(backend="fused")`` given the teacher embeddings, which pools the
+cosine in the loss's own read of the maps -- for users of ``MTKDLoss`` outside MTKD-RL, whose weights do not
+depend on the state (MTKD-RL cannot take its state from the weighted loss).
+
+The weights come from the state as the agent's action blends them (``reference.action``: fixed policy outputs
+plus the confidence, gap and similarity priors of the state); the agent's two-layer network itself is left out,
+as in the authors' baseline, which takes its weights as inputs.
+
+Besides pytest-benchmark's table (or the interleaved run's lines), the module writes benchmarks/results/bench_ops_<N>thread.{json,csv,png} (CPU) or
 bench_ops_cuda.{json,csv,png}: per shape the median time of each variant, the ratios to the fused step measured in
-the same run, and for the fused ops alone the bytes they must move, the bandwidth reached and the op's time over
-the memory floor (bytes / this device's copy bandwidth, measured in the same run).
+the same run, the step's byte floor, and for the fused ops alone the bytes they must move, the bandwidth reached
+and the op's time over the memory floor (bytes / this device's copy bandwidth, measured in the same run).
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ import pytest
 import torch
 
 from mtkd_fast import MTKDLoss, ops, reference as ref
+from mtkd_fast.train.step import distill_step
 
 try:
     from authors_way import authors_step
@@ -52,7 +67,7 @@ def _inputs(shape):
     g = torch.Generator().manual_seed(0)
     dev = dict(device=DEVICE)
     zs = torch.randn(B, K, generator=g).to(**dev).requires_grad_(True)
-    zt = list(torch.randn(M, B, K, generator=g).to(**dev))
+    zt = torch.randn(M, B, K, generator=g).to(**dev)  # stacked, as the trainer's teacher source hands them over
     y = torch.randint(0, K, (B,), generator=g).to(**dev)
     gs = [torch.randn(B, *s, generator=g).to(**dev).requires_grad_(True) for s in maps]
     fs = [torch.randn(B, *s, generator=g).to(**dev) for s in maps]
@@ -67,24 +82,30 @@ def _sync():
         torch.cuda.synchronize(DEVICE)
 
 
-def _module_step(backend):
-    crit = MTKDLoss(T, ALPHA, BETA, backend=backend)
+def _distill_step(backend):
+    """The trainer's sequence (``distill_step``): state -> weights -> loss -> reward."""
 
     def step(zs, zt, y, gs, fs, emb, wl, wf):
-        out = crit(zs, zt, y, wl, gs, fs, wf, emb)
-        state = ref.agent_state(out.cos, out.kl, out.teacher_ce, emb, zt)
-        priors = (ref.confidence_prior(out.teacher_ce), ref.gap_prior(out.kl), ref.similarity_prior(out.cos))
-        if backend == "fused":
-            reward = ops.per_sample_loss_and_reward(out.student_ce, out.kl, wl, out.mse, wf, ALPHA, BETA).reward
-        else:
-            reward = ref.normalized_reward(out.per_sample_loss)
-        return out.loss, state, priors, reward
+        def weights(tce, state):  # the agent's action for fixed policy outputs (wl, wf): priors of the state
+            a_l, a_f = ref.action(wl, wf, state.teacher_ce, state.kl, state.cos)
+            return a_l, a_f, None
+
+        return distill_step(zs, gs, y, zt, emb, fs, weights, temperature=T, alpha=ALPHA, beta=BETA, backend=backend)
 
     return step
 
 
+def _cos_in_loss_step(zs, zt, y, gs, fs, emb, wl, wf):
+    """``MTKDLoss`` with fixed weights and the cosine from the loss's read of the maps (outside MTKD-RL)."""
+    out = MTKDLoss(T, ALPHA, BETA, backend="fused")(zs, zt, y, wl, gs, fs, wf, emb)
+    state = ref.agent_state(out.cos, out.kl, out.teacher_ce, emb, zt)
+    priors = (ref.confidence_prior(out.teacher_ce), ref.gap_prior(out.kl), ref.similarity_prior(out.cos))
+    reward = ops.per_sample_loss_and_reward(out.student_ce, out.kl, wl, out.mse, wf, ALPHA, BETA).reward
+    return out.loss, state, priors, reward
+
+
 def _authors(zs, zt, y, gs, fs, emb, wl, wf):
-    return authors_step(zs, zt, y, gs, fs, emb, wl, wf, T, ALPHA, BETA)
+    return authors_step(zs, list(zt), y, gs, fs, emb, wl, wf, T, ALPHA, BETA)
 
 
 def _train_step(step, args):
@@ -99,31 +120,35 @@ _compiled = {}
 
 def _variant(name):
     if name == "fused":
-        return _module_step("fused")
+        return _distill_step("fused")
     if name == "reference":
-        return _module_step("reference")
+        return _distill_step("reference")
     if name == "compiled_reference":
         if name not in _compiled:
-            _compiled[name] = torch.compile(_module_step("reference"), dynamic=False)
+            _compiled[name] = torch.compile(_distill_step("reference"), dynamic=False)
         return _compiled[name]
+    if name == "mtkdloss_cos_in_loss":
+        return _cos_in_loss_step
     return _authors
 
 
 def _fused_bytes(shape):
-    """Bytes the fused ops move for forward + backward (float32); the step moves exactly these (its floor).
+    """Bytes the fused ops move for forward + backward (float32); the fused step moves exactly these (its floor).
 
-    The forward reads every input once and writes each gradient once; on the CPU the backward of
-    ``loss.backward()`` (incoming gradient 1) hands out the saved gradients without touching them
-    (mtkd_fast.ops._scaled), on a GPU it scales them (reading the incoming gradient's value would sync): one
-    more read and write of each gradient.
+    ``agent_stats`` reads the logits and the student maps; the loss ops read every input once more and write
+    each gradient once. On the CPU the backward of ``loss.backward()`` (incoming gradient 1) hands out the
+    saved gradients without touching them (mtkd_fast.ops._scaled); on a GPU it scales them (reading the
+    incoming gradient's value would sync): one more read and write of each gradient.
     """
     cfg = SHAPES[shape]
     B, K, M = cfg["B"], cfg["K"], len(cfg["maps"])
     n_maps = sum(B * c * h * w for c, h, w in cfg["maps"])
     backward = 2 if DEVICE.type == "cuda" else 0  # passes over each gradient in the backward
+    stats = (M + 1) * B * K * 4 + n_maps * 4  # read the logits and the student maps (pooled for the cosine)
     logit = (M + 1 + 1 + backward) * B * K * 4  # read student + teachers, write dloss/dz_s
-    feature = (3 + backward) * n_maps * 4  # read G and F, write dloss/dG; the state's cosine pools G in that read
-    return dict(logit_kd=logit, feature_kd=feature, feature_kd_cos=feature, step=logit + feature)
+    feature = (3 + backward) * n_maps * 4  # read G and F, write dloss/dG
+    return dict(agent_stats=stats, logit_kd=logit, feature_kd=feature, feature_kd_cos=feature,
+                step=stats + logit + feature, cos_in_loss_step=logit + feature)
 
 
 def _copy_bandwidth():
@@ -167,7 +192,6 @@ def report():
     yield medians
     if not medians:
         return
-    os.makedirs(RESULTS, exist_ok=True)
     copy_bw = _copy_bandwidth()
     rows = []
     for shape in SHAPES:
@@ -185,7 +209,7 @@ def report():
             if not name.startswith("op_") and name != "fused":
                 row[f"speedup_vs_{name}"] = t["median"] / fused
                 row[f"speedup_vs_{name}_min"] = t["min"] / fused_min
-        for op in ("logit_kd", "feature_kd", "feature_kd_cos"):
+        for op in ("agent_stats", "logit_kd", "feature_kd", "feature_kd_cos"):
             if f"op_{op}" in got:
                 row[f"{op}_MB"] = nbytes[op] / 1e6
                 row[f"{op}_GBps"] = nbytes[op] / got[f"op_{op}"]["median"] / 1e9
@@ -193,7 +217,18 @@ def report():
                 row[f"{op}_x_floor"] = got[f"op_{op}"]["median"] / (nbytes[op] / copy_bw)  # 1 = at the copy bandwidth
         row["step_MB"] = nbytes["step"] / 1e6
         row["fused_step_GBps"] = nbytes["step"] / fused / 1e9
+        row["step_floor_ms"] = nbytes["step"] / copy_bw * 1e3  # the fused step's bytes at the copy bandwidth
+        if "authors" in got:  # the best ratio the byte floor allows
+            row["authors_over_floor"] = got["authors"]["median"] / (nbytes["step"] / copy_bw)
         rows.append(row)
+    _write_rows(rows)
+    for r in rows:
+        print("\n" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+
+
+def _write_rows(rows):
+    """benchmarks/results/bench_ops_<N>thread.{json,csv,png} (CPU) or bench_ops_<device>.* (GPU)."""
+    os.makedirs(RESULTS, exist_ok=True)
     tag = f"_{torch.get_num_threads()}thread" if DEVICE.type == "cpu" else f"_{DEVICE.type}"
     _write_atomic(os.path.join(RESULTS, f"bench_ops{tag}.json"), lambda p: json.dump(rows, open(p, "w"), indent=2))
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "shape", k))
@@ -206,8 +241,6 @@ def report():
 
     _write_atomic(os.path.join(RESULTS, f"bench_ops{tag}.csv"), write_csv)
     _plot(rows, tag)
-    for r in rows:
-        print("\n" + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
 def _plot(rows, tag):
@@ -216,13 +249,15 @@ def _plot(rows, tag):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = ["authors", "reference", "compiled_reference", "fused"]
+    variants = ["authors", "reference", "compiled_reference", "mtkdloss_cos_in_loss", "fused"]
     fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.5), squeeze=False)
     for ax, r in zip(axes[0], rows):
         names = [v for v in variants if f"{v}_ms" in r]
-        ax.bar(names, [r[f"{v}_ms"] for v in names], color=["#999", "#69c", "#36a", "#c33"][: len(names)])
-        where = f"CPU, {r['threads']} threads" if DEVICE.type == "cpu" else r["device"]
-        ax.set_title(f"{r['shape']}: one step, forward + backward ({where})")
+        colors = {"authors": "#999", "reference": "#69c", "compiled_reference": "#36a", "mtkdloss_cos_in_loss": "#e96",
+                  "fused": "#c33"}
+        ax.bar(names, [r[f"{v}_ms"] for v in names], color=[colors[v] for v in names])
+        where = f"CPU, {r['threads']} thr" if DEVICE.type == "cpu" else r["device"]
+        ax.set_title(f"{r['shape']}: state, weights, loss + grads, reward ({where})", fontsize=9)
         ax.set_ylabel("ms (median)")
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
@@ -236,7 +271,7 @@ def _record(report, shape, name, benchmark):
         report.setdefault(shape, {})[name] = dict(median=stats.median, min=stats.min)
 
 
-@pytest.mark.parametrize("variant", ["fused", "authors", "reference", "compiled_reference"])
+@pytest.mark.parametrize("variant", ["fused", "authors", "reference", "compiled_reference", "mtkdloss_cos_in_loss"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_step(benchmark, report, shape, variant):
     args = _inputs(shape)
@@ -247,11 +282,15 @@ def test_step(benchmark, report, shape, variant):
     _record(report, shape, variant, benchmark)
 
 
-@pytest.mark.parametrize("op", ["logit_kd", "feature_kd", "feature_kd_cos"])
+@pytest.mark.parametrize("op", ["agent_stats", "logit_kd", "feature_kd", "feature_kd_cos"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_fused_op(benchmark, report, shape, op):
     zs, zt, y, gs, fs, emb, wl, wf = _inputs(shape)
-    if op == "logit_kd":
+    if op == "agent_stats":
+        def run():
+            ops.agent_stats(zs, zt, y, gs, emb, T)
+            _sync()
+    elif op == "logit_kd":
         def run():
             torch.autograd.grad(ops.mtkd_logit_kd(zs, zt, y, wl, T, ALPHA).loss, zs)
             _sync()
@@ -268,3 +307,59 @@ def test_fused_op(benchmark, report, shape, op):
     benchmark.group = f"op-{shape}"
     benchmark.pedantic(run, rounds=SHAPES[shape]["rounds"] * 2, warmup_rounds=1)
     _record(report, shape, f"op_{op}", benchmark)
+
+
+# --------------------------------------------------------------------------------------------
+# interleaved rounds (python benchmarks/bench_ops.py): robust to load that drifts during a run
+# --------------------------------------------------------------------------------------------
+
+VARIANTS = ("fused", "authors", "reference", "compiled_reference", "mtkdloss_cos_in_loss")
+
+
+def interleaved(shape, rounds, variants=VARIANTS):
+    """Median and minimum seconds of each variant's step, the variants taking turns round by round (so a load
+    change on a shared machine hits every variant alike)."""
+    import statistics
+
+    args = _inputs(shape)
+    steps = {v: _variant(v) for v in variants}
+    for v in variants:
+        _train_step(steps[v], args)  # warm-up (and compilation)
+        _train_step(steps[v], args)
+    times = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            times[v].append(_timed(lambda: _train_step(steps[v], args)))
+    return {v: dict(median=statistics.median(t), min=min(t)) for v, t in times.items()}
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Interleaved step timings of the fused ops and the baselines.")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per shape (default: the shape's own)")
+    args = parser.parse_args(argv)
+    load = os.getloadavg()
+    copy_bw = _copy_bandwidth()
+    rows = []
+    for shape in args.shapes:
+        got = interleaved(shape, args.rounds or SHAPES[shape]["rounds"])
+        nbytes = _fused_bytes(shape)
+        fused = got["fused"]
+        row = dict(shape=shape, threads=torch.get_num_threads(), device=_device_name(), load_before=load,
+                   load_after=os.getloadavg(), copy_bandwidth_GBps=copy_bw / 1e9,
+                   step_floor_ms=nbytes["step"] / copy_bw * 1e3, step_MB=nbytes["step"] / 1e6)
+        for v, t in got.items():
+            row[f"{v}_ms"], row[f"{v}_min_ms"] = t["median"] * 1e3, t["min"] * 1e3
+            if v != "fused":
+                row[f"{v}_over_fused"] = t["median"] / fused["median"]
+                row[f"{v}_over_fused_min"] = t["min"] / fused["min"]
+        row["authors_over_floor"] = got["authors"]["median"] / (nbytes["step"] / copy_bw)
+        rows.append(row)
+        print(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    _write_rows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,6 +36,14 @@ TORCH_LIBRARY(mtkd_fast, m) {
   m.def(
       "pooled_cosine_backward(Tensor grad, Tensor[] student_maps, Tensor[] teacher_embeddings, float eps) -> "
       "(Tensor[] grad_student_maps, Tensor[] grad_teacher_embeddings)");
+  // The agent state's statistics (docs/method.md section 2), computed before the teacher weights exist, no gradients:
+  // kl [B, M] and teacher_ce [B, M] as logit_kd's, cos [B, M] as pooled_cosine(student_maps,
+  // teacher_embeddings, eps). Logits as for logit_kd (B may be 0); student_maps either empty (cos is then 0)
+  // or one per teacher, of the logits' dtype, contiguous or channels_last; teacher_embeddings [B, C_m] in the
+  // accumulation dtype, contiguous. One pass over each tensor family (one launch each on CUDA).
+  m.def(
+      "agent_stats(Tensor student_logits, Tensor[] teacher_logits, Tensor targets, Tensor[] student_maps, "
+      "Tensor[] teacher_embeddings, float temperature, float eps) -> (Tensor kl, Tensor teacher_ce, Tensor cos)");
   // Spec section 5: l_i = SCE_i + alpha sum_m wl_im KL_im + beta sum_m wf_im MSE_im and
   // r_hat = clamp((r - mean r) / std r, 0, 1) with r = -l (Bessel's std; 0 for B < 2 or std 0).
   m.def(

@@ -37,6 +37,8 @@ __all__ = [
     "teacher_cross_entropy",
     "feature_mse_per_sample",
     "pooled_cosine",
+    "AgentStats",
+    "agent_stats",
     "mtkd_logit_kd",
     "mtkd_feature_kd",
     "logit_kd_grad",
@@ -131,6 +133,43 @@ def pooled_cosine(student_maps: Sequence[Tensor], teacher_embeddings: Sequence[T
             )
         cols.append(F.cosine_similarity(g.mean(dim=(2, 3)), e, dim=1, eps=eps))
     return torch.stack(cols, dim=1)
+
+
+class AgentStats(NamedTuple):
+    """The agent state's per-sample statistics, each [B, M] (no gradient)."""
+
+    kl: Tensor  # KL_{i,m} (with T^2)
+    teacher_ce: Tensor  # TCE_{i,m}
+    cos: Tensor  # COS_{i,m} (0 without student maps)
+
+
+def agent_stats(
+    student_logits: Tensor,
+    teacher_logits,
+    targets: Tensor,
+    student_maps: Sequence[Tensor] | None,
+    teacher_embeddings: Sequence[Tensor] | None,
+    temperature: float = 4.0,
+    eps: float = 1e-8,
+) -> AgentStats:
+    """KL, TCE and COS of the agent state (docs/method.md section 2), computed before the teacher weights exist.
+
+    :func:`kl_per_sample`, :func:`teacher_cross_entropy` and :func:`pooled_cosine` of the detached inputs;
+    without student maps (``None``) the cosine is 0. The oracle of :func:`mtkd_fast.ops.agent_stats`.
+    """
+    with torch.no_grad():
+        zs = student_logits.detach()
+        kl = kl_per_sample(zs, teacher_logits, temperature)
+        tce = teacher_cross_entropy(stack_teachers("teacher_logits", teacher_logits, zs), targets)
+        if (student_maps is None) != (teacher_embeddings is None):
+            raise ValueError("student_maps, teacher_embeddings: give both (the cosine) or neither")
+        if student_maps is None:
+            cos = torch.zeros_like(kl)
+        else:
+            if len(student_maps) != kl.shape[1]:
+                raise ValueError(f"student_maps: expected {kl.shape[1]} maps (one per teacher), got {len(student_maps)}")
+            cos = pooled_cosine([g.detach() for g in student_maps], [e.detach() for e in teacher_embeddings], eps)
+    return AgentStats(kl, tce, cos)
 
 
 # --------------------------------------------------------------------------------------------

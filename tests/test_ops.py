@@ -370,6 +370,181 @@ def test_autocast_bfloat16_model_outputs():
     torch.testing.assert_close(grad_fused, head.weight.grad, rtol=5e-2, atol=5e-3)
 
 
+# ------------------------------------------------------------------ agent_stats (the state before the weights)
+
+# (B, K, per-teacher map shapes): odd sizes, M = 2, 3, 5; a 1x1 map, C = 1, K = 2 and K = 1001
+STATS_CASES = [
+    (1, 2, [(3, 2, 2), (5, 1, 3)]),
+    (3, 10, [(4, 3, 3), (6, 2, 2), (1, 3, 2)]),
+    (17, 1001, [(8, 4, 4), (16, 1, 1), (5, 3, 1), (7, 2, 3), (4, 5, 4)]),
+    (64, 100, [(33, 5, 4), (2, 9, 11)]),
+]
+
+
+def _stats_inputs(B, K, shapes, seed, dtype=F64, channels_last=False, scale=3.0):
+    M = len(shapes)
+    zs, zt, y, _ = _logit_inputs(B, K, M, seed=seed, scale=scale, dtype=dtype)
+    gs, _, _ = _feature_inputs(B, shapes, seed=seed + 1, dtype=dtype, channels_last=channels_last)
+    g = _gen(seed + 2)
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
+    emb[-1][0].zero_()  # a zero embedding: its norm is clamped to eps, the cosine is 0
+    return zs, zt, y, gs, emb
+
+
+def _ref_stats(zs, zt, y, gs, emb, T):
+    """float64 oracle on the same (possibly rounded) inputs."""
+    maps = None if gs is None else [x.to(F64) for x in gs]
+    embs = None if emb is None else [e.to(F64) for e in emb]
+    return ref.agent_stats(zs.to(F64), zt.to(F64), y, maps, embs, T)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("B,K,shapes", STATS_CASES)
+def test_agent_stats_matches_reference_float64(B, K, shapes, channels_last):
+    zs, zt, y, gs, emb = _stats_inputs(B, K, shapes, seed=B + K, channels_last=channels_last)
+    for T in (4.0, 2.5):  # integer T takes the kernel's exp-by-multiplication path, 2.5 the plain one
+        out = ops.agent_stats(zs, zt, y, gs, emb, T)
+        exp = _ref_stats(zs, zt, y, gs, emb, T)
+        assert isinstance(out, ops.AgentStats) and out._fields == ("kl", "teacher_ce", "cos")
+        for name, a, b in zip(out._fields, out, exp):
+            assert a.dtype == F64 and a.shape == (B, len(shapes))
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        assert float(out.cos[0, -1]) == 0.0
+    # the same KL and TCE as the loss op computes from the same logits
+    w = torch.rand(B, len(shapes), dtype=F64)
+    logit = ops.mtkd_logit_kd(zs, zt, y, w, 4.0)
+    torch.testing.assert_close(ops.agent_stats(zs, zt, y, gs, emb).kl, logit.kl, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(ops.agent_stats(zs, zt, y, gs, emb).teacher_ce, logit.teacher_ce, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_agent_stats_reduced_precision(dtype, channels_last):
+    # float32 accumulation against float64 on the same rounded inputs: rtol/atol 1e-4 (embeddings are cast to
+    # float32, the accumulation dtype, so the oracle gets them rounded the same way)
+    zs, zt, y, gs, emb = _stats_inputs(9, 101, [(40, 3, 3), (16, 2, 5), (9, 1, 1)], seed=31, dtype=dtype,
+                                       channels_last=channels_last)
+    out = ops.agent_stats(zs, zt, y, gs, emb)
+    exp = _ref_stats(zs, zt, y, gs, [e.float() for e in emb], 4.0)
+    for name, a, b in zip(out._fields, out, exp):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{dtype} {name}: {m}")
+
+
+def test_agent_stats_mixed_layouts_dtypes_and_no_maps():
+    zs, zt, y, gs, emb = _stats_inputs(5, 12, [(6, 3, 3), (4, 2, 5), (3, 4, 4)], seed=33)
+    gs = [gs[0].contiguous(memory_format=torch.channels_last), gs[1], gs[2][:, :, ::2, 1::2]]  # last: strided
+    out = ops.agent_stats(zs.float(), list(zt), y, gs, emb)  # float32 student, float64 teachers: promoted
+    exp = _ref_stats(zs, zt, y, gs, emb, 4.0)
+    for a, b in zip(out, exp):
+        assert a.dtype == F64
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    none = ops.agent_stats(zs, zt, y, None, None)
+    assert torch.equal(none.cos, torch.zeros(5, 3, dtype=F64))
+    torch.testing.assert_close(none.kl, exp.kl)
+    # inputs that require grad give detached statistics
+    z = zs.clone().requires_grad_(True)
+    assert not any(t.requires_grad for t in ops.agent_stats(z, zt, y, [g.requires_grad_(True) for g in gs], emb))
+
+
+def test_agent_stats_extreme_logits_stay_finite():
+    zs, zt, y, gs, emb = _stats_inputs(4, 50, [(3, 2, 2), (2, 2, 2)], seed=34, scale=1e4)
+    for dtype in (torch.float32, F64):
+        out = ops.agent_stats(zs.to(dtype), zt.to(dtype), y, [g.to(dtype) for g in gs], emb)
+        exp = _ref_stats(zs.to(dtype), zt.to(dtype), y, gs, emb, 4.0)
+        assert all(torch.isfinite(t).all() for t in out)
+        torch.testing.assert_close(out.kl.double(), exp.kl, rtol=1e-4, atol=1e-2)
+
+
+def test_agent_stats_bad_input_names_the_argument():
+    zs, zt, y, gs, emb = _stats_inputs(4, 6, [(3, 2, 2), (2, 2, 2)], seed=35)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        ops.agent_stats(zs, zt[:, :3], y, gs, emb)
+    with pytest.raises(ValueError, match="targets"):
+        ops.agent_stats(zs, zt, y.int(), gs, emb)
+    with pytest.raises(ValueError, match="targets"):
+        ops.agent_stats(zs, zt, torch.full_like(y, 6), gs, emb)
+    with pytest.raises(ValueError, match="temperature"):
+        ops.agent_stats(zs, zt, y, gs, emb, temperature=float("inf"))
+    with pytest.raises(ValueError, match="student_maps"):
+        ops.agent_stats(zs, zt, y, gs[:1], emb[:1])
+    with pytest.raises(ValueError, match="teacher_embeddings"):
+        ops.agent_stats(zs, zt, y, gs, None)
+    with pytest.raises(ValueError, match=r"teacher_embeddings\[1\]"):
+        ops.agent_stats(zs, zt, y, gs, [emb[0], torch.randn(4, 3, dtype=F64)])
+    with pytest.raises(ValueError, match="eps"):
+        ops.agent_stats(zs, zt, y, gs, emb, eps=-1.0)
+    # the compiled op checks its own arguments when called directly
+    op = torch.ops.mtkd_fast.agent_stats
+    with pytest.raises(RuntimeError, match=r"teacher_embeddings\[0\].*accumulation"):
+        op(zs.float(), [t.float() for t in zt], y, [g.float() for g in gs], emb, 4.0, 1e-8)
+    with pytest.raises(RuntimeError, match="student_maps"):
+        op(zs, list(zt), y, gs[:1], emb[:1], 4.0, 1e-8)
+    with pytest.raises(RuntimeError, match=r"student_maps\[0\].*contiguous or channels_last"):
+        op(zs, list(zt), y, [gs[0].transpose(2, 3), gs[1]], emb, 4.0, 1e-8)
+    with pytest.raises(RuntimeError, match="temperature"):
+        op(zs, list(zt), y, gs, emb, float("inf"), 1e-8)
+    with pytest.raises(RuntimeError, match="targets"):
+        op(zs, list(zt), torch.full_like(y, 6), gs, emb, 4.0, 1e-8)
+
+
+def test_feature_kd_op_takes_an_empty_batch():
+    gs = [torch.randn(0, 3, 2, 2), torch.randn(0, 2, 1, 3)]
+    loss, mse, cos, grads = torch.ops.mtkd_fast.feature_kd(gs, [torch.randn_like(x) for x in gs], torch.zeros(0, 2),
+                                                           5.0, [torch.randn(0, 3), torch.randn(0, 2)], 1e-8)
+    assert float(loss) == 0.0 and mse.shape == cos.shape == (0, 2)  # a sum over no samples, as on CUDA
+    assert [g.shape for g in grads] == [x.shape for x in gs]
+
+
+def test_agent_stats_op_takes_an_empty_batch():
+    op = torch.ops.mtkd_fast.agent_stats
+    kl, tce, cos = op(torch.randn(0, 5), [torch.randn(0, 5)] * 2, torch.zeros(0, dtype=torch.long),
+                      [torch.randn(0, 3, 2, 2)] * 2, [torch.randn(0, 3)] * 2, 4.0, 1e-8)
+    assert kl.shape == tce.shape == cos.shape == (0, 2)
+
+
+# ------------------------------------------------------------------ layouts and empty maps
+
+
+def test_size_one_dimensions_do_not_decide_the_layout():
+    # a channels_last [B, C, 1, 1] (or C = 1) student map and a contiguous teacher map are walked alike: the
+    # strides of size-1 dimensions never matter (the op used to refuse them when called directly)
+    g = torch.Generator().manual_seed(36)
+    # channels_last strides as empty_like(..., channels_last) gives them (.contiguous() keeps an NCHW tensor here)
+    gs = [torch.empty_strided((3, 5, 1, 1), (5, 1, 5, 5), dtype=F64).copy_(torch.randn(3, 5, 1, 1, dtype=F64, generator=g)),
+          torch.empty_strided((3, 1, 2, 3), (6, 1, 3, 1), dtype=F64).copy_(torch.randn(3, 1, 2, 3, dtype=F64, generator=g))]
+    fs = [torch.randn(3, 5, 1, 1, dtype=F64, generator=g), torch.randn(3, 1, 2, 3, dtype=F64, generator=g)]
+    assert gs[0].stride() != fs[0].stride() and gs[1].stride() != fs[1].stride()
+    w = torch.rand(3, 2, dtype=F64, generator=g)
+    emb = [torch.randn(3, 5, dtype=F64, generator=g), torch.randn(3, 1, dtype=F64, generator=g)]
+    gs = [x.requires_grad_(True) for x in gs]
+    loss, mse, cos, grads = torch.ops.mtkd_fast.feature_kd(gs, fs, w, 2.0, emb, 1e-8)
+    exp, exp_grads = _ref_feature(gs, fs, w, 2.0)
+    torch.testing.assert_close(mse, exp.mse)
+    torch.testing.assert_close(cos, ref.pooled_cosine([x.detach() for x in gs], emb))
+    for a, b in zip(grads, exp_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_spatial_maps_give_the_same_cosine_everywhere():
+    # H*W = 0 has no spatial mean: NaN in the reference, pooled_cosine, feature_kd and agent_stats alike;
+    # C = 0 pools to an empty vector, whose cosine is 0
+    gs = [torch.randn(2, 3, 0, 4, dtype=F64), torch.randn(2, 0, 2, 2, dtype=F64)]
+    fs = [torch.randn_like(x) for x in gs]
+    emb = [torch.randn(2, 3, dtype=F64), torch.randn(2, 0, dtype=F64)]
+    w = torch.rand(2, 2, dtype=F64)
+    want = ref.pooled_cosine(gs, emb)
+    assert torch.isnan(want[:, 0]).all() and torch.equal(want[:, 1], torch.zeros(2, dtype=F64))
+    got = {
+        "pooled_cosine": torch.ops.mtkd_fast.pooled_cosine(gs, emb, 1e-8),
+        "feature_kd": torch.ops.mtkd_fast.feature_kd(gs, fs, w, 1.0, emb, 1e-8)[2],
+        "agent_stats": torch.ops.mtkd_fast.agent_stats(torch.randn(2, 4, dtype=F64), [torch.randn(2, 4, dtype=F64)] * 2,
+                                                      torch.zeros(2, dtype=torch.long), gs, emb, 4.0, 1e-8)[2],
+    }
+    for name, cos in got.items():
+        torch.testing.assert_close(cos, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
 # ------------------------------------------------------------------ custom-op machinery
 
 
@@ -394,10 +569,13 @@ def _opcheck_cases():
         (op.pooled_cosine_backward.default, (torch.randn(3, 2), gs_cl, emb, 1e-8)),
         (op.per_sample_loss_reward.default, (req(sce), req(kl), w, req(torch.rand(3, 2)), wf, 1.0, 5.0)),
         (op.per_sample_loss_reward.default, (sce, kl, w, None, None, 1.0, 5.0)),
+        (op.agent_stats.default, (zs, list(zt), y, gs, emb, 4.0, 1e-8)),
+        (op.agent_stats.default, (zs, list(zt), y, gs_cl, emb, 3.0, 1e-8)),
+        (op.agent_stats.default, (zs, list(zt), y, [], [], 4.0, 1e-8)),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)

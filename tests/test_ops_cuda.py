@@ -194,3 +194,140 @@ def test_mtkd_loss_cuda_opcheck_and_module():
     torch.library.opcheck(torch.ops.mtkd_fast.per_sample_loss_reward.default,
                           (torch.rand(3, device=DEV), torch.rand(3, 2, device=DEV), w.float().to(DEV), None, None, 1.0, 5.0))
     assert MTKDLoss().resolve_backend(torch.device(DEV)) == "fused"
+
+
+# ------------------------------------------------------------------ agent_stats and the reworked walks
+
+STATS_CASES = [  # (B, K, per-teacher map shapes): odd sizes, a 1x1 map, C = 1, C > 256 (one thread per channel)
+    (1, 2, [(3, 2, 2), (5, 1, 3)]),
+    (3, 1001, [(4, 3, 3), (300, 2, 2), (1, 3, 2)]),
+    (17, 100, [(8, 4, 4), (16, 1, 1), (5, 3, 1), (7, 2, 3), (4, 5, 4)]),
+    (64, 10, [(33, 15, 14), (2, 9, 11)]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("B,K,shapes", STATS_CASES)
+def test_agent_stats_cuda_matches_reference(dtype, channels_last, B, K, shapes):
+    zs, zt, y, _ = _logits(B, K, len(shapes), seed=B + K, dtype=dtype)
+    g = _gen(B)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    acc = F64 if dtype == F64 else torch.float32
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).to(acc) for s in shapes]
+    out = ops.agent_stats(zs.to(DEV), zt.to(DEV), y.to(DEV), [x.to(DEV) for x in gs], [e.to(DEV) for e in emb])
+    exp = ref.agent_stats(zs.to(F64), zt.to(F64), y, [x.to(F64) for x in gs], [e.to(F64) for e in emb])
+    tol = 1e-10 if dtype == F64 else 1e-4  # float32 accumulation on the same rounded inputs
+    for name, a, b in zip(out._fields, out, exp):
+        assert a.dtype == acc and a.device.type == torch.device(DEV).type
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    none = ops.agent_stats(zs.to(DEV), zt.to(DEV), y.to(DEV), None, None)
+    assert torch.equal(none.cos.cpu(), torch.zeros(B, len(shapes), dtype=acc))
+
+
+def _cuda_kernels(fn):
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "Memset" not in e.name and "Memcpy" not in e.name]
+
+
+def test_agent_stats_cuda_one_launch_per_tensor_family():
+    zs, zt, y, _ = _logits(64, 100, 4, seed=6, dtype=torch.float32)
+    zs, zt, y = zs.to(DEV), list(zt.to(DEV)), y.to(DEV)
+    gs = [torch.randn(64, c, 8, 8, device=DEV) for c in (384, 384, 256, 256)]
+    emb = [torch.randn(64, c, device=DEV) for c in (384, 384, 256, 256)]
+    op = torch.ops.mtkd_fast.agent_stats
+    assert len(_cuda_kernels(lambda: op(zs, zt, y, gs, emb, 4.0, 1e-8))) == 2
+    assert len(_cuda_kernels(lambda: op(zs, zt, y, [], [], 4.0, 1e-8))) == 1
+
+
+def test_agent_stats_cuda_opcheck():
+    zs, zt, y, _ = _logits(3, 7, 2, seed=7, dtype=torch.float32)
+    gs = [torch.randn(3, 4, 2, 2, device=DEV), torch.randn(3, 2, 3, 1, device=DEV).contiguous(memory_format=torch.channels_last)]
+    emb = [torch.randn(3, 4, device=DEV), torch.randn(3, 2, device=DEV)]
+    torch.library.opcheck(torch.ops.mtkd_fast.agent_stats.default, (zs.to(DEV), list(zt.to(DEV)), y.to(DEV), gs, emb, 4.0, 1e-8))
+
+
+def test_empty_batches_launch_nothing_and_return_empty_results():
+    op = torch.ops.mtkd_fast
+    gs = [torch.randn(0, 3, 2, 2, device=DEV), torch.randn(0, 2, 1, 3, device=DEV)]
+    emb = [torch.randn(0, 3, device=DEV), torch.randn(0, 2, device=DEV)]
+    assert op.pooled_cosine(gs, emb, 1e-8).shape == (0, 2)
+    grad_maps, grad_emb = op.pooled_cosine_backward(torch.zeros(0, 2, device=DEV), gs, emb, 1e-8)
+    assert [t.shape for t in grad_maps] == [g.shape for g in gs]
+    loss, mse, cos, grads = op.feature_kd(gs, [torch.randn_like(x) for x in gs], torch.zeros(0, 2, device=DEV), 5.0, emb, 1e-8)
+    assert float(loss) == 0.0 and mse.shape == cos.shape == (0, 2)
+    kl, tce, cos = op.agent_stats(torch.randn(0, 5, device=DEV), [torch.randn(0, 5, device=DEV)] * 2,
+                                  torch.zeros(0, dtype=torch.long, device=DEV), gs, emb, 4.0, 1e-8)
+    assert kl.shape == tce.shape == cos.shape == (0, 2)
+    torch.cuda.synchronize()
+
+
+def test_size_one_dimensions_do_not_decide_the_layout_cuda():
+    gs = [torch.empty_strided((3, 5, 1, 1), (5, 1, 5, 5), dtype=F64).copy_(torch.randn(3, 5, 1, 1, dtype=F64)),
+          torch.empty_strided((3, 1, 2, 3), (6, 1, 3, 1), dtype=F64).copy_(torch.randn(3, 1, 2, 3, dtype=F64))]
+    fs = [torch.randn(3, 5, 1, 1, dtype=F64), torch.randn(3, 1, 2, 3, dtype=F64)]
+    w = torch.rand(3, 2, dtype=F64)
+    emb = [torch.randn(3, 5, dtype=F64), torch.randn(3, 1, dtype=F64)]
+    loss, mse, cos, grads = torch.ops.mtkd_fast.feature_kd([g.to(DEV) for g in gs], [f.to(DEV) for f in fs], w.to(DEV),
+                                                           2.0, [e.to(DEV) for e in emb], 1e-8)
+    torch.testing.assert_close(mse.cpu(), ref.feature_mse_per_sample(gs, fs))
+    torch.testing.assert_close(cos.cpu(), ref.pooled_cosine(gs, emb))
+    for a, b in zip(grads, ref.feature_kd_grad(gs, fs, w, 2.0)):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+def test_empty_spatial_maps_give_the_same_cosine_cuda():
+    gs = [torch.randn(2, 3, 0, 4, dtype=F64), torch.randn(2, 0, 2, 2, dtype=F64)]
+    emb = [torch.randn(2, 3, dtype=F64), torch.randn(2, 0, dtype=F64)]
+    want = ref.pooled_cosine(gs, emb)
+    dg, de = [g.to(DEV) for g in gs], [e.to(DEV) for e in emb]
+    op = torch.ops.mtkd_fast
+    got = {
+        "pooled_cosine": op.pooled_cosine(dg, de, 1e-8),
+        "feature_kd": op.feature_kd(dg, [torch.randn_like(g) for g in dg], torch.rand(2, 2, dtype=F64, device=DEV), 1.0, de, 1e-8)[2],
+        "agent_stats": op.agent_stats(torch.randn(2, 4, dtype=F64, device=DEV), [torch.randn(2, 4, dtype=F64, device=DEV)] * 2,
+                                      torch.zeros(2, dtype=torch.long, device=DEV), dg, de, 4.0, 1e-8)[2],
+    }
+    for name, cos in got.items():
+        torch.testing.assert_close(cos.cpu(), want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def test_pooled_cosine_backward_checks_the_device_of_grad():
+    gs = [torch.randn(2, 3, 2, 2, device=DEV)]
+    emb = [torch.randn(2, 3, device=DEV)]
+    with pytest.raises(RuntimeError, match="grad: expected device"):
+        torch.ops.mtkd_fast.pooled_cosine_backward(torch.ones(2, 1), gs, emb, 1e-8)
+
+
+def test_pooled_cosine_channel_bound_counts_static_shared_memory():
+    # the forward keeps no channel means (any C); the backward keeps C of them next to its static arrays:
+    # a C just under the old bound (48 KiB / 4 bytes) is refused with a clear error instead of a failed launch
+    g = torch.randn(2, 12280, 1, 1, device=DEV, requires_grad=True)
+    e = torch.randn(2, 12280, device=DEV)
+    out = ops.pooled_cosine([g], [e])
+    torch.testing.assert_close(out.cpu().double(), ref.pooled_cosine([g.detach().cpu().double()], [e.cpu().double()]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="channels for the CUDA pooled_cosine backward"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_feature_kd_cuda_channels_last_small_c_large_maps(dtype):
+    # the channels_last walk with the cosine: few channels over many pixels (rows of threads split the pixels)
+    B, shapes = 3, [(5, 40, 41), (64, 23, 19), (300, 3, 3)]
+    g = _gen(8)
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last) for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last) for s in shapes]
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).float() for s in shapes]
+    w = torch.rand(B, 3, generator=g, dtype=F64).float()
+    loss, mse, cos = ops.feature_kd_and_cosine([x.to(DEV) for x in gs], [f.to(DEV) for f in fs], w.to(DEV), 5.0,
+                                               [e.to(DEV) for e in emb])
+    g64 = [x.double() for x in gs]
+    torch.testing.assert_close(mse.cpu().double(), ref.feature_mse_per_sample(g64, [f.double() for f in fs]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cos.cpu().double(), ref.pooled_cosine(g64, [e.double() for e in emb]), rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -194,7 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_
         } else if (n) {
           s = sq_diff_and_grad<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, n, coef);
         } else if (with_cos) {
-          cos_out[task] = 0;  // an empty map pools to the zero vector
+          // as pooled_cosine and the reference: H*W = 0 has no mean (NaN), C = 0 pools to an empty vector (0)
+          cos_out[task] = spatial[m] == 0 && channels[m] > 0 ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
         }
         mse_out[task] = static_cast<acc_t>(n ? s / double(n) : 0.0);
       }
@@ -202,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_
     double total = 0;
     for (int64_t i = 0; i < B; ++i)
       for (int64_t m = 0; m < M; ++m) total += double(w[i * M + m]) * double(mse_out[i * M + m]);
-    loss.fill_(beta * total / double(B));
+    loss.fill_(B > 0 ? beta * total / double(B) : 0.0);  // no samples: 0, as the CUDA kernel
   });
   return {loss, mse, cos, grads};
 }

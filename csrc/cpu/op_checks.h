@@ -7,6 +7,7 @@
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -67,6 +68,16 @@ inline bool is_channels_last_map(const at::Tensor& g) {
   return !g.is_contiguous() && g.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// Two tensors of one shape that one flat index walks alike: equal strides on every dimension of size > 1
+// (a size-1 dimension's stride is never used, so e.g. a channels_last [B, C, 1, 1] map and a contiguous one
+// agree).
+inline bool same_walk(const at::Tensor& a, const at::Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
 // The teacher embeddings feature_kd pools against (its optional cosine output): one [B, C_m] tensor per map,
 // in the accumulation dtype and contiguous (like the weights), each map NCHW-contiguous or channels_last.
 inline void check_feature_kd_embeddings(at::TensorList students, at::TensorList embeddings, double eps) {
@@ -108,10 +119,11 @@ inline int64_t check_feature_kd_args(at::TensorList students, at::TensorList tea
                 "teacher_maps[", m, "]: expected dtype ", students[0].scalar_type(), " like student_maps[0]");
     TORCH_CHECK(g.device() == students[0].device() && f.device() == g.device(), "teacher_maps[", m,
                 "]: expected device ", students[0].device());
-    TORCH_CHECK(g.is_non_overlapping_and_dense() && (g.size(0) == 1 || g.stride(0) == g[0].numel()),
+    const int64_t per_sample = g.size(1) * g.size(2) * g.size(3);
+    TORCH_CHECK(g.is_non_overlapping_and_dense() && (g.size(0) <= 1 || per_sample == 0 || g.stride(0) == per_sample),
                 "student_maps[", m, "]: expected each sample's values dense (contiguous or channels_last)");
-    TORCH_CHECK(f.strides() == g.strides(), "teacher_maps[", m, "]: expected the strides of student_maps[", m,
-                "] ", g.strides(), ", got ", f.strides());
+    TORCH_CHECK(same_walk(f, g), "teacher_maps[", m, "]: expected the strides of student_maps[", m, "] ",
+                g.strides(), " (size-1 dimensions aside), got ", f.strides());
   }
   check_weights_arg("weights", weights, B, M, acc_dtype(students[0].scalar_type()), students[0].device());
   if (embeddings.has_value()) check_feature_kd_embeddings(students, *embeddings, eps);
@@ -141,6 +153,63 @@ inline int64_t check_pooled_cosine_args(at::TensorList maps, at::TensorList embe
   }
   TORCH_CHECK(eps >= 0, "eps: expected a non-negative number, got ", eps);
   return B;
+}
+
+// mtkd_fast::agent_stats: logits as for logit_kd (B may be 0; no weights); student_maps either empty (no
+// cosine: cos is 0) or one map per teacher, of the logits' dtype, each [B, C_m, H_m, W_m] contiguous or
+// channels_last, with one teacher embedding [B, C_m] per map in the accumulation dtype, contiguous.
+inline LogitDims check_agent_stats_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& targets,
+                                        at::TensorList maps, at::TensorList embeddings, double temperature,
+                                        double eps) {
+  TORCH_CHECK(student.dim() == 2 && student.size(1) >= 2,
+              "student_logits: expected shape [B, K] with K >= 2, got ", student.sizes());
+  TORCH_CHECK(is_float_dtype(student.scalar_type()), "student_logits: expected a floating dtype, got ",
+              student.scalar_type());
+  TORCH_CHECK(student.is_contiguous(), "student_logits: expected a contiguous tensor");
+  const int64_t B = student.size(0), K = student.size(1), M = static_cast<int64_t>(teachers.size());
+  TORCH_CHECK(M >= 1, "teacher_logits: expected at least one teacher");
+  for (int64_t m = 0; m < M; ++m) {
+    const auto& t = teachers[m];
+    TORCH_CHECK(t.sizes() == student.sizes(), "teacher_logits[", m, "]: expected shape ", student.sizes(),
+                " like student_logits, got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == student.scalar_type(), "teacher_logits[", m, "]: expected dtype ",
+                student.scalar_type(), " like student_logits, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "teacher_logits[", m, "]: expected a contiguous tensor");
+    TORCH_CHECK(t.device() == student.device(), "teacher_logits[", m, "]: expected device ", student.device(),
+                ", got ", t.device());
+  }
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == B, "targets: expected shape [", B, "], got ",
+              targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected dtype int64, got ", targets.scalar_type());
+  TORCH_CHECK(targets.is_contiguous() && targets.device() == student.device(),
+              "targets: expected a contiguous tensor on ", student.device());
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite positive number, got ",
+              temperature);
+  TORCH_CHECK(eps >= 0, "eps: expected a non-negative number, got ", eps);
+  const int64_t n_maps = static_cast<int64_t>(maps.size());
+  TORCH_CHECK(n_maps == 0 || n_maps == M, "student_maps: expected ", M, " maps (one per teacher) or none, got ",
+              n_maps);
+  TORCH_CHECK(static_cast<int64_t>(embeddings.size()) == n_maps, "teacher_embeddings: expected ", n_maps,
+              " embeddings (one per map), got ", embeddings.size());
+  const auto acc = acc_dtype(student.scalar_type());
+  for (int64_t m = 0; m < n_maps; ++m) {
+    const auto &g = maps[m], &e = embeddings[m];
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == B, "student_maps[", m, "]: expected shape [", B, ", C, H, W], got ",
+                g.sizes());
+    TORCH_CHECK(g.scalar_type() == student.scalar_type(), "student_maps[", m, "]: expected dtype ",
+                student.scalar_type(), " like student_logits, got ", g.scalar_type());
+    TORCH_CHECK(g.is_contiguous() || g.is_contiguous(at::MemoryFormat::ChannelsLast), "student_maps[", m,
+                "]: expected a contiguous or channels_last map");
+    TORCH_CHECK(g.device() == student.device(), "student_maps[", m, "]: expected device ", student.device(),
+                ", got ", g.device());
+    TORCH_CHECK(e.dim() == 2 && e.size(0) == B && e.size(1) == g.size(1), "teacher_embeddings[", m,
+                "]: expected shape [", B, ", ", g.size(1), "], got ", e.sizes());
+    TORCH_CHECK(e.scalar_type() == acc && e.is_contiguous(), "teacher_embeddings[", m,
+                "]: expected a contiguous tensor of dtype ", acc, " (the accumulation dtype), got ", e.scalar_type());
+    TORCH_CHECK(e.device() == student.device(), "teacher_embeddings[", m, "]: expected device ", student.device(),
+                ", got ", e.device());
+  }
+  return {B, K, M};
 }
 
 inline void check_reward_args(const at::Tensor& sce, const at::Tensor& kl, const at::Tensor& wl,

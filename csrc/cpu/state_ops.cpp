@@ -19,28 +19,6 @@
 namespace mtkd {
 namespace {
 
-// Spatial mean of sample i's map [C, H, W] into x (C values), for NCHW-contiguous or channels_last maps.
-template <typename scalar_t, typename acc_t>
-void pool_sample(const at::Tensor& g, int64_t i, acc_t* x) {
-  const int64_t C = g.size(1), HW = g.size(2) * g.size(3);
-  const scalar_t* base = g.const_data_ptr<scalar_t>() + i * g.stride(0);
-  const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
-  if (is_channels_last_map(g)) {
-    std::fill(x, x + C, acc_t(0));
-    for (int64_t p = 0; p < HW; ++p)
-      for (int64_t c = 0; c < C; ++c) x[c] += static_cast<acc_t>(base[p * C + c]);
-    for (int64_t c = 0; c < C; ++c) x[c] *= inv_hw;
-  } else {
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t s = 0;
-      const scalar_t* row = base + c * HW;
-#pragma omp simd reduction(+ : s)
-      for (int64_t p = 0; p < HW; ++p) s += static_cast<acc_t>(row[p]);
-      x[c] = s * inv_hw;
-    }
-  }
-}
-
 at::Tensor pooled_cosine_cpu(at::TensorList maps, at::TensorList embeddings, double eps) {
   const int64_t B = check_pooled_cosine_args(maps, embeddings, eps);
   const int64_t M = static_cast<int64_t>(maps.size());
@@ -73,6 +51,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_cosine_backw
   const auto dtype = maps[0].scalar_type();
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == M, "grad: expected shape [", B, ", ", M,
               "], got ", grad.sizes());
+  TORCH_CHECK(grad.device() == maps[0].device(), "grad: expected device ", maps[0].device(), ", got ",
+              grad.device());
+  TORCH_CHECK(is_float_dtype(grad.scalar_type()), "grad: expected a floating dtype, got ", grad.scalar_type());
   const at::Tensor grad_acc = grad.to(acc_dtype(dtype)).contiguous();
   std::vector<at::Tensor> grad_maps, grad_emb;
   int64_t max_c = 0;

@@ -66,6 +66,17 @@ __device__ __forceinline__ bool is_last_block(unsigned int* counter) {
   return last;
 }
 
+// The same for any group of arrivals: returns true in the block that brings counter to total.
+__device__ __forceinline__ bool is_last_arrival(unsigned int* counter, unsigned int total) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == total - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace cuda

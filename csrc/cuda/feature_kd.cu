@@ -1,8 +1,8 @@
 // CUDA kernel of mtkd_fast::feature_kd: all M (student map, teacher map) pairs in ONE launch. The teachers'
 // pointers travel in the kernel parameters (a multi-tensor-apply pattern); the grid is the concatenation of
 // every teacher's (sample, chunk) blocks. Each block reads its chunk of G and F once, writes dloss/dG and a
-// partial sum of squares; the last block to finish sums the partials per (sample, teacher) in a fixed order
-// (deterministic MSE) and the scalar loss. Given the teacher embeddings, blocks take whole channels instead
+// partial sum of squares; the last block of each (sample, teacher) sums that task's partials in a fixed order
+// (deterministic MSE), and the last of those the scalar loss. Given the teacher embeddings, blocks take whole channels instead
 // and also pool them for the agent state's cosine (spec section 2) from the same read of the maps.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -111,11 +111,20 @@ __global__ void __launch_bounds__(kThreads) feature_kd_kernel(FeatureArgs<scalar
     const int64_t c0 = chunk * args.chunk[m], c1 = min(C, c0 + args.chunk[m]);
     const acc_t* __restrict__ e = args.emb[m] + i * C;
     const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
-    if (walk == Walk::kChannelsLast) {  // a thread per channel; a pixel's channels are adjacent: coalesced
-      for (int64_t c = c0 + threadIdx.x; c < c1; c += blockDim.x) {
-        acc_t sum = 0;
-        for (int64_t p = 0; p < HW; ++p) sum += visit(g, f, out, p * C + c, coef, s);
-        add_cos_terms(sum * inv_hw, e[c], dot, xx, ee);
+    if (walk == Walk::kChannelsLast) {
+      // the block's Cb <= kThreads channels: R = kThreads / Cb rows of Cb threads split the pixels, adjacent
+      // threads on adjacent channels (coalesced), so small C neither idles threads nor walks H*W serially
+      __shared__ acc_t part[kThreads];
+      const int64_t Cb = c1 - c0, R = kThreads / Cb, cc = threadIdx.x % Cb, r = threadIdx.x / Cb;
+      acc_t sum = 0;
+      if (r < R)
+        for (int64_t p = r; p < HW; p += R) sum += visit(g, f, out, p * C + c0 + cc, coef, s);
+      part[threadIdx.x] = sum;
+      __syncthreads();
+      if (threadIdx.x < Cb) {
+        acc_t total = 0;
+        for (int64_t q = 0; q < R; ++q) total += part[q * Cb + threadIdx.x];
+        add_cos_terms(total * inv_hw, e[c0 + threadIdx.x], dot, xx, ee);
       }
     } else if (walk == Walk::kWarpRows) {  // a warp per channel row (NCHW)
       const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -149,29 +158,30 @@ __global__ void __launch_bounds__(kThreads) feature_kd_kernel(FeatureArgs<scalar
     }
   }
 
-  if (!is_last_block(counter)) return;
-  // the last block sums each (sample, teacher)'s partials in a fixed order: deterministic results
-  acc_t part = 0;
-  for (int64_t task = threadIdx.x; task < static_cast<int64_t>(B) * M; task += blockDim.x) {
-    const int64_t r = task / M;
-    const int tm = static_cast<int>(task % M);
-    const int64_t first = args.block_start[tm] + r * args.chunks[tm];
+  // the last block of each (sample, teacher) sums that task's partials in a fixed order (deterministic), and
+  // the last of those the scalar loss: no single block walks every partial
+  const int64_t task = i * M + m;
+  if (!is_last_arrival(counter + 1 + task, static_cast<unsigned int>(args.chunks[m]))) return;
+  if (threadIdx.x == 0) {
+    const int64_t first = args.block_start[m] + i * args.chunks[m];
     acc_t total = 0, d = 0, x2 = 0, e2 = 0;
-    for (int64_t c = 0; c < args.chunks[tm]; ++c) total += __ldcg(partial + first + c);
-    const acc_t value = args.numel[tm] > 0 ? total / static_cast<acc_t>(args.numel[tm]) : acc_t(0);
-    mse[task] = value;
-    part += weights[task] * value;
-    if (args.walk[tm] != Walk::kFlat) {
-      for (int64_t c = 0; c < args.chunks[tm]; ++c) {
+    for (int64_t c = 0; c < args.chunks[m]; ++c) total += __ldcg(partial + first + c);
+    mse[task] = n > 0 ? total / static_cast<acc_t>(n) : acc_t(0);
+    if (walk != Walk::kFlat) {
+      for (int64_t c = 0; c < args.chunks[m]; ++c) {
         d += __ldcg(partial + blocks + first + c);
         x2 += __ldcg(partial + 2 * blocks + first + c);
         e2 += __ldcg(partial + 3 * blocks + first + c);
       }
       cos[task] = (d / max(sqrt(x2), eps)) / max(sqrt(e2), eps);
     } else if (cos != nullptr) {
-      cos[task] = 0;  // an empty map pools to the zero vector
+      // an empty map, as pooled_cosine and the reference: H*W = 0 has no mean (NaN), C = 0 gives 0
+      cos[task] = args.spatial[m] == 0 && args.channels[m] > 0 ? acc_t(NAN) : acc_t(0);
     }
   }
+  if (!is_last_arrival(counter, static_cast<unsigned int>(static_cast<int64_t>(B) * M))) return;
+  acc_t part = 0;
+  for (int64_t t = threadIdx.x; t < static_cast<int64_t>(B) * M; t += blockDim.x) part += weights[t] * __ldcg(mse + t);
   part = block_allreduce(part, red, SumOp{}, acc_t(0));
   if (threadIdx.x == 0) *loss = beta * part / static_cast<acc_t>(B);
 }
@@ -191,6 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_
   at::Tensor cos = with_cos ? at::empty({B, M}, opts) : at::empty({0}, opts);
   std::vector<at::Tensor> grads;
   for (int64_t m = 0; m < M; ++m) grads.push_back(at::empty_like(students[m]));
+  if (B == 0) {  // no empty launches: the mean over no samples is 0
+    loss.zero_();
+    return {loss, mse, cos, grads};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mtkd_feature_kd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int64_t kPack = 16 / sizeof(scalar_t);
@@ -230,12 +244,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_
     args.block_start[M] = blocks;
     TORCH_CHECK(blocks < (int64_t{1} << 31), "student_maps: too large for the CUDA kernel");
     // workspace: per block the partial sum of squares (and, for the cosine, of dot, |x|^2, |e|^2), then the
-    // "last block" counter
+    // arrival counters: one for the loss, one per (sample, teacher)
     const int64_t parts = with_cos ? 4 : 1;
-    at::Tensor work = at::empty({parts * blocks + 1}, opts);
+    at::Tensor work = at::empty({parts * blocks}, opts);
     acc_t* partial = work.data_ptr<acc_t>();
-    auto* counter = reinterpret_cast<unsigned int*>(partial + parts * blocks);
-    C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream));
+    at::Tensor counters = at::empty({1 + B * M}, opts.dtype(at::kInt));
+    auto* counter = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
+    C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, counters.nbytes(), stream));
     feature_kd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         args, weights.const_data_ptr<acc_t>(), static_cast<int>(B), static_cast<int>(M), static_cast<acc_t>(beta),
         static_cast<acc_t>(eps), partial, mse.data_ptr<acc_t>(), with_cos ? cos.data_ptr<acc_t>() : nullptr,

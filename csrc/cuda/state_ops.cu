@@ -1,5 +1,5 @@
 // CUDA kernels of the agent-state helpers: pooled cosine COS_{i,m} (forward and backward: one launch each
-// for all teachers, a block per (sample, teacher)) and the per-sample loss with the normalised reward
+// for all teachers, a block per (sample, teacher), coalesced pooling in either layout) and the per-sample loss with the normalised reward
 // (one block). Same maths as csrc/cpu/state_ops.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,6 +12,7 @@
 
 #include "cpu/op_checks.h"
 #include "cuda/common.cuh"
+#include "cuda/pool.cuh"
 
 namespace mtkd {
 namespace cuda {
@@ -30,44 +31,38 @@ struct CosineArgs {
   bool channels_last[kMaxTeachers];
 };
 
-// Pools sample i of map m into x (shared, C values) and returns (dot, |x|^2, |e|^2) reduced over the block.
+// Pools sample i of map m (coalesced in either layout: pool_channels, csrc/cuda/pool.cuh), storing the
+// channel means in x (shared, C values) when x is given, and returns (dot, |x|^2, |e|^2) reduced over the
+// block. H*W = 0 gives NaN means, as the reference.
 template <typename scalar_t, typename acc_t>
-__device__ void pool_and_dots(const CosineArgs<scalar_t>& a, int m, int64_t i, acc_t* x, acc_t* red, acc_t& dot,
-                              acc_t& xx, acc_t& ee) {
+__device__ void pool_and_dots(const CosineArgs<scalar_t>& a, int m, int64_t i, acc_t* x, acc_t* part, acc_t* red,
+                              acc_t& dot, acc_t& xx, acc_t& ee) {
   const int64_t C = a.channels[m], HW = a.spatial[m];
-  const scalar_t* base = a.map[m] + i * C * HW;
   const scalar_t* e = a.emb[m] + i * C;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
   acc_t d = 0, sx = 0, se = 0;
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-    acc_t s = 0;
-    if (a.channels_last[m]) {
-      for (int64_t p = 0; p < HW; ++p) s += static_cast<acc_t>(base[p * C + c]);  // coalesced over c
-    } else {
-      for (int64_t p = 0; p < HW; ++p) s += static_cast<acc_t>(base[c * HW + p]);
-    }
-    s *= inv_hw;
-    x[c] = s;
-    const acc_t ev = static_cast<acc_t>(e[c]);
-    d += s * ev;
-    sx += s * s;
+  pool_channels<kThreads>(a.map[m] + i * C * HW, C, HW, a.channels_last[m], part, [&](int64_t c, acc_t sum) {
+    const acc_t mean = sum * inv_hw, ev = static_cast<acc_t>(e[c]);
+    if (x != nullptr) x[c] = mean;
+    d += mean * ev;
+    sx += mean * mean;
     se += ev * ev;
-  }
+  });
   dot = block_allreduce(d, red, SumOp{}, acc_t(0));
   xx = block_allreduce(sx, red, SumOp{}, acc_t(0));
   ee = block_allreduce(se, red, SumOp{}, acc_t(0));
 }
 
+// Forward: no channel means kept, so no dynamic shared memory (any C).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) pooled_cosine_kernel(CosineArgs<scalar_t> a, int M, acc_t eps,
                                                                 acc_t* __restrict__ cos) {
-  extern __shared__ unsigned char smem_raw[];
-  acc_t* x = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t red[kWarp];
+  __shared__ acc_t part[kThreads];
   const int64_t i = blockIdx.x / M;
   const int m = blockIdx.x % M;
   acc_t dot, xx, ee;
-  pool_and_dots<scalar_t, acc_t>(a, m, i, x, red, dot, xx, ee);
+  pool_and_dots<scalar_t, acc_t>(a, m, i, static_cast<acc_t*>(nullptr), part, red, dot, xx, ee);
   if (threadIdx.x == 0) cos[blockIdx.x] = (dot / max(sqrt(xx), eps)) / max(sqrt(ee), eps);
 }
 
@@ -75,13 +70,15 @@ __global__ void __launch_bounds__(kThreads) pooled_cosine_kernel(CosineArgs<scal
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) pooled_cosine_backward_kernel(CosineArgs<scalar_t> a, int M, acc_t eps,
                                                                          const acc_t* __restrict__ grad) {
-  extern __shared__ unsigned char smem_raw[];
+  // the channel means, C values; aligned for the double accumulation type
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* x = reinterpret_cast<acc_t*>(smem_raw);
   __shared__ acc_t red[kWarp];
+  __shared__ acc_t part[kThreads];
   const int64_t i = blockIdx.x / M;
   const int m = blockIdx.x % M;
   acc_t dot, xx, ee;
-  pool_and_dots<scalar_t, acc_t>(a, m, i, x, red, dot, xx, ee);
+  pool_and_dots<scalar_t, acc_t>(a, m, i, x, part, red, dot, xx, ee);
   const acc_t nx = sqrt(xx), ne = sqrt(ee), cx = max(nx, eps), ce = max(ne, eps);
   const acc_t cosv = (dot / cx) / ce, go = grad[blockIdx.x];
   const acc_t coef_e = go / (cx * ce);
@@ -90,17 +87,21 @@ __global__ void __launch_bounds__(kThreads) pooled_cosine_backward_kernel(Cosine
   const int64_t C = a.channels[m], HW = a.spatial[m];
   const scalar_t* e = a.emb[m] + i * C;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
-  __syncthreads();
-  // x now holds dcos/dx_c / (H W) (each thread rewrites only its own channels)
+  __syncthreads();  // every channel mean is in x
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
     const acc_t ev = static_cast<acc_t>(e[c]), xv = x[c];
     a.grad_emb[m][i * C + c] = static_cast<scalar_t>(coef_e * xv - coef_ee * ev);
-    x[c] = (coef_e * ev - coef_x * xv) * inv_hw;
+  }
+  __syncthreads();  // x is rewritten below: every reader above is done
+  // x now holds dcos/dx_c / (H W)
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const acc_t ev = static_cast<acc_t>(e[c]);
+    x[c] = (coef_e * ev - coef_x * x[c]) * inv_hw;
   }
   __syncthreads();
   scalar_t* out = a.grad_map[m] + i * C * HW;
   const bool cl = a.channels_last[m];
-  for (int64_t j = threadIdx.x; j < C * HW; j += blockDim.x) {
+  for (int64_t j = threadIdx.x; j < C * HW; j += blockDim.x) {  // coalesced writes in either layout
     const int64_t c = cl ? j % C : j / HW;
     out[j] = static_cast<scalar_t>(x[c]);
   }
@@ -121,28 +122,37 @@ CosineArgs<scalar_t> cosine_args(at::TensorList maps, at::TensorList embeddings,
   return a;
 }
 
-int64_t check_cuda_cosine(at::TensorList maps, at::TensorList embeddings, double eps, c10::ScalarType dtype) {
+int64_t check_cuda_cosine(at::TensorList maps, at::TensorList embeddings, double eps) {
   const int64_t B = check_pooled_cosine_args(maps, embeddings, eps);
   TORCH_CHECK(static_cast<int64_t>(maps.size()) <= kMaxTeachers, "student_maps: the CUDA kernel takes at most ",
               kMaxTeachers, " maps");
-  int64_t max_c = 0;
-  for (const auto& g : maps) max_c = std::max(max_c, g.size(1));
-  TORCH_CHECK(max_c * static_cast<int64_t>(c10::elementSize(acc_dtype(dtype))) <= 48 * 1024,
-              "student_maps: at most ", 48 * 1024 / c10::elementSize(acc_dtype(dtype)), " channels on CUDA");
   return B;
 }
 
+// The backward keeps C channel means in dynamic shared memory next to the kernel's static arrays: the sum
+// must fit the 48 KiB a launch gets without opting in.
+template <typename Kernel>
+void check_backward_shared_memory(Kernel kernel, int64_t max_c, size_t acc_size) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  const int64_t limit = 48 * 1024, static_bytes = static_cast<int64_t>(attr.sharedSizeBytes);
+  TORCH_CHECK(max_c * static_cast<int64_t>(acc_size) + static_bytes <= limit, "student_maps: at most ",
+              (limit - static_bytes) / static_cast<int64_t>(acc_size),
+              " channels for the CUDA pooled_cosine backward, got ", max_c);
+}
+
 at::Tensor pooled_cosine_cuda(at::TensorList maps, at::TensorList embeddings, double eps) {
-  const auto dtype = maps.empty() ? at::kFloat : maps[0].scalar_type();
-  const int64_t B = check_cuda_cosine(maps, embeddings, eps, dtype);
+  const int64_t B = check_cuda_cosine(maps, embeddings, eps);
+  const auto dtype = maps[0].scalar_type();
   const int64_t M = static_cast<int64_t>(maps.size());
   c10::cuda::CUDAGuard guard(maps[0].device());
   at::Tensor cos = at::empty({B, M}, maps[0].options().dtype(acc_dtype(dtype)));
+  if (B == 0) return cos;  // no empty launches
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mtkd_pooled_cosine_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     int64_t max_c = 0;
     const auto args = cosine_args<scalar_t>(maps, embeddings, max_c);
-    pooled_cosine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * M), kThreads, max_c * sizeof(acc_t),
+    pooled_cosine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * M), kThreads, 0,
                                             c10::cuda::getCurrentCUDAStream()>>>(args, static_cast<int>(M),
                                                                                  static_cast<acc_t>(eps),
                                                                                  cos.data_ptr<acc_t>());
@@ -153,11 +163,14 @@ at::Tensor pooled_cosine_cuda(at::TensorList maps, at::TensorList embeddings, do
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_cosine_backward_cuda(
     const at::Tensor& grad, at::TensorList maps, at::TensorList embeddings, double eps) {
-  const auto dtype = maps.empty() ? at::kFloat : maps[0].scalar_type();
-  const int64_t B = check_cuda_cosine(maps, embeddings, eps, dtype);
+  const int64_t B = check_cuda_cosine(maps, embeddings, eps);
+  const auto dtype = maps[0].scalar_type();
   const int64_t M = static_cast<int64_t>(maps.size());
   TORCH_CHECK(grad.dim() == 2 && grad.size(0) == B && grad.size(1) == M, "grad: expected shape [", B, ", ", M,
               "], got ", grad.sizes());
+  TORCH_CHECK(grad.device() == maps[0].device(), "grad: expected device ", maps[0].device(), ", got ",
+              grad.device());
+  TORCH_CHECK(is_float_dtype(grad.scalar_type()), "grad: expected a floating dtype, got ", grad.scalar_type());
   c10::cuda::CUDAGuard guard(maps[0].device());
   const at::Tensor grad_acc = grad.to(acc_dtype(dtype)).contiguous();
   std::vector<at::Tensor> grad_maps, grad_emb;
@@ -165,10 +178,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_cosine_backw
     grad_maps.push_back(at::empty_like(maps[m]));
     grad_emb.push_back(at::empty_like(embeddings[m]));
   }
+  if (B == 0) return {grad_maps, grad_emb};  // no empty launches
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mtkd_pooled_cosine_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     int64_t max_c = 0;
     auto args = cosine_args<scalar_t>(maps, embeddings, max_c);
+    check_backward_shared_memory(pooled_cosine_backward_kernel<scalar_t, acc_t>, max_c, sizeof(acc_t));
     for (int64_t m = 0; m < M; ++m) {
       args.grad_map[m] = grad_maps[m].data_ptr<scalar_t>();
       args.grad_emb[m] = grad_emb[m].data_ptr<scalar_t>();

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import reference
-from ..agent import AgentReplayBuffer, MTKDAgent, make_state, normalized_reward
+from ..agent import AgentReplayBuffer, MTKDAgent, normalized_reward
 from ..loss import MTKDLoss
 from . import distributed as D
 from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
@@ -26,6 +25,7 @@ from .._validation import DataError
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
 from .diagnostics import WeightDiagnostics, write_diagnostics
+from .step import distill_step, feature_kl_per_sample
 from .strategies import make_strategy
 
 __all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "CHECKPOINT_LAST",
@@ -48,18 +48,6 @@ _AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # device-side running sums, read back once per log interval / epoch
 _METERS = ("loss", "ce", "kd", "feat", "top1", "top5", "count", "agent_loss", "agent_batches")
-
-
-def feature_kl_per_sample(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], temperature: float) -> Tensor:
-    """The "kl" feature distillation of the authors' code (spec section 8.6): per channel, a softmax over the
-    spatial positions at temperature T; KL(teacher || student) summed over positions, averaged over channels,
-    times T^2. Returns [B, M]."""
-    cols = []
-    for g, f in zip(student_maps, teacher_maps):
-        log_ps = F.log_softmax(g.flatten(2) / temperature, dim=-1)
-        log_pt = F.log_softmax(f.detach().flatten(2) / temperature, dim=-1)
-        cols.append((log_pt.exp() * (log_pt - log_ps)).sum(-1).mean(-1) * temperature**2)
-    return torch.stack(cols, dim=1)
 
 
 class StudentWithTransfer(nn.Module):
@@ -206,31 +194,21 @@ class Trainer:
             ce, kd, feat = loss.detach(), zero, zero
         else:
             tl = t_out.logits.to(self.device)
-            with torch.no_grad():
-                tce = _teacher_ce(tl, labels) if self.strategy.needs_teacher_ce else None
-                if self.strategy.needs_state:
-                    kl = reference.kl_per_sample(logits.detach(), tl, cfg.temperature)
-                    cos = (reference.pooled_cosine([m.detach() for m in maps], t_out.embeddings) if maps is not None
-                           else torch.zeros_like(kl))
-                    state = make_state(cos, kl, tce, t_out.embeddings, tl)
-            wl, wf, actions = self.strategy.weights(self.epoch, tl, tce, state, student_logits=logits.detach(),
-                                                    student_maps=maps, labels=labels)
+            # state -> weights -> loss -> reward, the one sequence bench_ops.py times (train/step.py)
+            step = distill_step(
+                logits, maps, labels, tl, t_out.embeddings, t_out.feature_maps,
+                lambda tce, state: self.strategy.weights(self.epoch, tl, tce, state, student_logits=logits.detach(),
+                                                         student_maps=maps, labels=labels),
+                temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta, feature_kd=cfg.feature_kd,
+                needs_state=self.strategy.needs_state, needs_teacher_ce=self.strategy.needs_teacher_ce,
+                backend=self.loss_fn.resolve_backend(self.device), with_reward=self.agent is not None,
+            )
+            loss, per_sample, reward = step.loss, step.per_sample_loss, step.reward
+            wl, wf, state, actions = step.logit_weights, step.feature_weights, step.state, step.actions
             self.diagnostics.update(wl, wf, tl, labels, state, self.agent)
-            if maps is not None and cfg.feature_kd == "mse":
-                out = self.loss_fn(logits, tl, labels, wl, maps, t_out.feature_maps, wf)
-                loss, per_sample = out.loss, out.per_sample_loss
-                feat = cfg.beta * (wf * out.mse).mean(0).sum()
-            else:
-                out = self.loss_fn(logits, tl, labels, wl)
-                loss, per_sample, feat = out.loss, out.per_sample_loss, zero
-                if maps is not None:  # "kl" feature distillation
-                    fkl = feature_kl_per_sample(maps, t_out.feature_maps, cfg.temperature)
-                    feat_loss = cfg.beta * (wf * fkl).mean(0).sum()
-                    loss = loss + feat_loss
-                    per_sample = per_sample + cfg.beta * (wf * fkl.detach()).sum(1)
-                    feat = feat_loss.detach()
-            ce = out.student_ce.mean()
-            kd = cfg.alpha * (wl * out.kl).mean(0).sum()
+            ce = step.student_ce.mean()
+            kd = cfg.alpha * (wl * step.kl).mean(0).sum()
+            feat = cfg.beta * (wf * step.feature_stat).mean(0).sum() if step.feature_stat is not None else zero
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -247,7 +225,8 @@ class Trainer:
             if wl is not None:
                 self.weight_sums += torch.stack([wl.sum(0), wf.sum(0)]).double()
         if self.agent is not None:
-            reward = self._reward(per_sample.detach())
+            if reward is None or self.dist.enabled:  # normalised over the global batch
+                reward = self._reward(per_sample.detach())
             self._store(state, reward, actions)
             # the authors' trigger: after batch index agent_step, 2 agent_step, ... (and at the epoch's end)
             if batch_index % cfg.agent_step == 0 and batch_index != 0:
@@ -506,13 +485,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
-def _teacher_ce(teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """TCE [B, M], as ``reference.teacher_cross_entropy`` but without its label-range check, which reads the
-    labels back to the host every step."""
-    M, B, K = teacher_logits.shape
-    return F.cross_entropy(teacher_logits.reshape(M * B, K), labels.repeat(M), reduction="none").reshape(M, B).T
-
-
 def _on_device(t_out, device):
     """Teacher outputs on the student's device (a cache may hand them over on the CPU)."""
     if t_out.logits.device == device:

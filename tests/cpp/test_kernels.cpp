@@ -1,4 +1,4 @@
-// C++ test run by ctest (CMake build): the CPU kernels of mtkd_fast::logit_kd and mtkd_fast::feature_kd,
+// C++ test run by ctest (CMake build): the CPU kernels of mtkd_fast::logit_kd, feature_kd and agent_stats,
 // called through the dispatcher as any C++ user would, against the same maths in ATen ops (float64).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -80,9 +80,40 @@ static void test_feature_kd() {
   EXPECT(close(loss, loss_ref));
 }
 
+static void test_agent_stats() {
+  at::manual_seed(2);
+  const int64_t B = 5, K = 11, M = 2;
+  const double T = 4.0;
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor zs = at::randn({B, K}, opts) * 3, zt = at::randn({M, B, K}, opts) * 3;
+  at::Tensor y = at::randint(0, K, {B}, at::TensorOptions().dtype(at::kLong));
+  std::vector<at::Tensor> teachers;
+  for (const auto& t : zt.unbind(0)) teachers.push_back(t.contiguous());
+  std::vector<at::Tensor> gs = {at::randn({B, 3, 2, 2}, opts),
+                                at::randn({B, 4, 3, 1}, opts).contiguous(at::MemoryFormat::ChannelsLast)};
+  std::vector<at::Tensor> emb = {at::randn({B, 3}, opts), at::randn({B, 4}, opts)};
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("mtkd_fast::agent_stats", "")
+                .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
+                                                                      const at::Tensor&, at::TensorList,
+                                                                      at::TensorList, double, double)>();
+  auto [kl, tce, cos] = op.call(zs, teachers, y, gs, emb, T, 1e-8);
+  at::Tensor log_ps = at::log_softmax(zs / T, 1), log_pt = at::log_softmax(zt / T, 2);
+  EXPECT(close(kl, (log_pt.exp() * (log_pt - log_ps.unsqueeze(0))).sum(2).t() * (T * T)));
+  EXPECT(close(tce, at::cross_entropy_loss(zt.reshape({M * B, K}), y.repeat({M}), {}, at::Reduction::None)
+                        .reshape({M, B})
+                        .t()));
+  for (int64_t m = 0; m < M; ++m) {
+    at::Tensor pooled = gs[m].mean({2, 3});
+    EXPECT(close(cos.select(1, m), (pooled * emb[m]).sum(1) / (pooled.norm(2, 1) * emb[m].norm(2, 1))));
+  }
+  EXPECT(at::equal(std::get<2>(op.call(zs, teachers, y, {}, {}, T, 1e-8)), at::zeros({B, M}, opts)));  // no maps
+}
+
 int main() {
   test_logit_kd();
   test_feature_kd();
+  test_agent_stats();
   std::printf("fused CPU kernels ok\n");
   return 0;
 }
