@@ -1,0 +1,324 @@
+"""LiveTeachers as an inference engine: precision choice, BatchNorm folding, channels_last, compile fallback,
+the CUDA side stream, and the error budget of reduced precision against float32."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mtkd_fast.teachers as T
+from mtkd_fast import models
+from mtkd_fast.teachers import LiveTeachers, fold_batchnorm, resolve_precision
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _randomize_bn(model, seed=0):
+    """Non-trivial running statistics and affine parameters, so that folding has something to fold."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+    return model.eval()
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# ---- precision -----------------------------------------------------------------------------------------------
+
+def test_precision_errors_name_the_option():
+    with pytest.raises(ValueError, match=r"^precision: expected one of .*'fp8'"):
+        resolve_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match=r"^precision: 'fp16' is not supported .* CPU"):
+        resolve_precision("fp16", "cpu")
+    nets = [_randomize_bn(models.create_model("resnet8", 10)) for _ in range(2)]
+    with pytest.raises(ValueError, match="precision"):
+        LiveTeachers(nets, precision="half")
+    with pytest.raises(ValueError, match="precision"):
+        LiveTeachers(nets, precision="fp16")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_follows_the_cpu(monkeypatch, fast):
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: fast)
+    assert resolve_precision("auto", "cpu") == ("bf16" if fast else "fp32")
+    nets = [models.create_model("resnet8", 10) for _ in range(2)]
+    live = LiveTeachers(nets)
+    assert live.precision_used == ("bf16" if fast else "fp32")
+    assert live.precision_used in live.describe() and "auto" in live.describe()
+    # the default layout follows the precision on a CPU (see the class docstring)
+    assert live.channels_last == fast
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_cpu_flag_detection_matches_proc_cpuinfo():
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    expected = bool({"avx512_bf16", "amx_bf16"} & set(flags)) or "AMX" in torch.backends.cpu.get_cpu_capability()
+    assert T.cpu_has_fast_bf16() == expected
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_outputs_are_float32_contiguous_and_close(precision):
+    torch.manual_seed(0)
+    nets = [_randomize_bn(models.create_model(a, 10), s) for s, a in enumerate(["resnet8", "wrn_16_1"])]
+    x = torch.randn(5, 3, 32, 32)
+    live = LiveTeachers(nets, precision=precision, channels_last=True)
+    out = live(x)
+    assert out.logits.dtype == torch.float32 and out.logits.shape == (2, 5, 10)
+    for m, n in enumerate(nets):
+        feats, z = n(x, is_feat=True)
+        assert out.feature_maps[m].dtype == torch.float32 and out.feature_maps[m].is_contiguous()
+        tol = 1e-4 if precision == "fp32" else 3e-2
+        assert _rel(out.logits[m], z) < tol
+        assert _rel(out.feature_maps[m], feats[-2]) < tol
+        assert _rel(out.embeddings[m], feats[-1]) < tol
+
+
+def test_legacy_autocast_dtype_argument():
+    nets = [models.create_model("resnet8", 10) for _ in range(2)]
+    assert LiveTeachers(nets, autocast_dtype=torch.bfloat16).precision_used == "bf16"
+    live = LiveTeachers(nets, autocast_dtype=None)
+    assert live.precision_used == "fp32" and live.autocast_dtype is None
+    with pytest.raises(ValueError, match="precision"):
+        LiveTeachers(nets, precision="fp32", autocast_dtype=torch.bfloat16)
+
+
+# ---- BatchNorm folding ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet8", "wrn_16_1", "ShuffleV2", "RegNetX_200MF", "MobileNetV2", "vgg8"])
+def test_fold_bn_is_exact_in_float64(arch):
+    torch.manual_seed(1)
+    model = _randomize_bn(models.create_model(arch, 7)).double()
+    before = copy.deepcopy(model.state_dict())
+    folded, n = fold_batchnorm(model)
+    n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert n > 0 and n_bn == sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) - n
+    # the caller's model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        f0, z0 = model(x, is_feat=True)
+        f1, z1 = folded(x, is_feat=True)
+    torch.testing.assert_close(z1, z0, rtol=1e-10, atol=1e-10)
+    for a, b in zip(f1, f0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+class _SharedConvOut(nn.Module):
+    """The convolution's raw output is a feature AND the BatchNorm's input: folding it would change the feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x, is_feat=False):
+        c = self.conv(x)
+        f = self.bn2(self.conv2(torch.relu(self.bn(c))))
+        e = f.mean(dim=(2, 3))
+        z = self.fc(e)
+        return ([c, f, e], z) if is_feat else z
+
+
+def test_fold_bn_only_where_the_conv_output_has_no_other_use():
+    model = _randomize_bn(_SharedConvOut()).double()
+    folded, n = fold_batchnorm(model)
+    assert n == 1 and isinstance(folded.bn, nn.BatchNorm2d) and isinstance(folded.bn2, nn.Identity)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(folded(x, is_feat=True)[0], model(x, is_feat=True)[0]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_live_teachers_fold_a_copy_and_keep_the_callers_weights():
+    nets = [_randomize_bn(models.create_model("resnet8", 10), s) for s in range(2)]
+    sd = [copy.deepcopy(n.state_dict()) for n in nets]
+    folded = LiveTeachers(nets, precision="fp32", fold_bn=True)
+    plain = LiveTeachers(nets, precision="fp32", fold_bn=False)
+    assert folded.folded_bn > 0 and plain.folded_bn == 0
+    assert list(folded.teachers) == nets  # the cache hashes these: they must stay the caller's
+    assert all(torch.equal(s[k], v) for s, n in zip(sd, nets) for k, v in n.state_dict().items())
+    assert set(folded.state_dict()) == set(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    a, b = folded(x), plain(x)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+    for u, v in zip(a.feature_maps, b.feature_maps):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+
+
+# ---- compile -------------------------------------------------------------------------------------------------
+
+def test_compile_unavailable_falls_back_with_a_warning(monkeypatch):
+    monkeypatch.setattr(T, "_compile_unavailable", lambda device: "no C++ compiler for inductor's CPU code")
+    nets = [_randomize_bn(models.create_model("resnet8", 10), s) for s in range(2)]
+    with pytest.warns(RuntimeWarning, match="^teacher_compile: no C"):
+        live = LiveTeachers(nets, precision="fp32", compile=True)
+    assert not live.compile and "failed" in live.describe()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(live(x).logits, LiveTeachers(nets, precision="fp32")(x).logits)
+
+
+def test_compile_failure_at_first_call_falls_back(monkeypatch):
+    def broken(model, device):
+        def run(*a, **k):
+            raise RuntimeError("inductor exploded")
+        return run
+    monkeypatch.setattr(T, "_compile_unavailable", lambda device: None)
+    monkeypatch.setattr(T, "_compile", broken)
+    nets = [_randomize_bn(models.create_model("resnet8", 10), s) for s in range(2)]
+    live = LiveTeachers(nets, precision="fp32", compile=True)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(RuntimeWarning, match="teacher_compile: torch.compile failed .*inductor exploded"):
+        out = live(x)
+    torch.testing.assert_close(out.logits, LiveTeachers(nets, precision="fp32")(x).logits)
+
+
+@pytest.mark.slow
+def test_compiled_teachers_match_eager():
+    if T._compile_unavailable(torch.device("cpu")):
+        pytest.skip(T._compile_unavailable(torch.device("cpu")))
+    nets = [_randomize_bn(models.create_model("resnet8", 10), s) for s in range(2)]
+    live = LiveTeachers(nets, precision="fp32", compile=True)
+    x = torch.randn(3, 3, 32, 32)
+    out = live(x)
+    assert live.compile, live.compile_error
+    ref = LiveTeachers(nets, precision="fp32", fold_bn=False)(x)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+# ---- CUDA: the side stream -----------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_side_stream_outputs_match_synchronous(precision):
+    nets = [_randomize_bn(models.create_model(a, 10), s).cuda() for s, a in enumerate(["resnet8", "wrn_16_1"])]
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    sync = LiveTeachers(nets, precision=precision, overlap=False)(x)
+    live = LiveTeachers(nets, precision=precision, overlap=True)
+    assert live._stream is None
+    out = live(x)
+    assert isinstance(out, T._PendingOutputs) and live._stream is not None
+    # work on the main stream in between (the student's forward), then the first read waits for the teachers
+    y = torch.randn(4096, 4096, device="cuda") @ torch.randn(4096, 4096, device="cuda")
+    got = out.logits.clone()
+    torch.testing.assert_close(got, sync.logits)
+    for a, b in zip(out.feature_maps, sync.feature_maps):
+        torch.testing.assert_close(a, b)
+    assert y.isfinite().all()
+
+
+@needs_cuda
+def test_cuda_side_stream_images_not_reused_early():
+    """The images are freed by the caller right after the call; the side stream must still read the right data."""
+    nets = [_randomize_bn(models.create_model("wrn_16_1", 10), s).cuda() for s in range(2)]
+    live = LiveTeachers(nets, precision="fp32")
+    x_host = torch.randn(64, 3, 32, 32)
+    ref = LiveTeachers(nets, precision="fp32", overlap=False)(x_host.cuda())
+    x = x_host.cuda()
+    out = live(x)
+    del x
+    junk = [torch.full((64, 3, 32, 32), 1e3, device="cuda") for _ in range(8)]  # would take the freed block
+    torch.testing.assert_close(live.wait(out).logits, ref.logits)
+    del junk
+
+
+@needs_cuda
+def test_cuda_auto_precision_follows_capability():
+    cap = torch.cuda.get_device_capability()
+    assert resolve_precision("auto", "cuda") == ("bf16" if cap >= (8, 0) else "fp32")
+    assert resolve_precision("fp16", "cuda") == "fp16"
+
+
+# ---- error budget: reduced precision against float32 ---------------------------------------------------------
+
+def _kd_grad(student_logits, teacher_logits, T=4.0):
+    """d/ds of T^2 KL(softmax(t/T) || softmax(s/T)), mean over the batch."""
+    s = student_logits.detach().clone().requires_grad_(True)
+    loss = F.kl_div(F.log_softmax(s / T, 1), F.softmax(teacher_logits / T, 1), reduction="batchmean") * T * T
+    (g,) = torch.autograd.grad(loss, s)
+    return g
+
+
+def error_budget(nets, x, precision="bf16", fold_bn=True, channels_last=None):
+    """Per teacher: relative L2 error of logits, KD gradient (T=4) and feature maps, ``precision`` vs float32."""
+    ref = LiveTeachers(nets, precision="fp32", fold_bn=False, channels_last=False)(x)
+    low = LiveTeachers(nets, precision=precision, fold_bn=fold_bn, channels_last=channels_last)(x)
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(ref.logits.shape[1:], generator=g) * ref.logits.std()
+    rows = []
+    for m in range(len(nets)):
+        rows.append({"logits": _rel(low.logits[m], ref.logits[m]),
+                     "kd_grad": _rel(_kd_grad(student, low.logits[m]), _kd_grad(student, ref.logits[m])),
+                     "maps": _rel(low.feature_maps[m], ref.feature_maps[m]),
+                     "argmax_agree": float((low.logits[m].argmax(1) == ref.logits[m].argmax(1)).float().mean())})
+    return rows
+
+
+def _bundled_batch(n):
+    from mtkd_fast import data
+    ds = data.build_dataset("bundled", split="train", augment=False, seed=0, limit_per_class=max(1, n // 10))
+    return torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]), \
+        torch.tensor([int(ds[i][1]) for i in range(n)]), ds.num_classes
+
+
+def _briefly_trained(arch, x, y, classes, steps=12, seed=0):
+    torch.manual_seed(seed)
+    model = models.create_model(arch, classes)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for i in range(steps):
+        sl = slice((i * 16) % len(x), (i * 16) % len(x) + 16)
+        loss = F.cross_entropy(model(x[sl]), y[sl])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+CIFAR_POOL = ["RegNetY_400MF", "RegNetX_400MF", "resnet32x4", "wrn_28_4"]
+DEMO_POOL = ["resnet20", "wrn_16_1", "MobileNetV2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_error_budget_random_init_cifar_pool(precision):
+    if precision == "fp16" and not CUDA:
+        pytest.skip("fp16 teachers need a CUDA device")
+    dev = "cuda" if CUDA else "cpu"
+    torch.manual_seed(0)
+    nets = [_randomize_bn(models.create_model(a, 100), s).to(dev) for s, a in enumerate(CIFAR_POOL)]
+    x, _, _ = _bundled_batch(16)
+    for arch, r in zip(CIFAR_POOL, error_budget(nets, x.to(dev), precision)):
+        assert r["kd_grad"] < 0.02, (arch, r)
+        assert r["maps"] < 0.03, (arch, r)
+        assert r["logits"] < 0.03, (arch, r)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_error_budget_briefly_trained_demo_teachers(precision):
+    if precision == "fp16" and not CUDA:
+        pytest.skip("fp16 teachers need a CUDA device")
+    dev = "cuda" if CUDA else "cpu"
+    x, y, classes = _bundled_batch(200)
+    nets = [_briefly_trained(a, x, y, classes, seed=s).to(dev) for s, a in enumerate(DEMO_POOL)]
+    for arch, r in zip(DEMO_POOL, error_budget(nets, x[:64].to(dev), precision)):
+        assert r["kd_grad"] < 0.02, (arch, r)
+        assert r["maps"] < 0.03, (arch, r)
