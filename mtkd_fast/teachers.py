@@ -76,7 +76,8 @@ def resolve_precision(precision: str, device) -> str:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision: 'fp16' is not supported for teachers on a CPU; use 'bf16' or 'fp32'")
+        raise ValueError("precision: 'fp16' is not supported for teachers on a CPU (--teacher-precision); use 'bf16' or "
+                         "'fp32'")
     if precision != "auto":
         return precision
     if device.type == "cpu":

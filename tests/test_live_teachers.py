@@ -273,7 +273,7 @@ def error_budget(nets, x, precision="bf16", fold_bn=True, channels_last=None):
 
 def _bundled_batch(n):
     from mtkd_fast import data
-    ds = data.build_dataset("bundled", split="train", augment=False, seed=0, limit_per_class=max(1, n // 10))
+    ds = data.build_dataset("bundled", split="train", augment=False, seed=0, limit_per_class=-(-n // 10))
     return torch.stack([torch.as_tensor(ds[i][0]) for i in range(n)]), \
         torch.tensor([int(ds[i][1]) for i in range(n)]), ds.num_classes
 
@@ -322,3 +322,66 @@ def test_error_budget_briefly_trained_demo_teachers(precision):
     for arch, r in zip(DEMO_POOL, error_budget(nets, x[:64].to(dev), precision)):
         assert r["kd_grad"] < 0.02, (arch, r)
         assert r["maps"] < 0.03, (arch, r)
+
+
+# ---- the cache records the teachers' precision; training and CLI options -------------------------------------
+
+def _small_cache(tmp_path, precision):
+    from mtkd_fast.bench.epoch import BenchSpec, random_dataset
+    from mtkd_fast.cache import build_cache
+
+    ds = random_dataset(BenchSpec(steps=1, batch_size=6))
+    ds.set_view(0)
+    torch.manual_seed(0)
+    nets = [_randomize_bn(models.create_model("resnet8", 100), s) for s in range(2)]
+    m = build_cache(str(tmp_path / precision), ds, nets, views=1, batch_size=6, progress=False,
+                    teacher_precision=precision)
+    return m, nets, str(tmp_path / precision)
+
+
+def test_cache_records_precision_and_refuses_another(tmp_path):
+    from mtkd_fast.cache import CacheMismatchError, open_teacher_source
+
+    m, nets, path = _small_cache(tmp_path, "bf16")
+    assert m["teacher_precision"] == "bf16" and m["fold_bn"] is True
+    with pytest.raises(CacheMismatchError, match=r"^teacher_precision: .*cache has 'bf16', given 'fp32'"):
+        open_teacher_source(path, teachers=LiveTeachers(nets, precision="fp32"))
+    for ok in ("bf16", "auto"):
+        assert open_teacher_source(path, teachers=LiveTeachers(nets, precision=ok)).teacher_precision == "bf16"
+    m32, nets, path32 = _small_cache(tmp_path, "fp32")
+    assert m32["teacher_precision"] == "fp32"
+    with pytest.raises(CacheMismatchError, match="teacher_precision"):
+        open_teacher_source(path32, teachers=LiveTeachers(nets, precision="bf16"))
+
+
+def test_train_config_and_cli_flags(capsys):
+    from mtkd_fast import cli
+    from mtkd_fast.commands.train import config_from_args
+    from mtkd_fast.train import TrainConfig
+
+    cfg = TrainConfig(teachers=["resnet8", "resnet14"])
+    assert (cfg.teacher_precision, cfg.teacher_compile, cfg.fold_bn) == ("auto", False, True)
+    with pytest.raises(ValueError, match=r"^teacher_precision: expected one of"):
+        TrainConfig(teachers=["resnet8", "resnet14"], teacher_precision="int8")
+    args = cli.build_parser().parse_args(["train", "--teachers", "resnet8", "resnet14", "--teacher-precision", "fp32",
+                                          "--no-fold-bn", "--teacher-compile", "--amp", "bf16"])
+    cfg = config_from_args(args)
+    assert (cfg.teacher_precision, cfg.fold_bn, cfg.teacher_compile, cfg.amp) == ("fp32", False, True, "bf16")
+    for verb in (["cache", "build", "--out", "x", "--teachers", "resnet8", "resnet14"], ["bench", "epoch"]):
+        a = cli.build_parser().parse_args(verb + ["--teacher-precision", "bf16", "--no-fold-bn", "--teacher-compile"])
+        assert (a.teacher_precision, a.fold_bn, a.teacher_compile) == ("bf16", False, True)
+    rc = cli.main(["bench", "epoch", "--device", "cpu", "--teacher-precision", "fp16", "--memory-steps", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "'fp16' is not supported" in err
+
+
+def test_teacher_source_takes_the_teacher_options_not_amp():
+    from mtkd_fast.train import TrainConfig
+    from mtkd_fast.train.run import _teacher_source
+
+    nets = [models.create_model("resnet8", 10) for _ in range(2)]
+    cfg = TrainConfig(teachers=["resnet8", "resnet8"], teacher_precision="fp32", fold_bn=False, amp="bf16")
+    live = _teacher_source(cfg, nets, torch.device("cpu"))
+    assert live.precision_used == "fp32" and not live.fold_bn and live.autocast_dtype is None
+    live = _teacher_source(cfg.replace(teacher_precision="bf16", fold_bn=True, amp=None), nets, torch.device("cpu"))
+    assert live.precision_used == "bf16" and live.folded_bn > 0

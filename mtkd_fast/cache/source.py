@@ -109,6 +109,7 @@ class CachedTeachers:
         missing = [(i, f) for i, t in enumerate(m["teachers"]) for f in storage.FIELDS if f not in t["stored"]]
         if teachers is not None:
             self.check_teachers(teachers)
+            self.check_precision(getattr(teachers, "precision", "auto"))
             models = unwrap_teachers(teachers)
             self._live_index = sorted({i for i, _ in missing})
             if self._live_index:
@@ -138,6 +139,16 @@ class CachedTeachers:
         for i, (t, model) in enumerate(zip(rec, models)):
             require_match(t["weights_sha256"], weights_sha256(model), "teachers", f"teachers[{i}].weights_sha256 "
                           f"(checkpoint of {t['arch']})")
+
+    @property
+    def teacher_precision(self) -> str:
+        """The precision the cache's teachers ran in (caches from before it was recorded: fp32)."""
+        return self.manifest.get("teacher_precision", "fp32")
+
+    def check_precision(self, precision: str) -> None:
+        """A run asking a teacher precision ("fp32", "bf16", "fp16") gets only a cache built in it; "auto" any."""
+        if precision != "auto":
+            require_match(self.teacher_precision, precision, "teacher_precision", "teacher_precision")
 
     def check_dataset(self, dataset) -> None:
         require_match(self.manifest["dataset"], dataset_identity(dataset), "dataset", "dataset")
