@@ -350,26 +350,28 @@ class LiveTeachers(nn.Module):
         self.compile_error = why
         warnings.warn(f"teacher_compile: {why}; the teachers run eagerly", RuntimeWarning, stacklevel=3)
 
-    def _run(self, x: Tensor):
+    def _run(self, x: Tensor, which: Sequence[int] | None = None):
         dtype = self.autocast_dtype
         runners = self._compiled if self.compile else self._runners
+        if which is not None:
+            runners = [runners[i] for i in which]
         out = []
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            for i, t in enumerate(runners):
+            for t in runners:
                 try:
                     feats, z = t(x, is_feat=True)
                 except Exception as exc:  # noqa: BLE001 - a compile failure shows at the first call
                     if not self.compile:
                         raise
                     self._compile_fallback(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
-                    return self._run(x)
+                    return self._run(x, which)
                 out.append((z, feats[-1], feats[-2]))
         return out
 
-    def _forward(self, images: Tensor) -> TeacherOutputs:
+    def _forward(self, images: Tensor, which: Sequence[int] | None = None) -> TeacherOutputs:
         x = images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
         with torch.inference_mode():
-            out = self._run(x)
+            out = self._run(x, which)
             logits = torch.stack([z.float() for z, _, _ in out])
             embeddings = [e.float() for _, e, _ in out]
             maps = [f.float() for _, _, f in out]
@@ -393,6 +395,10 @@ class LiveTeachers(nn.Module):
             done.record(side)
         images.record_stream(side)  # the images' memory is not reused while the teachers still read it
         return _PendingOutputs(out.logits, out.embeddings, out.feature_maps, done)
+
+    def run_subset(self, images: Tensor, which: Sequence[int]) -> TeacherOutputs:
+        """The outputs of teachers ``which`` only (synchronously): a cache computes the fields it left out."""
+        return self._forward(images, list(which))
 
     @staticmethod
     def wait(outputs: TeacherOutputs) -> TeacherOutputs:

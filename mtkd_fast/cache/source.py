@@ -115,6 +115,7 @@ class CachedTeachers:
             if self._live_index:
                 self._live = [models[i].eval().requires_grad_(False) for i in self._live_index]
                 self._live_autocast = getattr(teachers, "autocast_dtype", None)
+                self._engine = teachers if hasattr(teachers, "run_subset") else None  # same numerics as live
         elif missing:
             i, f = missing[0]
             raise ValueError(f"teachers: the cache at {path} leaves out teachers[{i}] ({m['teachers'][i]['arch']}) "
@@ -214,6 +215,10 @@ class CachedTeachers:
         if images is None:
             raise ValueError("images: this cache leaves teacher fields out, which are computed live from the images; "
                              "got images=None")
+        if getattr(self, "_engine", None) is not None:
+            o = self._engine.run_subset(images, self._live_index)
+            return {i: _LiveFields(e.to(self.device), f.to(self.device))
+                    for i, e, f in zip(self._live_index, o.embeddings, o.feature_maps)}
         out = {}
         with torch.inference_mode():
             ac = self._live_autocast
