@@ -281,10 +281,10 @@ class LiveTeachers(nn.Module):
             t.eval()
             t.requires_grad_(False)
         p = next((p for t in self.teachers for p in t.parameters()), None)
-        self.device = p.device if p is not None else torch.device("cpu")
+        device = p.device if p is not None else torch.device("cpu")
         self.precision = precision
-        self.precision_used = resolve_precision(precision, self.device)
-        self.precision_reason = _precision_reason(precision, self.precision_used, self.device)
+        self.precision_used = resolve_precision(precision, device)
+        self.precision_reason = _precision_reason(precision, self.precision_used, device)
         if channels_last is None:
             channels_last = True
         self.channels_last = bool(channels_last)
@@ -306,17 +306,30 @@ class LiveTeachers(nn.Module):
         self.compile = False
         self.compile_error: str | None = None
         if compile:
-            why = _compile_unavailable(self.device)
+            why = _compile_unavailable(device)
             if why:
                 self._compile_fallback(why)
             else:
-                self._compiled = [_compile(t, self.device) for t in self._runners]
+                # teachers of one family share a forward code object, and dynamo's recompile limit (8) is per
+                # code object: M teachers x batch sizes x precisions would silently fall back to eager
+                import torch._dynamo as dynamo
+
+                cfg = dynamo.config
+                name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+                setattr(cfg, name, max(getattr(cfg, name), 16 * len(self._runners)))
+                self._compiled = [_compile(t, device) for t in self._runners]
                 self.compile = True
         self._stream = None
 
     @property
     def num_teachers(self) -> int:
         return len(self.teachers)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the teachers (their running copies) are."""
+        p = next((p for t in self._runners for p in t.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

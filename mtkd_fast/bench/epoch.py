@@ -298,8 +298,12 @@ def build_cache_for(spec: BenchSpec, ds, teachers, cache_dir: str, engine: bool 
     the teachers run with the spec's engine settings; otherwise float32 eager, BatchNorm unfolded."""
     from ..cache import build_cache
 
-    opts = (dict(teacher_precision=spec.teacher_precision, fold_bn=spec.fold_bn, teacher_compile=spec.teacher_compile)
-            if engine else dict(teacher_precision="fp32", fold_bn=False, teacher_compile=False))
+    from ..teachers import LiveTeachers
+
+    opts = dict(teacher_precision=spec.teacher_precision, fold_bn=spec.fold_bn, teacher_compile=spec.teacher_compile)
+    if not engine:
+        opts = {}
+        teachers = LiveTeachers(teachers, precision="fp32", fold_bn=False, channels_last=False)
     t0 = time.perf_counter()
     build_cache(cache_dir, ds, teachers, views=1, teacher_names=list(spec.teachers), batch_size=spec.batch_size,
                 device=spec.device, progress=False, **opts)

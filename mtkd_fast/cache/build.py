@@ -288,7 +288,7 @@ def build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names: 
     models = unwrap_teachers(teachers)
     for model in models:
         model.to(device)
-    live = teachers if isinstance(teachers, LiveTeachers) else \
+    live = teachers.to(device) if isinstance(teachers, LiveTeachers) else \
         LiveTeachers(models, precision=teacher_precision, fold_bn=fold_bn, compile=teacher_compile)
     layout = plan_cache(dataset, models, views=views, teacher_names=teacher_names, checkpoints=checkpoints,
                         dtype=dtype, feature_dtype=feature_dtype, topk=topk, topk_temperature=topk_temperature,
