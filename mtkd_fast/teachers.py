@@ -256,8 +256,9 @@ class LiveTeachers(nn.Module):
             RuntimeWarning says why.
         channels_last: run the teachers on channels_last (NHWC) tensors. Default (None): on, for every device
             and precision. Measured with the CIFAR teacher pool at B=64 on an AVX512-BF16 CPU (one thread):
-            NHWC is 1.65x faster than NCHW in float32 and faster in bf16 too (benchmarks/RESULTS.md); on CUDA,
-            NHWC is what tensor-core convolutions take (not measured here).
+            NHWC is 1.65x faster than NCHW in float32 and 1.03-1.18x in bf16 (benchmarks/RESULTS.md); on CUDA,
+            NHWC is what tensor-core convolutions take (not measured here). Folding, channels_last and compile
+            run on copies of the teachers: their weights are held twice.
         overlap: on CUDA, run the teachers on their own stream so they overlap whatever the caller enqueues next
             (the student's forward); the returned outputs wait for that stream when first read. Default True.
         autocast_dtype: older spelling of ``precision`` (torch.bfloat16 / torch.float16 / None for float32).
