@@ -24,7 +24,7 @@ class TinyNet(nn.Module):
 def test_live_teachers_outputs_and_frozen_state():
     torch.manual_seed(0)
     nets = [TinyNet(4), TinyNet(6)]
-    live = LiveTeachers(nets)
+    live = LiveTeachers(nets, precision="fp32", fold_bn=False)
     live.train()  # a trainer calling .train() must not unfreeze the teachers' batch norm
     assert all(not n.training for n in nets)
     x = torch.randn(3, 3, 8, 8)

@@ -10,7 +10,7 @@ import math
 from .._io import write_bytes_atomic
 from .epoch import memory_key
 
-_COLUMNS = ("setting", "student", "config", "label", "steps", "batch_size", "images", "repetitions", "median_s",
+_COLUMNS = ("setting", "student", "config", "label", "teacher_precision", "steps", "batch_size", "images", "repetitions", "median_s",
             "min_s", "max_s", "images_per_s", "time_x_student_only", "time_x_aver", "peak_rss_mib", "peak_device_mib",
             "mem_x_student_only", "mem_x_aver", "times_s")
 
@@ -25,18 +25,21 @@ def format_table(result: dict) -> str:
     mkey = memory_key(meta["device"])
     mem_name = "peak GPU MiB" if mkey == "peak_device_mib" else "peak RSS MiB"
     steps = rows[0]["steps"] if rows else 0
-    head = ["student", "configuration", f"s / {steps} steps", "images/s", "x student-only", "x AVER", mem_name,
+    head = ["student", "configuration", "teachers ran in", f"s / {steps} steps", "images/s", "x student-only", "x AVER", mem_name,
             "mem x AVER"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["student"], r["label"], _fmt(r["median_s"], ".2f"), _fmt(r["images_per_s"], ".1f"),
+            r["student"], r["label"], r.get("teacher_precision", "-"), _fmt(r["median_s"], ".2f"), _fmt(r["images_per_s"], ".1f"),
             _fmt(r["time_x_student_only"]), _fmt(r["time_x_aver"]), _fmt(r[mkey], ".0f"), _fmt(r["mem_x_aver"]),
         ]) + " |")
     out = "\n".join(lines)
     if meta.get("cache_build_s") is not None:
         out += (f"\n\nteacher cache build ({meta['cache_samples']} samples x 1 view, all teachers): "
                 f"{meta['cache_build_s']:.2f} s (not included in the cached configuration's time)")
+        if meta.get("cache_build_fp32_s") is not None:
+            out += (f"; the same build with float32 eager teachers (BatchNorm unfolded): "
+                    f"{meta['cache_build_fp32_s']:.2f} s")
     if result.get("targets"):
         out += "\n\ntargets:"
         for t in result["targets"]:

@@ -105,8 +105,10 @@ def plan_cache(dataset, teachers, *, views: int = 1, teacher_names: Sequence[str
                checkpoints: Sequence[str | None] | None = None, dtype: str = "float16",
                feature_dtype: str | None = None, topk: int | None = None, topk_temperature: float = 4.0,
                fields: Sequence[str] = FIELDS, budget_bytes: int | None = None, chunk_size: int = 1024,
-               view_schedule: str = "cyclic", schedule_seed: int = 0, device="cpu") -> dict:
-    """The layout of the cache ``build_cache`` would write (everything the manifest holds but checksums)."""
+               view_schedule: str = "cyclic", schedule_seed: int = 0, device="cpu", teacher_precision: str = "fp32",
+               fold_bn: bool = False) -> dict:
+    """The layout of the cache ``build_cache`` would write (everything the manifest holds but checksums).
+    ``teacher_precision`` / ``fold_bn``: how the teachers are run (a resolved precision), recorded."""
     if not isinstance(views, int) or views < 1:
         raise ValueError(f"views: expected a positive integer number of augmentation views, got {views!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -163,6 +165,8 @@ def plan_cache(dataset, teachers, *, views: int = 1, teacher_names: Sequence[str
         "views": views,
         "view_schedule": {"kind": view_schedule, "seed": schedule_seed if view_schedule == "shuffled" else None},
         "teachers": tdesc,
+        "teacher_precision": teacher_precision,  # the compute precision the teachers ran in (LiveTeachers)
+        "fold_bn": bool(fold_bn),
         "encodings": enc,
         "topk": topk_rec,
         "chunk_size": chunk_size,
@@ -244,7 +248,8 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
                 fields: Sequence[str] = FIELDS, budget_bytes: int | None = None, chunk_size: int = 1024,
                 batch_size: int = 256, num_workers: int = 0, device="cpu", view_schedule: str = "cyclic",
                 schedule_seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                progress: bool = True, wait_timeout_s: float = 7 * 24 * 3600.0) -> dict | None:
+                progress: bool = True, wait_timeout_s: float = 7 * 24 * 3600.0, teacher_precision: str = "auto",
+                fold_bn: bool = True, teacher_compile: bool = False) -> dict | None:
     """Build (or resume building) the teacher-output cache at ``path``.
 
     Args:
@@ -267,6 +272,8 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
         view_schedule: "cyclic" (epoch e replays view e mod V) or "shuffled" (a seeded permutation of the V
             views in each cycle of V epochs); see ``view_for_epoch``.
         rank, world_size: this process's share of the work (default: torch.distributed's, else 0 and 1).
+        teacher_precision, fold_bn, teacher_compile: how the teachers run (``LiveTeachers``; ignored when
+            ``teachers`` is a LiveTeachers, whose own settings are used). The manifest records the precision used.
 
     Returns the manifest (on the rank that finished the build; None on the others).
     """
@@ -283,10 +290,13 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
     models = unwrap_teachers(teachers)
     for model in models:
         model.to(device)
+    live = teachers.to(device) if isinstance(teachers, LiveTeachers) else \
+        LiveTeachers(models, precision=teacher_precision, fold_bn=fold_bn, compile=teacher_compile)
     layout = plan_cache(dataset, models, views=views, teacher_names=teacher_names, checkpoints=checkpoints,
                         dtype=dtype, feature_dtype=feature_dtype, topk=topk, topk_temperature=topk_temperature,
                         fields=fields, budget_bytes=budget_bytes, chunk_size=chunk_size,
-                        view_schedule=view_schedule, schedule_seed=schedule_seed, device=device)
+                        view_schedule=view_schedule, schedule_seed=schedule_seed, device=device,
+                        teacher_precision=live.precision_used, fold_bn=live.fold_bn)
     os.makedirs(os.path.join(path, CHUNKS_DIR), exist_ok=True)
     if os.path.exists(os.path.join(path, MANIFEST)):
         done = read_manifest(path)
@@ -322,7 +332,6 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
                 if json.load(f) == _chunk_checksums(arrays, v, c * cs, min(N, (c + 1) * cs)):
                     continue
         todo.append((v, c))
-    live = LiveTeachers(models)
     pbar = None
     if progress:
         from tqdm.auto import tqdm

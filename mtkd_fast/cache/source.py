@@ -112,11 +112,13 @@ class CachedTeachers:
         missing = [(i, f) for i, t in enumerate(m["teachers"]) for f in storage.FIELDS if f not in t["stored"]]
         if teachers is not None:
             self.check_teachers(teachers)
+            self.check_precision(getattr(teachers, "precision", "auto"))
             models = unwrap_teachers(teachers)
             self._live_index = sorted({i for i, _ in missing})
             if self._live_index:
                 self._live = [models[i].eval().requires_grad_(False) for i in self._live_index]
                 self._live_autocast = getattr(teachers, "autocast_dtype", None)
+                self._engine = teachers if hasattr(teachers, "run_subset") else None  # same numerics as live
         elif missing:
             i, f = missing[0]
             raise ValueError(f"teachers: the cache at {path} leaves out teachers[{i}] ({m['teachers'][i]['arch']}) "
@@ -141,6 +143,16 @@ class CachedTeachers:
         for i, (t, model) in enumerate(zip(rec, models)):
             require_match(t["weights_sha256"], weights_sha256(model), "teachers", f"teachers[{i}].weights_sha256 "
                           f"(checkpoint of {t['arch']})")
+
+    @property
+    def teacher_precision(self) -> str:
+        """The precision the cache's teachers ran in (caches from before it was recorded: fp32)."""
+        return self.manifest.get("teacher_precision", "fp32")
+
+    def check_precision(self, precision: str) -> None:
+        """A run asking a teacher precision ("fp32", "bf16", "fp16") gets only a cache built in it; "auto" any."""
+        if precision != "auto":
+            require_match(self.teacher_precision, precision, "teacher_precision", "teacher_precision")
 
     def check_dataset(self, dataset) -> None:
         require_match(self.manifest["dataset"], dataset_identity(dataset), "dataset", "dataset")
@@ -206,6 +218,10 @@ class CachedTeachers:
         if images is None:
             raise ValueError("images: this cache leaves teacher fields out, which are computed live from the images; "
                              "got images=None")
+        if getattr(self, "_engine", None) is not None:
+            o = self._engine.run_subset(images, self._live_index)
+            return {i: _LiveFields(e.to(self.device), f.to(self.device))
+                    for i, e, f in zip(self._live_index, o.embeddings, o.feature_maps)}
         out = {}
         with torch.inference_mode():
             ac = self._live_autocast

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -35,6 +36,12 @@ def register(sub):
     e.add_argument("--amp", default=None, choices=["bf16", "fp16"],
                    help="autocast for the mtkd_fast configurations (the authors' way stays float32)")
     e.add_argument("--channels-last", action="store_true", help="channels_last for the mtkd_fast configurations")
+    e.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute precision of the live teachers in the mtkd_fast configurations (default auto)")
+    e.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the live teachers")
+    e.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold the live teachers' BatchNorm into their convolutions (default on)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="bench_results", help="output directory for epoch_bench.csv/.png/.json/.md")
@@ -55,7 +62,9 @@ def run_epoch(args):
     spec = BenchSpec(setting=args.setting, students=tuple(args.students or ()), teachers=tuple(args.teachers or ()),
                      steps=args.steps, repetitions=args.repetitions, batch_size=args.batch_size,
                      configs=tuple(args.configs), device=args.device, memory_steps=args.memory_steps, seed=args.seed,
-                     amp=args.amp, channels_last=args.channels_last, progress=not args.no_progress)
+                     amp=args.amp, channels_last=args.channels_last, progress=not args.no_progress,
+                     teacher_precision=args.teacher_precision, teacher_compile=args.teacher_compile,
+                     fold_bn=args.fold_bn)
     result = run_epoch_bench(spec)
     table = format_table(result)
     m = result["meta"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -43,6 +44,13 @@ def register(sub):
     b.add_argument("--batch-size", type=int, default=256)
     b.add_argument("--workers", type=int, default=0)
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    b.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the teachers' compute precision, recorded in the manifest (default auto: bf16 where the "
+                        "device computes it fast); a training run asking another precision refuses the cache")
+    b.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the teachers")
+    b.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold the teachers' BatchNorm into their convolutions (default on)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=run_build)
 
@@ -121,7 +129,8 @@ def run_build(args):
             topk_temperature=args.topk_temperature, fields=args.fields,
             budget_bytes=parse_bytes(args.budget) if args.budget else None, chunk_size=args.chunk_size,
             batch_size=args.batch_size, num_workers=args.workers, device=device, view_schedule=args.view_schedule,
-            schedule_seed=args.schedule_seed, progress=not args.no_progress)
+            schedule_seed=args.schedule_seed, progress=not args.no_progress,
+            teacher_precision=args.teacher_precision, fold_bn=args.fold_bn, teacher_compile=args.teacher_compile)
     finally:
         if started_dist:
             dist.destroy_process_group()
@@ -161,6 +170,8 @@ def run_info(args):
         print(f"  teachers[{i}] {t['arch']}: K={t['num_classes']} D={t['embedding_dim']} "
               f"map={'x'.join(map(str, t['feature_map_shape']))} stored={','.join(t['stored'])} "
               f"weights {t['weights_sha256'][:12]}")
+    print(f"  teachers ran in: {m.get('teacher_precision', 'fp32')}, BatchNorm "
+          f"{'folded' if m.get('fold_bn') else 'unfolded'}")
     print(f"  size: {format_bytes(m['total_bytes'])} in {len(m['arrays'])} arrays, "
           f"{m['num_chunks']} chunks of {m['chunk_size']} samples per view")
     return 0

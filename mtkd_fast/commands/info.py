@@ -9,7 +9,16 @@ def register(sub):
 
 
 def run(args):
+    import torch
+
     import mtkd_fast
 
-    print(json.dumps(mtkd_fast.build_info(), indent=2))
+    from mtkd_fast.teachers import cpu_has_fast_bf16, resolve_precision
+
+    info = mtkd_fast.build_info()
+    # what --teacher-precision auto picks on this machine's devices
+    info["teacher_precision_auto"] = {"cpu": resolve_precision("auto", "cpu"), "cpu_native_bf16": cpu_has_fast_bf16()}
+    if torch.cuda.is_available():
+        info["teacher_precision_auto"]["cuda"] = resolve_precision("auto", "cuda")
+    print(json.dumps(info, indent=2))
     return 0

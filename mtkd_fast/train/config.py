@@ -118,6 +118,9 @@ class TrainConfig:
     amp: Optional[str] = None  # None | "bf16" | "fp16"
     channels_last: bool = False
     compile: bool = False
+    teacher_precision: str = "auto"  # live teachers' compute precision: auto | fp32 | bf16 | fp16 (README "Teacher precision")
+    teacher_compile: bool = False  # torch.compile the live teachers
+    fold_bn: bool = True  # fold the live teachers' BatchNorm into their convolutions (exact up to rounding)
     # output
     out_dir: str = "runs/mtkd"
     resume: bool = False  # continue from out_dir/checkpoint_last.pt
@@ -150,6 +153,7 @@ class TrainConfig:
         one_of("agent_buffer_dtype", BUFFER_DTYPES)
         one_of("loss_backend", ("auto", "fused", "reference"))
         one_of("data_backend", ("auto", "dali", "torchvision"))
+        one_of("teacher_precision", ("auto", "fp32", "bf16", "fp16"))
         for name in ("epochs", "batch_size", "agent_step", "log_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")

@@ -88,8 +88,9 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
 
 
 def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torch.device, dataset=None):
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp)
-    live = LiveTeachers(teachers, autocast_dtype=amp, channels_last=config.channels_last) if teachers else None
+    # the teachers' precision is their own option, independent of the student's --amp
+    live = LiveTeachers(teachers, precision=config.teacher_precision, fold_bn=config.fold_bn,
+                        compile=config.teacher_compile) if teachers else None
     if config.teacher_cache:
         try:
             from ..cache import open_teacher_source
@@ -186,6 +187,8 @@ def _train(config: TrainConfig) -> dict:
     student = models.create_model(config.student, num_classes).to(device)
     teachers = build_teachers(config, num_classes, device) if config.strategy != "none" else []
     source = _teacher_source(config, teachers, device, train_set) if config.strategy != "none" else None
+    if source is not None and dist_info.is_main:
+        print(getattr(source, "describe", lambda: f"teachers: cache {config.teacher_cache}")(), flush=True)
 
     feature_transfer = agent = None
     if source is not None:

@@ -180,9 +180,10 @@ class Trainer:
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         self.net.train()
-        t_out = _on_device(self.teachers(images, indices, view), self.device) if self.teachers is not None else None
+        t_out = self.teachers(images, indices, view) if self.teachers is not None else None  # CUDA: on its own stream
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits, maps = self.train_module(images)
+        t_out = _on_device(t_out, self.device) if t_out is not None else None  # first read: waits for the teachers
         if self.amp_dtype is not None:  # the losses run in float32 whatever the student's autocast dtype
             logits = logits.float()
             maps = [m.float() for m in maps] if maps is not None else None
