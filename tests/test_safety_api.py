@@ -93,3 +93,20 @@ def test_nan_per_sample_loss_is_an_error_under_check_finite():
     assert not torch.isfinite(out.per_sample_loss).all()
     with pytest.raises(ValueError, match="per_sample_loss: expected finite values"):
         MTKDLoss(backend="reference", check_finite=True)(s, t, y, w)
+
+
+@pytest.mark.skipif(not ops.available("cpu"), reason="needs the compiled extension")
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_fused_reward_leaves_non_finite_losses_out_like_the_reference(bad):
+    """The trainer's reward comes from the fused op: one NaN/Inf sample must not zero the others'."""
+    B, M = 11, 3
+    sce = torch.rand(B, generator=G, dtype=torch.float64) * 3
+    kl = torch.rand(B, M, generator=G, dtype=torch.float64) * 2
+    wl = torch.softmax(torch.randn(B, M, generator=G, dtype=torch.float64), 1)
+    mse = torch.rand(B, M, generator=G, dtype=torch.float64)
+    wf = torch.softmax(torch.randn(B, M, generator=G, dtype=torch.float64), 1)
+    sce[4] = bad
+    loss, reward = ops.per_sample_loss_and_reward(sce, kl, wl, mse, wf, 1.0, 5.0)
+    expect = reference.normalized_reward(reference.per_sample_loss(sce, kl, wl, mse, wf, 1.0, 5.0))
+    assert reward[4] == 0 and torch.isfinite(reward).all() and float(reward.max()) > 0
+    torch.testing.assert_close(reward, expect, rtol=1e-12, atol=1e-12)

@@ -114,7 +114,9 @@ std::tuple<at::Tensor, at::Tensor> per_sample_loss_reward_cpu(const at::Tensor& 
     const scalar_t* q = mse ? mse->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* v = wf ? wf->const_data_ptr<scalar_t>() : nullptr;
     scalar_t *l = loss.data_ptr<scalar_t>(), *r = reward.data_ptr<scalar_t>();
+    // a NaN/Inf loss gets reward 0 and stays out of the mean and std (docs/method.md section 5; as the reference)
     double mean = 0;
+    int64_t n = 0;
     for (int64_t i = 0; i < B; ++i) {
       double kd = 0, fd = 0;
       for (int64_t m = 0; m < M; ++m) {
@@ -122,15 +124,20 @@ std::tuple<at::Tensor, at::Tensor> per_sample_loss_reward_cpu(const at::Tensor& 
         if (q) fd += double(v[i * M + m]) * double(q[i * M + m]);
       }
       l[i] = static_cast<scalar_t>(double(s[i]) + alpha * kd + beta * fd);
-      mean += double(l[i]);
+      if (std::isfinite(double(l[i]))) {
+        mean += double(l[i]);
+        ++n;
+      }
     }
-    mean /= double(B);
+    mean /= double(std::max<int64_t>(n, 1));
     double var = 0;
-    for (int64_t i = 0; i < B; ++i) var += (double(l[i]) - mean) * (double(l[i]) - mean);
-    const double std_dev = B > 1 ? std::sqrt(var / double(B - 1)) : 0.0;
+    for (int64_t i = 0; i < B; ++i)
+      if (std::isfinite(double(l[i]))) var += (double(l[i]) - mean) * (double(l[i]) - mean);
+    const double std_dev = n > 1 ? std::sqrt(var / double(n - 1)) : 0.0;
     for (int64_t i = 0; i < B; ++i) {
       // r = -l, so (r - mean r) / std = (mean l - l) / std
-      const double z = std_dev > 0 ? (mean - double(l[i])) / std_dev : 0.0;
+      const bool ok = std_dev > 0 && std::isfinite(double(l[i]));
+      const double z = ok ? (mean - double(l[i])) / std_dev : 0.0;
       r[i] = static_cast<scalar_t>(std::min(1.0, std::max(0.0, z)));
     }
   });

@@ -204,7 +204,8 @@ __global__ void __launch_bounds__(kThreads) reward_kernel(const acc_t* __restric
                                                          acc_t alpha, acc_t beta, acc_t* __restrict__ loss,
                                                          acc_t* __restrict__ reward) {
   __shared__ acc_t red[kWarp];
-  acc_t sum = 0;
+  // a NaN/Inf loss gets reward 0 and stays out of the mean and std (docs/method.md section 5; as the reference)
+  acc_t sum = 0, count = 0;
   for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
     acc_t kd = 0, fd = 0;
     for (int64_t m = 0; m < M; ++m) {
@@ -213,15 +214,20 @@ __global__ void __launch_bounds__(kThreads) reward_kernel(const acc_t* __restric
     }
     const acc_t l = sce[i] + alpha * kd + beta * fd;
     loss[i] = l;
-    sum += l;
+    if (isfinite(l)) {
+      sum += l;
+      count += 1;
+    }
   }
-  const acc_t mean = block_allreduce(sum, red, SumOp{}, acc_t(0)) / static_cast<acc_t>(B);
+  const acc_t n = block_allreduce(count, red, SumOp{}, acc_t(0));
+  const acc_t mean = block_allreduce(sum, red, SumOp{}, acc_t(0)) / max(n, acc_t(1));
   acc_t var = 0;
-  for (int64_t i = threadIdx.x; i < B; i += blockDim.x) var += (loss[i] - mean) * (loss[i] - mean);
+  for (int64_t i = threadIdx.x; i < B; i += blockDim.x)
+    if (isfinite(loss[i])) var += (loss[i] - mean) * (loss[i] - mean);
   var = block_allreduce(var, red, SumOp{}, acc_t(0));
-  const acc_t std_dev = B > 1 ? sqrt(var / static_cast<acc_t>(B - 1)) : acc_t(0);
+  const acc_t std_dev = n > 1 ? sqrt(var / (n - 1)) : acc_t(0);
   for (int64_t i = threadIdx.x; i < B; i += blockDim.x) {
-    const acc_t z = std_dev > 0 ? (mean - loss[i]) / std_dev : acc_t(0);  // r = -l
+    const acc_t z = (std_dev > 0 && isfinite(loss[i])) ? (mean - loss[i]) / std_dev : acc_t(0);  // r = -l
     reward[i] = min(acc_t(1), max(acc_t(0), z));
   }
 }
