@@ -416,7 +416,7 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
     _say(f"[2/4] teacher-output cache: {len(settings.teachers)} teachers x {len(student_train)} images x {V} views "
          f"-> {cache_dir}")
     build_cache(cache_dir, student_train, teacher_models, views=V, teacher_names=list(settings.teachers),
-                checkpoints=teacher_ckpts, device=device, progress=True)
+                checkpoints=teacher_ckpts, device=device, progress=True, teacher_precision="fp32")  # MTKD-RL's auto
     stage_times["cache"] = time.perf_counter() - t0
 
     # 3. students

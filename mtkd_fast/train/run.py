@@ -87,9 +87,19 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
     return teachers
 
 
+# strategies whose accuracy with bf16 teachers differed from fp32 teachers by more than one seed standard deviation
+# in the demo's 3-seed comparison (docs/training.md, "Teacher precision"): "auto" keeps them in fp32
+AUTO_FP32_STRATEGIES = ("mtkd_rl",)
+
+
 def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torch.device, dataset=None):
     # the teachers' precision is their own option, independent of the student's --amp
-    live = LiveTeachers(teachers, precision=config.teacher_precision, fold_bn=config.fold_bn,
+    precision = config.teacher_precision
+    if precision == "auto" and config.strategy in AUTO_FP32_STRATEGIES and teachers:
+        precision = "fp32"
+        print(f"teachers: auto precision is fp32 for strategy {config.strategy!r} (bf16 teachers moved its demo "
+              "accuracy by more than one seed std; --teacher-precision bf16 to choose it)", flush=True)
+    live = LiveTeachers(teachers, precision=precision, fold_bn=config.fold_bn,
                         compile=config.teacher_compile) if teachers else None
     if config.teacher_cache:
         try:
