@@ -12,6 +12,7 @@ from torch import nn
 import mtkd_fast.teachers as T
 from mtkd_fast import models
 from mtkd_fast.teachers import LiveTeachers, fold_batchnorm, resolve_precision
+from mtkd_fast.demo import DemoSettings
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -312,7 +313,7 @@ def _briefly_trained(arch, x, y, classes, steps=12, seed=0):
 
 
 CIFAR_POOL = ["RegNetY_400MF", "RegNetX_400MF", "resnet32x4", "wrn_28_4"]
-DEMO_POOL = ["resnet20", "wrn_16_1", "MobileNetV2"]
+DEMO_POOL = list(DemoSettings().teachers)  # the demo's own teacher pool (resnet20, wrn_16_1, MobileNetV2_0_5)
 
 
 @pytest.mark.slow
