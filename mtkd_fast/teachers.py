@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 
 class TeacherOutputs(NamedTuple):
-    """What one batch needs from the M teachers (spec section 1)."""
+    """What one batch needs from the M teachers (docs/method.md section 1)."""
 
     logits: Tensor  # [M, B, K]
     embeddings: list[Tensor]  # M tensors [B, D_m] (feats[-1], the pooled embedding)

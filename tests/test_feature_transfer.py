@@ -1,9 +1,9 @@
-"""FeatureTransfer (spec section 1): the fast order equals the plain (authors') order within float rounding.
+"""FeatureTransfer (docs/method.md section 1): the fast order equals the plain (authors') order within float rounding.
 
 Checked in float64 on random inputs of odd sizes, forward and gradients (input and every parameter) and
 BatchNorm running statistics, for upsampling, downsampling (including non-divisible adaptive pooling),
 equal sizes and a mix of resolutions, in train and eval mode. The plain order is itself checked against
-the spec written out with torch.nn.functional calls.
+docs/method.md section 1 written out with torch.nn.functional calls.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def test_float32_orders_agree_within_rounding():
 
 @pytest.mark.parametrize("case", ["up", "down", "mixed"])
 def test_plain_order_is_the_spec(case):
-    """forward_plain against the spec written out with functional calls (train-mode BN: batch statistics)."""
+    """forward_plain against docs/method.md section 1 written out with functional calls (train-mode BN: batch
+    statistics)."""
     student_shape, teacher_shapes = CASES[case]
     module = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=5).train()
     x = torch.randn(4, *student_shape, dtype=torch.float64)

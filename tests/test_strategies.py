@@ -1,4 +1,4 @@
-"""Baselines' teacher weights against their formulas (spec section 9), and a step per strategy."""
+"""Baselines' teacher weights against their formulas (docs/method.md section 9), and a step per strategy."""
 
 import math
 

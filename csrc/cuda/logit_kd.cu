@@ -1,6 +1,6 @@
 // CUDA kernel of mtkd_fast::logit_kd, ONE launch: a block per row i computes the student's and every
 // teacher's softmax statistics once, then in one sweep over the classes the KL terms and dloss/dz_s
-// (spec sections 2-3); the last block to finish reduces the scalar loss (deterministic order).
+// (docs/method.md sections 2-3); the last block to finish reduces the scalar loss (deterministic order).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>

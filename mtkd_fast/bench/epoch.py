@@ -56,7 +56,7 @@ class Setting:
 
 
 SETTINGS = {
-    # spec section 8's CIFAR-100 teachers; two of its students
+    # docs/method.md section 8's CIFAR-100 teachers; two of its students
     "cifar": Setting(32, 100, ("RegNetY_400MF", "RegNetX_400MF", "resnet32x4", "wrn_28_4"),
                      ("ShuffleV2", "resnet56"), 64),
     "imagenet": Setting(224, 1000, ("imagenet_resnet34", "imagenet_resnet50", "imagenet_resnet101"),

@@ -7,7 +7,7 @@
 - Every model: ``model(x)`` -> logits; ``model(x, is_feat=True)`` -> ``(feats, logits)`` with ``feats[-2]``
   the last feature map before global pooling [B, C, H, W] and ``feats[-1]`` its global average [B, C].
 - ``load_checkpoint(model, path)``: load ``{"model": state_dict}`` or a bare state_dict from a local file.
-- ``FeatureTransfer(student_shape, teacher_shapes)``: the per-teacher feature transfer E_m (spec section 1).
+- ``FeatureTransfer(student_shape, teacher_shapes)``: the per-teacher feature transfer E_m (docs/method.md section 1).
 """
 
 from __future__ import annotations

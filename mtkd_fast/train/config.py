@@ -1,4 +1,4 @@
-"""``TrainConfig``: every knob of a training run, with the spec's CIFAR-100 parity defaults (section 7)."""
+"""``TrainConfig``: every knob of a training run, with the CIFAR-100 parity defaults of docs/method.md section 7."""
 
 from __future__ import annotations
 
@@ -153,7 +153,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The authors' teacher pretraining (spec section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight decay
+# The authors' teacher pretraining (docs/method.md section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight
+# decay
 # 5e-4, the student's schedule, plain cross-entropy.
 SMALL_LR_TEACHERS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
 

@@ -1,4 +1,4 @@
-"""The MTKD-RL trainer: alternating student / agent optimisation (spec section 7) and the baselines.
+"""The MTKD-RL trainer: alternating student / agent optimisation (docs/method.md section 7) and the baselines.
 
 ``Trainer`` owns one run's modules, optimisers and metrics; ``Trainer.train_step`` is one student step (plus the
 agent update when it falls due) and never waits for the device; ``Trainer.fit`` runs epochs with progress,
@@ -44,7 +44,8 @@ _METERS = ("loss", "ce", "kd", "feat", "top1", "top5", "count", "agent_loss", "a
 
 
 def feature_kl_per_sample(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], temperature: float) -> Tensor:
-    """The "kl" feature distillation of the authors' code (spec section 8.6): per channel, a softmax over the
+    """The "kl" feature distillation of the authors' code (docs/method.md section 8, item 6): per channel, a softmax
+    over the
     spatial positions at temperature T; KL(teacher || student) summed over positions, averaged over channels,
     times T^2. Returns [B, M]."""
     cols = []
@@ -257,7 +258,8 @@ class Trainer:
         self.buffer.append(state, reward, actions)
 
     def update_agent(self) -> None:
-        """One SGD step of the agent per stored mini-batch, in order, then clear the store (spec section 6)."""
+        """One SGD step of the agent per stored mini-batch, in order, then clear the store
+        (docs/method.md section 6)."""
         if self.agent is None or self.buffer is None or len(self.buffer) == 0:
             return
         self.agent.train()
