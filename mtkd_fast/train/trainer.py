@@ -475,10 +475,11 @@ def _summary_line(row: dict, epochs: int) -> str:
 
 def plot_teacher_weights(history: list[dict], num_teachers: int, path: str, names: Optional[list] = None) -> None:
     """Mean logit and feature weight of each teacher per epoch (PNG)."""
-    import matplotlib
+    from .._optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the teacher-weights plot")
+    if plt is None:
+        return
 
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
