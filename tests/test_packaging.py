@@ -64,7 +64,7 @@ def _third_party_imports():
                 for child in ast.iter_child_nodes(parent):
                     parents[child] = parent
             guarded = set()  # optional modules this file checks for (try/except ImportError or _optional)
-            if any(isinstance(n, ast.ImportFrom) and n.module and n.module.endswith("_optional") for n in ast.walk(tree)):
+            if any(isinstance(n, ast.ImportFrom) and (n.module or "").endswith("_optional") for n in ast.walk(tree)):
                 guarded.add("matplotlib")
             file_found = []
             for node in ast.walk(tree):

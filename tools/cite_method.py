@@ -26,7 +26,8 @@ DOC = "docs/method.md"
 # Where citations live; docs/method.md itself, this file and its test (whose patterns and samples name the old
 # form) are skipped.
 TARGETS = ("mtkd_fast", "csrc", "tests", "benchmarks", "tools", "README.md", "docs")
-SKIP = {os.path.join("docs", "method.md"), os.path.join("tools", "cite_method.py"), os.path.join("tests", "test_docs.py")}
+SKIP = {os.path.join("docs", "method.md"), os.path.join("tools", "cite_method.py"),
+        os.path.join("tests", "test_docs.py")}
 SUFFIXES = (".py", ".cpp", ".cu", ".cuh", ".h", ".hpp", ".md", ".sh", ".txt", ".cmake")
 
 _S = "sp" + "ec"  # kept out of the literal text so a search for the old form does not find this file's rules
@@ -36,7 +37,8 @@ _NUM = r"\d+(?:\s*-\s*\d+|(?:\s*,\s*\d+)*\s+and\s+\d+)?"  # 7 | 2-6 | 2 and 5 | 
 PHRASES = [
     (f"written from the {_S}, ../shared/{_S}/MTKD-RL.md, sections", f"written from {DOC} sections"),
     (f"../shared/{_S}/MTKD-RL.md", DOC),
-    (f"with the {_S}'s CIFAR-100 parity defaults (section 7)", f"with the CIFAR-100 parity defaults of {DOC} section 7"),
+    (f"with the {_S}'s CIFAR-100 parity defaults (section 7)",
+     f"with the CIFAR-100 parity defaults of {DOC} section 7"),
     (f"the closed-form gradient of the {_S} (section 3)", f"the closed-form gradient of {DOC} section 3"),
     (f"The {_S}'s resize", f"The resize of {DOC} section 1"),
     (f"the {_S}'s resize", f"the resize of {DOC} section 1"),
@@ -68,7 +70,8 @@ RULES = [  # every file
 # Code only (a bare "section N" in a Markdown page may mean a section of that page).
 CODE_RULES = [
     # bare (section N) / (sections 2 and 5) / "of section 6": name the document
-    (re.compile(rf"\((?P<word>sections?)\s+(?P<nums>{_NUM})\b"), lambda m: f"({DOC} {m.group('word')} {m.group('nums')}"),
+    (re.compile(rf"\((?P<word>sections?)\s+(?P<nums>{_NUM})\b"),
+     lambda m: f"({DOC} {m.group('word')} {m.group('nums')}"),
     (re.compile(rf"\bof\s+(?P<word>sections?)\s+(?P<nums>{_NUM})\b"),
      lambda m: f"of {DOC} {m.group('word')} {m.group('nums')}"),
 ]
