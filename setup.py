@@ -83,6 +83,40 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+
+def _torch_requirement() -> str:
+    """A compiled extension works only with the torch release it was built against (its C++ ABI), so a wheel
+    with ``mtkd_fast._C`` pins that release, as torchvision does; the pure-Python build takes any torch >= 2.4.
+    The local label (``+cu130``) is dropped: ``torch==2.14.1`` accepts every build of that release."""
+    if not ext_modules:
+        return "torch>=2.4"
+    import torch
+
+    return "torch==" + torch.__version__.split("+")[0]
+
+
+def _dali_requirement() -> str:
+    """DALI is published per CUDA major version; match the torch the extension is built against."""
+    try:
+        import torch
+
+        major = (torch.version.cuda or "13").split(".")[0]
+    except ImportError:
+        major = "13"
+    return f"nvidia-dali-cuda{major}0>=2.4,<3"
+
+
+# Every module-level import of the package (tests/test_packaging.py checks the list); optional parts are extras,
+# and code that needs one says which (mtkd_fast/_optional.py).
+INSTALL_REQUIRES = [_torch_requirement(), "torchvision", "numpy", "tqdm", "pillow"]
+EXTRAS_REQUIRE = {
+    "plots": ["matplotlib"],  # PNGs of training curves, teacher weights and benchmarks
+    "dali": [_dali_requirement()],  # data backend "dali" (image folders)
+    "yaml": ["pyyaml"],  # YAML training configs (JSON needs nothing)
+    "test": ["pytest", "pytest-benchmark"],
+}
+EXTRAS_REQUIRE["all"] = sorted({r for name, reqs in EXTRAS_REQUIRE.items() if name != "test" for r in reqs})
+
 setup(
     name="mtkd_fast",
     version="0.1.0",
@@ -91,12 +125,8 @@ setup(
     packages=find_packages(include=["mtkd_fast", "mtkd_fast.*"]),
     package_data={"mtkd_fast": ["data/bundled/*", "data/bundled/**/*"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "test": ["pytest", "pytest-benchmark"],
-        "vision": ["torchvision"],
-        "plots": ["matplotlib"],
-    },
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["mtkd-fast=mtkd_fast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

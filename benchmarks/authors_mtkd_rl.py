@@ -105,7 +105,7 @@ class AuthorsMTKDRL:
             # the agent blends its heads with the priors computed from the state
             self.agent.eval()
             wl, wf = self.agent(state)
-            if self.epoch == 0:  # warm-up epoch: all-ones weights (spec section 7)
+            if self.epoch == 0:  # warm-up epoch: all-ones weights (docs/method.md section 7)
                 wl, wf = torch.ones_like(wl), torch.ones_like(wf)
 
         # 2. loss, teacher by teacher (CE 1st time, KL 2nd time, MSE 1st time)

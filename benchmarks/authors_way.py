@@ -1,5 +1,5 @@
 """How the MTKD-RL authors' code computes one training step's loss, agent state and reward: the baseline the
-fused kernels are measured against (written from the spec, ../shared/spec/MTKD-RL.md, sections 2-5).
+fused kernels are measured against (written from docs/method.md sections 2-5).
 
 The authors' step is a per-teacher Python loop of small PyTorch operations, and it recomputes:
 - each teacher's KL three times: for the agent state (no grad), for the loss (with grad) and for the reward

@@ -1,4 +1,4 @@
-"""Feature transfer (spec section 1), forward + backward on CPU: the authors' order vs mtkd_fast's.
+"""Feature transfer (docs/method.md section 1), forward + backward on CPU: the authors' order vs mtkd_fast's.
 
 Setting of the MTKD-RL CIFAR-100 experiments: batch 64, ShuffleV2 student (its feats[-2] on a 32x32
 input) and the four teachers RegNetY_400MF, RegNetX_400MF, resnet32x4, wrn_28_4 (their feats[-2]).

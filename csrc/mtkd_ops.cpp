@@ -10,7 +10,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(mtkd_fast, m) {
-  // Logit distillation, spec sections 2-3, one pass over each row:
+  // Logit distillation, docs/method.md sections 2-3, one pass over each row:
   //   loss = mean_i SCE_i + alpha * sum_m mean_i(w_im * KL_im)
   // returns (loss [], kl [B, M], teacher_ce [B, M], student_ce [B], grad_student [B, K] = dloss/dz_s).
   // student_logits [B, K] and each teacher_logits[m] [B, K] contiguous and of one dtype; targets [B] int64.
@@ -44,7 +44,7 @@ TORCH_LIBRARY(mtkd_fast, m) {
   m.def(
       "agent_stats(Tensor student_logits, Tensor[] teacher_logits, Tensor targets, Tensor[] student_maps, "
       "Tensor[] teacher_embeddings, float temperature, float eps) -> (Tensor kl, Tensor teacher_ce, Tensor cos)");
-  // Spec section 5: l_i = SCE_i + alpha sum_m wl_im KL_im + beta sum_m wf_im MSE_im and
+  // docs/method.md section 5: l_i = SCE_i + alpha sum_m wl_im KL_im + beta sum_m wf_im MSE_im and
   // r_hat = clamp((r - mean r) / std r, 0, 1) with r = -l (Bessel's std; 0 for B < 2 or std 0).
   m.def(
       "per_sample_loss_reward(Tensor student_ce, Tensor kl, Tensor logit_weights, Tensor? mse, "

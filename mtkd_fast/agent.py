@@ -1,4 +1,4 @@
-"""The MTKD-RL agent (spec sections 4-6): a small policy network that turns each sample's state into
+"""The MTKD-RL agent (docs/method.md sections 4-6): a small policy network that turns each sample's state into
 per-teacher weights for logit and feature distillation, its update loss, and the replay buffer that holds
 the (state, reward) mini-batches between agent updates.
 
@@ -44,14 +44,14 @@ def make_state(cos: Tensor, kl: Tensor, teacher_ce: Tensor, embeddings: Sequence
 
 
 class MTKDAgent(nn.Module):
-    """Policy network of spec section 4.
+    """Policy network of docs/method.md section 4.
 
     Args:
         input_sizes: per teacher the state width D_m + K + 3 (a sequence of M ints); the network sees their sum.
         num_teachers: M (>= 2).
         dynamic: learn the blend of (agent, confidence prior, gap prior) as softmax(lambda) over two learnable
             3-vectors initialised to ones, instead of the fixed mean.
-        update: ``"bce"`` (parity: reward-weighted BCE toward 1 of section 6) or ``"policy_gradient"``
+        update: ``"bce"`` (parity: reward-weighted BCE toward 1 of docs/method.md section 6) or ``"policy_gradient"``
             (REINFORCE with a Dirichlet policy centred on the blended weights; see :meth:`sample`).
         concentration: total Dirichlet concentration of the policy-gradient option (larger = less exploration).
         hidden: width of the shared layer (128 in the paper).
@@ -100,7 +100,8 @@ class MTKDAgent(nn.Module):
         return F.softmax(self.logit_head(h), dim=1), F.softmax(self.feature_head(h), dim=1)
 
     def forward(self, state: AgentState) -> tuple[Tensor, Tensor]:
-        """Teacher weights (logit_weights, feature_weights), each [B, M], rows summing to 1 (section 4)."""
+        """Teacher weights (logit_weights, feature_weights), each [B, M], rows summing to 1
+        (docs/method.md section 4)."""
         pi_l, pi_f = self.policy(state)
         dt = pi_l.dtype
         lam_l = self.logit_weight_factor if self.dynamic else None
@@ -123,7 +124,8 @@ class MTKDAgent(nn.Module):
     def loss(self, state: AgentState, reward: Tensor, actions: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
         """The agent's update loss on one stored mini-batch.
 
-        ``"bce"``: BCE(wl, 1; weight=r_hat) + BCE(wf, 1; weight=r_hat) on the re-computed weights (section 6).
+        ``"bce"``: BCE(wl, 1; weight=r_hat) + BCE(wf, 1; weight=r_hat) on the re-computed weights
+        (docs/method.md section 6).
         ``"policy_gradient"``: -mean_i r_hat_i (log pi(a_l,i | s_i) + log pi(a_f,i | s_i)), ``actions`` being the
         sampled weights the student step used.
         """

@@ -239,10 +239,11 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
 
 # ---------------------------------------------------------------------------------------------- 4. results
 def _plot_curves(curves: list[dict], methods: tuple, path: str) -> None:
-    import matplotlib
+    from ._optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the accuracy-curves plot")
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for method in methods:
@@ -270,10 +271,11 @@ def _plot_curves(curves: list[dict], methods: tuple, path: str) -> None:
 
 def _plot_weights(curves: list[dict], teachers: tuple, path: str) -> None:
     """Mean logit / feature weight per teacher and epoch that MTKD-RL used (CA-MKD's, dashed, for comparison)."""
-    import matplotlib
+    from ._optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the teacher-weights plot")
+    if plt is None:
+        return
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

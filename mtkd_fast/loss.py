@@ -1,5 +1,5 @@
-"""``MTKDLoss``: the drop-in multi-teacher distillation loss (spec section 3) with every per-sample statistic
-the MTKD-RL agent needs (sections 2 and 5), computed once.
+"""``MTKDLoss``: the drop-in multi-teacher distillation loss (docs/method.md section 3) with every per-sample statistic
+the MTKD-RL agent needs (docs/method.md sections 2 and 5), computed once.
 
 Use it without any agent machinery as a fast multi-teacher KD loss by passing fixed weights (e.g. 1/M).
 """
@@ -31,7 +31,7 @@ class MTKDLossOutput(NamedTuple):
     student_ce: Tensor  # [B]     SCE_i
     mse: Optional[Tensor]  # [B, M]  MSE_{i,m} (None without feature maps)
     cos: Optional[Tensor]  # [B, M]  COS_{i,m} (None without teacher embeddings)
-    per_sample_loss: Tensor  # [B]  l_i, whose negative is the reward (section 5)
+    per_sample_loss: Tensor  # [B]  l_i, whose negative is the reward (docs/method.md section 5)
 
 
 class MTKDLoss(nn.Module):

@@ -1,7 +1,7 @@
 """Fused multi-teacher distillation operators (the compiled ``mtkd_fast::*`` custom ops) and their Python API.
 
 Each op reads its inputs once and produces, in the same pass, the loss, its gradient and every per-sample
-statistic the MTKD-RL agent needs (spec sections 2-5), so nothing is recomputed:
+statistic the MTKD-RL agent needs (docs/method.md sections 2-5), so nothing is recomputed:
 
 - :func:`mtkd_logit_kd`: ``mean_i SCE_i + alpha * sum_m mean_i(w_im KL_im)`` with KL, TCE, SCE; dloss/dz_s is
   computed in the forward pass and saved, backward only scales it by the incoming gradient.
@@ -12,7 +12,7 @@ statistic the MTKD-RL agent needs (spec sections 2-5), so nothing is recomputed:
 - :func:`pooled_cosine`: COS_{i,m} alone (differentiable through its own backward op).
 - :func:`agent_stats`: the agent state's KL, TCE and COS in one pass over each tensor family, before the
   teacher weights exist (no gradients).
-- :func:`per_sample_loss_and_reward`: l_i and the normalised, clamped reward r_hat (spec section 5).
+- :func:`per_sample_loss_and_reward`: l_i and the normalised, clamped reward r_hat (docs/method.md section 5).
 
 Dtypes: inputs may be float16, bfloat16, float32 or float64 (mixed inputs are promoted to a common dtype);
 accumulation is float32 (float64 for float64 inputs) and every statistic is returned in that accumulation
@@ -58,7 +58,7 @@ _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
 class RewardOutput(NamedTuple):
-    """Per-sample loss l_i [B] and the normalised, clamped reward r_hat [B] (spec section 5)."""
+    """Per-sample loss l_i [B] and the normalised, clamped reward r_hat [B] (docs/method.md section 5)."""
 
     per_sample_loss: Tensor
     reward: Tensor

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the MTKD-RL maths (spec sections 2-6).
+"""Pure-PyTorch reference of the MTKD-RL maths (docs/method.md sections 2-6).
 
 This module is the ground truth the fused kernels and the trainer are tested against. Every
 function works on any device and dtype (float64 included) and is written for clarity, not speed.
@@ -187,7 +187,7 @@ def mtkd_logit_kd(
 ) -> LogitKDOutput:
     """Logit distillation: ``mean_i SCE_i + alpha * sum_m mean_i(w_im * KL_im)`` and its statistics.
 
-    ``weights`` [B, M] carry no gradient (detached here, as the spec requires).
+    ``weights`` [B, M] carry no gradient (detached here, as docs/method.md section 3 requires).
     """
     check_logits("student_logits", student_logits)
     check_scale("alpha", alpha)
@@ -223,7 +223,7 @@ def logit_kd_grad(
     temperature: float = 4.0,
     alpha: float = 1.0,
 ) -> Tensor:
-    """Closed-form dL/dz_s of :func:`mtkd_logit_kd` (spec section 3), shape [B, K].
+    """Closed-form dL/dz_s of :func:`mtkd_logit_kd` (docs/method.md section 3), shape [B, K].
 
     dL/dz_s[i] = (p^1(z_s)_i - onehot(y_i)) / B + alpha * T * sum_m w_im (p^T(z_s)_i - p^T(z_m)_i) / B
     """
@@ -245,7 +245,7 @@ def logit_kd_grad(
 def feature_kd_grad(
     student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], weights: Tensor, beta: float = 5.0
 ) -> list[Tensor]:
-    """Closed-form dL/dG_m of :func:`mtkd_feature_kd` (spec section 3), one tensor per teacher.
+    """Closed-form dL/dG_m of :func:`mtkd_feature_kd` (docs/method.md section 3), one tensor per teacher.
 
     dL/dG_m[i] = beta * wf_im * 2 (G_m - F_m)_i / (B * C_m * H_m * W_m)
     """
@@ -269,7 +269,7 @@ def per_sample_loss(
     alpha: float = 1.0,
     beta: float = 5.0,
 ) -> Tensor:
-    """l_i = SCE_i + alpha * sum_m wl_im KL_im + beta * sum_m wf_im MSE_im, shape [B] (section 5).
+    """l_i = SCE_i + alpha * sum_m wl_im KL_im + beta * sum_m wf_im MSE_im, shape [B] (docs/method.md section 5).
 
     ``mse``/``feature_weights`` may be omitted together (logit distillation only).
     """
@@ -290,7 +290,8 @@ def total_loss(
     alpha: float = 1.0,
     beta: float = 5.0,
 ) -> Tensor:
-    """L = mean_i SCE_i + alpha sum_m mean_i(wl KL) + beta sum_m mean_i(wf MSE) (section 3): the batch mean
+    """L = mean_i SCE_i + alpha sum_m mean_i(wl KL) + beta sum_m mean_i(wf MSE) (docs/method.md section 3): the batch
+    mean
     of :func:`per_sample_loss`."""
     return per_sample_loss(student_ce, kl, logit_weights, mse, feature_weights, alpha, beta).mean()
 

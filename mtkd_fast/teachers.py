@@ -26,7 +26,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TeacherOutputs(NamedTuple):
-    """What one batch needs from the M teachers (spec section 1)."""
+    """What one batch needs from the M teachers (docs/method.md section 1)."""
 
     logits: Tensor  # [M, B, K]
     embeddings: list[Tensor]  # M tensors [B, D_m] (feats[-1], the pooled embedding)

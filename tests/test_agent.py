@@ -1,4 +1,5 @@
-"""MTKDAgent, its state, reward, update loss and replay buffer against the float64 reference (spec 4-6)."""
+"""MTKDAgent, its state, reward, update loss and replay buffer against the float64 reference
+(docs/method.md sections 4-6)."""
 
 import pytest
 import torch
@@ -51,7 +52,7 @@ def test_agent_matches_reference_action(dynamic):
     torch.testing.assert_close(wl, el, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(wf, ef, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(wl.sum(1), torch.ones(7, dtype=torch.float64))
-    # the priors themselves, written out from the spec
+    # the priors themselves, written out from docs/method.md section 4
     c = (1 - torch.softmax(state.teacher_ce, 1)) / 2
     if not dynamic:
         torch.testing.assert_close(wl, (pi_l + c + torch.softmax(state.kl, 1)) / 3)

@@ -121,7 +121,7 @@ def test_manifest_records_what_the_cache_was_made_from(built):
                                               "file": "t1.feature_maps.bin"}
     assert len(m["checksums"]["t0.logits"]) == 3 and len(m["checksums"]["t0.logits"][0]) == 5  # V x chunks
     assert not os.path.exists(os.path.join(built, "chunks")) and not os.path.exists(os.path.join(built, "layout.json"))
-    # the README's storage formula gives the bytes on disk
+    # docs/cache.md's storage formula gives the bytes on disk
     per_sample = sum(storage.per_sample_bytes(7, t["embedding_dim"], t["feature_map_shape"]) for t in m["teachers"])
     on_disk = sum(os.path.getsize(os.path.join(built, a["file"])) for a in m["arrays"].values())
     assert on_disk == m["total_bytes"] == 3 * 37 * per_sample

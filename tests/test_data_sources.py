@@ -93,7 +93,7 @@ def test_cifar100_python_format_and_its_errors(tmp_path):
     mean, std = torch.tensor(ds.mean).view(3, 1, 1), torch.tensor(ds.std).view(3, 1, 1)
     torch.testing.assert_close(img, (expected - mean) / std)
     assert (label, index) == (raw[b"fine_labels"][17], 17)
-    assert ds.mean == (0.5071, 0.4867, 0.4408)  # spec section 7
+    assert ds.mean == (0.5071, 0.4867, 0.4408)  # docs/method.md section 7
     aug = build_dataset("cifar100", root=root, augment=True, seed=1)
     assert aug.recipe.to_dict() == {"kind": "pad_crop", "padding": 4, "flip": True}
     assert len(build_dataset("cifar100", split="test", root=root)) == 100

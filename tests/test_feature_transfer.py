@@ -1,9 +1,10 @@
-"""FeatureTransfer (spec section 1): the fast order equals the plain order within float rounding.
+"""FeatureTransfer (docs/method.md section 1): the fast order equals the plain order within float rounding.
 
 Checked in float64 on random inputs of odd sizes, forward and gradients (input and every parameter) and
 BatchNorm running statistics, for upsampling, downsampling (including non-divisible adaptive pooling),
 equal sizes and a mix of resolutions, in train and eval mode. The plain order is itself checked against
-the spec written out with torch.nn.functional calls. The authors' chained resizing (spec section 8, item 7;
+docs/method.md section 1 written out with torch.nn.functional calls. The authors' chained resizing
+(docs/method.md section 8, item 7;
 ``chained_resize=True``) is checked against their loop written out the same way, on both paths.
 """
 
@@ -111,7 +112,8 @@ def test_float32_orders_agree_within_rounding():
 
 @pytest.mark.parametrize("case", ["up", "down", "mixed"])
 def test_plain_order_is_the_spec(case):
-    """forward_plain against the spec written out with functional calls (train-mode BN: batch statistics)."""
+    """forward_plain against docs/method.md section 1 written out with functional calls (train-mode BN: batch
+    statistics)."""
     student_shape, teacher_shapes = CASES[case]
     module = _randomise(FeatureTransfer(student_shape, teacher_shapes).double(), seed=5).train()
     x = torch.randn(4, *student_shape, dtype=torch.float64)
@@ -210,7 +212,7 @@ def test_fast_order_equals_plain_order_on_cuda(case):
         torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-10, atol=1e-10, msg=name)
 
 
-# ---------------------------------------------------------------- chained resizing (spec section 8, item 7)
+# ---------------------------------------------------------------- chained resizing (docs/method.md section 8, item 7)
 
 CHAIN_CASES = {
     # teachers of two map resolutions, in both orders, around a student map between them and beside them
@@ -223,7 +225,7 @@ CHAIN_CASES = {
 
 
 def _spec_transfer(module: FeatureTransfer, x: torch.Tensor, chained: bool) -> list[torch.Tensor]:
-    """E_m written from the spec with functional calls (train-mode BN). Chained: the authors' loop, where the
+    """E_m written from docs/method.md section 1 with functional calls (train-mode BN). Chained: the authors' loop, where the
     student map variable is overwritten per teacher, the target is square t_H x t_H, and pool-or-interpolate
     compares the ORIGINAL student height with t_H."""
     s_h = x.shape[2]

@@ -335,7 +335,7 @@ def test_error_budget_random_init_cifar_pool(precision):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_error_budget_briefly_trained_teachers(precision):
     """resnet20 and wrn_16_1 after 12 SGD steps. (MobileNetV2 after 12 steps is over budget: 3.4% KD gradient,
-    9% maps; fully trained demo teachers, MobileNetV2 included, are within it: the next test and the README.)"""
+    9% maps; fully trained demo teachers, MobileNetV2 included, are within it: the next test and docs/training.md.)"""
     if precision == "fp16" and not CUDA:
         pytest.skip("fp16 teachers need a CUDA device")
     dev = "cuda" if CUDA else "cpu"

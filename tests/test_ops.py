@@ -70,7 +70,7 @@ def test_logit_kd_matches_reference_float64(B, K, M):
     assert out.loss.dtype == out.kl.dtype == F64
     _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, exp_grad, rtol=1e-10, atol=1e-13)
-    # the closed-form gradient of the spec (section 3) agrees too
+    # the closed-form gradient of docs/method.md section 3 agrees too
     torch.testing.assert_close(grad, ref.logit_kd_grad(zs, zt, y, w, T, alpha), rtol=1e-10, atol=1e-13)
 
 

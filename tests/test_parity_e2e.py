@@ -1,6 +1,6 @@
 """End to end: a few steps of the whole MTKD-RL loop (``Trainer.fit``: warm-up epoch, then agent-weighted steps,
 agent updates at the authors' trigger and at each epoch's end) against an independent step-by-step computation
-written from the spec (docs/method.md sections 1-7) with plain torch calls, in float64 on tiny models.
+written from docs/method.md sections 1-7 with plain torch calls, in float64 on tiny models.
 
 The teachers' maps have two resolutions (2x2 and 8x8 around a 4x4 student map), in both orders, with the
 independent and the authors' chained transfer resizing.
@@ -63,7 +63,7 @@ def _batches(epoch: int):
     return out
 
 
-# ------------------------------------------------------------------ the spec, written out
+# ------------------------------------------------------------------ docs/method.md, written out
 def _spec_transfer(heads, s_map, shapes, chained):
     """Section 1 and section 8 item 7: resize (pool when the ORIGINAL H_s >= H_m, else bilinear), then the
     head's 1x1 conv -> BN -> ReLU (train mode: batch statistics, running statistics updated by the module)."""

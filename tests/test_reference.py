@@ -1,4 +1,4 @@
-"""The reference maths (spec sections 2-6) against independent derivations, on random odd-sized inputs."""
+"""The reference maths (docs/method.md sections 2-6) against independent derivations, on random odd-sized inputs."""
 
 import itertools
 import math

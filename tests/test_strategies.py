@@ -1,4 +1,4 @@
-"""Baselines' teacher weights (spec section 9) against the formulas of the CA-MKD code they come from, AEKD's
+"""Baselines' teacher weights (docs/method.md section 9) against the formulas of the CA-MKD code they come from, AEKD's
 min-norm weights against an independent brute-force solution of the same small QP, and a step per strategy."""
 
 import math

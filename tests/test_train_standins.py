@@ -33,7 +33,7 @@ class TinyNet(nn.Module):
 
 
 class TinyTransfer(nn.Module):
-    """Spec section 1: resize the student map to each teacher's size, then 1x1 conv -> BN -> ReLU."""
+    """docs/method.md section 1: resize the student map to each teacher's size, then 1x1 conv -> BN -> ReLU."""
 
     def __init__(self, student_shape, teacher_shapes, norm=True):
         super().__init__()

@@ -1,4 +1,4 @@
-"""One Trainer step against a hand-written step of the spec's formulas (mtkd_fast.reference), in float64."""
+"""One Trainer step against a hand-written step of the formulas of docs/method.md (mtkd_fast.reference), in float64."""
 
 import copy
 
@@ -45,7 +45,7 @@ def test_mtkd_rl_step_and_agent_update_match_spec(feature_kd, dynamic):
     out = trainer.train_step(x, y, idx, view=1)
     trainer.update_agent()
 
-    # ---- the hand-written step (spec sections 1-7)
+    # ---- the hand-written step (docs/method.md sections 1-7)
     s2.train(); ft2.train()
     feats, z = s2(x, is_feat=True)
     G = ft2(feats[-2])

@@ -1,7 +1,7 @@
 // CPU kernel of mtkd_fast::feature_kd: all M (student map, teacher map) pairs in ONE parallel region.
 // Each (sample, teacher) task reads G and F once and writes dloss/dG in the same pass, so the per-sample
-// MSE and the gradient come from one read of the inputs (spec sections 2-3); given the teacher embeddings,
-// the same read also pools G for the agent state's cosine COS_{i,m} (spec section 2), sparing the pooled
+// MSE and the gradient come from one read of the inputs (docs/method.md sections 2-3); given the teacher embeddings,
+// the same read also pools G for the agent state's cosine COS_{i,m} (docs/method.md section 2), sparing the pooled
 // cosine its own pass over the maps. Tasks are ordered sample-major so every thread gets a mix of the
 // teachers' (differently sized) maps.
 #include <ATen/Dispatch.h>

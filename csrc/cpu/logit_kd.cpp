@@ -1,5 +1,5 @@
 // CPU kernel of mtkd_fast::logit_kd: every row's softmaxes computed once, the loss, the per-sample
-// statistics and dloss/dz_s produced in the same pass (spec sections 2-3). Rows run in parallel
+// statistics and dloss/dz_s produced in the same pass (docs/method.md sections 2-3). Rows run in parallel
 // (at::parallel_for, OpenMP); accumulation in float32 (float64 for float64 inputs).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

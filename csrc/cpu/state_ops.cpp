@@ -1,4 +1,4 @@
-// CPU kernels of the agent-state helpers (spec sections 2 and 5): the pooled cosine similarity COS_{i,m}
+// CPU kernels of the agent-state helpers (docs/method.md sections 2 and 5): the pooled cosine similarity COS_{i,m}
 // (and its backward) and the per-sample loss with the normalised, clamped reward.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -3,7 +3,7 @@
 // every teacher's (sample, chunk) blocks. Each block reads its chunk of G and F once, writes dloss/dG and a
 // partial sum of squares; the last block of each (sample, teacher) sums that task's partials in a fixed order
 // (deterministic MSE), and the last of those the scalar loss. Given the teacher embeddings, blocks take whole channels instead
-// and also pool them for the agent state's cosine (spec section 2) from the same read of the maps.
+// and also pool them for the agent state's cosine (docs/method.md section 2) from the same read of the maps.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>

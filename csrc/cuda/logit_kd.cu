@@ -1,6 +1,6 @@
 // CUDA kernel of mtkd_fast::logit_kd, ONE launch: a block per row i reads the student's and every teacher's
 // row once (staged in shared memory), computes their softmax statistics and KL terms, then dloss/dz_s in one
-// sweep over the classes (spec sections 2-3); the last block to finish reduces the scalar loss
+// sweep over the classes (docs/method.md sections 2-3); the last block to finish reduces the scalar loss
 // (deterministic order).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -56,7 +56,7 @@ class Setting:
 
 
 SETTINGS = {
-    # spec section 8's CIFAR-100 teachers; two of its students
+    # docs/method.md section 8's CIFAR-100 teachers; two of its students
     "cifar": Setting(32, 100, ("RegNetY_400MF", "RegNetX_400MF", "resnet32x4", "wrn_28_4"),
                      ("ShuffleV2", "resnet56"), 64),
     "imagenet": Setting(224, 1000, ("imagenet_resnet34", "imagenet_resnet50", "imagenet_resnet101"),
@@ -297,7 +297,7 @@ def _synchronize(device: str) -> None:
 
 def build_cache_for(spec: BenchSpec, ds, teachers, cache_dir: str, engine: bool = True) -> float:
     """Build the teacher cache over the benchmark's samples (one view); returns the seconds it took. ``engine``:
-    the teachers run with the spec's engine settings; otherwise float32 eager, BatchNorm unfolded."""
+    the teachers run with the settings the configuration asks for; otherwise float32 eager, BatchNorm unfolded."""
     from ..cache import build_cache
 
     from ..teachers import LiveTeachers

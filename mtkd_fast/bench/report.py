@@ -63,10 +63,11 @@ def write_csv(result: dict, path: str) -> None:
 def plot(result: dict, path: str) -> None:
     """Bars of the median time per epoch of N steps (annotated with the ratio to student-only) and of the peak
     memory, one group of bars per student."""
-    import matplotlib
+    from .._optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the benchmark plot")
+    if plt is None:
+        return
 
     rows, meta = result["rows"], result["meta"]
     mkey = memory_key(meta["device"])

@@ -20,7 +20,7 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: tuple = ()) -> None:
     """One flag per TrainConfig field; unset flags stay out of the namespace (the file or the default wins)."""
     from mtkd_fast.train import TrainConfig
 
-    group = parser.add_argument_group("training options (TrainConfig fields; see README 'Training')")
+    group = parser.add_argument_group("training options (TrainConfig fields; see docs/training.md)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue

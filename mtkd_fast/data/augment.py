@@ -6,7 +6,7 @@ on-device batches) reproduces exactly the image a teacher cache saw, in any orde
 
 Two recipes:
 
-- :class:`PadCrop` (CIFAR, spec section 7): pad ``padding`` zero pixels on each side, take a crop of the
+- :class:`PadCrop` (CIFAR, docs/method.md section 7): pad ``padding`` zero pixels on each side, take a crop of the
   original size at a uniformly random offset, flip horizontally with probability 1/2. The window is given
   in pixels of the (unpadded) image: ``top, left`` in ``[-padding, padding]``, ``height, width`` = the
   image size.

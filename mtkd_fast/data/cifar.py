@@ -1,5 +1,5 @@
 """CIFAR-100 from its distributed python format (the ``cifar-100-python`` folder: ``train``, ``test``,
-``meta`` pickles), with the authors' augmentation and normalisation (spec section 7)."""
+``meta`` pickles), with the authors' augmentation and normalisation (docs/method.md section 7)."""
 
 from __future__ import annotations
 

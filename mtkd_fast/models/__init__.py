@@ -11,7 +11,7 @@
   the last feature map before global pooling [B, C, H, W] and ``feats[-1]`` its global average [B, C].
 - ``load_checkpoint(model, path)``: load ``{"model": state_dict}`` or a bare state_dict from a local file.
 - ``FeatureTransfer(student_shape, teacher_shapes, chained_resize=False)``: the per-teacher feature transfer E_m
-  (spec section 1; ``chained_resize`` reproduces the authors' chained resizing, section 8 item 7).
+  (docs/method.md section 1; ``chained_resize`` reproduces the authors' chained resizing, section 8 item 7).
 - ``classifier_head(model)``: the final ``nn.Linear`` of a zoo model (feats[-1] -> logits).
 """
 

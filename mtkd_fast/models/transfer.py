@@ -1,10 +1,10 @@
-"""Feature transfer of MTKD-RL (spec section 1): one small trainable module E_m per teacher.
+"""Feature transfer of MTKD-RL (docs/method.md section 1): one small trainable module E_m per teacher.
 
 E_m(F_s): resize the student map F_s [B, C_s, H_s, W_s] spatially to the teacher's H_m x W_m (adaptive
 average pooling when H_s >= H_m, bilinear with align_corners=False otherwise), then Conv2d(C_s, C_m, 1x1, bias)
 -> BatchNorm2d(C_m) -> ReLU.
 
-Which map is resized (spec section 8, item 7): by default every teacher resizes the ORIGINAL student map
+Which map is resized (docs/method.md section 8, item 7): by default every teacher resizes the ORIGINAL student map
 ("independent"). The authors' code resizes in a CHAIN: teacher m resizes what teacher m-1 produced, to a square
 H_m x H_m, choosing pooling or bilinear by comparing the ORIGINAL H_s with H_m. ``chained_resize=True``
 reproduces that exactly. The two agree when all teachers share one map size and differ otherwise (a
@@ -44,7 +44,7 @@ def _check_shape(name: str, shape) -> tuple[int, int, int]:
 
 
 def resize(x: Tensor, size: tuple[int, int], pool: bool) -> Tensor:
-    """The spec's resize: adaptive average pooling (``pool``) or bilinear, align_corners=False."""
+    """The resize of docs/method.md section 1: adaptive average pooling (``pool``) or bilinear, align_corners=False."""
     if pool:
         return F.adaptive_avg_pool2d(x, size)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
@@ -67,7 +67,7 @@ class _ResolutionGroup(NamedTuple):
     size: tuple[int, int]  # the teachers' (H, W)
     members: tuple[int, ...]  # teacher indices
     channels: tuple[int, ...]  # their C_m, in the same order
-    pool: bool  # the spec's resize: pooling (H_s >= H) or bilinear
+    pool: bool  # the resize of docs/method.md section 1: pooling (H_s >= H) or bilinear
     conv_first: bool  # convolve at the student's resolution, then resize (cheaper when it is smaller)
     same_size: bool  # no resize at all
     resize_matrix: str | None  # buffer name of the resize as a [H_s*W_s, H*W] matrix, when that is used
@@ -80,7 +80,8 @@ _MATRIX_RESIZE_MAX_SOURCE_PIXELS = 64
 
 
 def _resize_matrix(source: tuple[int, int], size: tuple[int, int], pool: bool) -> Tensor:
-    """The resize as a [H_s*W_s, H*W] matrix: the spec's resize applied to each one-hot source pixel."""
+    """The resize as a [H_s*W_s, H*W] matrix: the resize of docs/method.md section 1 applied to each one-hot source
+    pixel."""
     n = source[0] * source[1]
     basis = torch.eye(n, dtype=torch.float64).view(n, 1, *source)
     # float64 (exact weights such as 1/3); forward casts it to the input's dtype
@@ -88,7 +89,7 @@ def _resize_matrix(source: tuple[int, int], size: tuple[int, int], pool: bool) -
 
 
 class FeatureTransfer(nn.Module):
-    """E_1..E_M of spec section 1.
+    """E_1..E_M of docs/method.md section 1.
 
     Args:
         student_shape: (C_s, H_s, W_s) of the student's feats[-2].

@@ -1,4 +1,5 @@
-"""Training: MTKD-RL's alternating student/agent optimisation (spec section 7), the baselines (section 9),
+"""Training: MTKD-RL's alternating student/agent optimisation (docs/method.md section 7), the baselines
+(docs/method.md section 9),
 teacher pretraining, evaluation, checkpoints and multi-process training.
 
 - ``TrainConfig``: every option (JSON/YAML loadable); ``teacher_config(name)``: the authors' teacher settings.

@@ -1,4 +1,4 @@
-"""``TrainConfig``: every knob of a training run, with the spec's CIFAR-100 parity defaults (section 7)."""
+"""``TrainConfig``: every knob of a training run, with the CIFAR-100 parity defaults of docs/method.md section 7."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class TrainConfig:
     agent_buffer_dtype: str = "float32"  # the replay buffer's state storage; bfloat16/float16 halve it
     loss_backend: str = "auto"  # MTKDLoss backend: auto | fused | reference
     # feature transfer resize: "independent" (each teacher resizes the student's own map) or "chained" (the
-    # authors' code: each teacher resizes the previous teacher's resized map; spec section 8, item 7)
+    # authors' code: each teacher resizes the previous teacher's resized map; docs/method.md section 8, item 7)
     transfer_resize: str = "independent"
     # optimisation
     epochs: int = 240
@@ -118,7 +118,7 @@ class TrainConfig:
     amp: Optional[str] = None  # None | "bf16" | "fp16"
     channels_last: bool = False
     compile: bool = False
-    teacher_precision: str = "auto"  # live teachers' compute precision: auto | fp32 | bf16 | fp16 (README "Teacher precision")
+    teacher_precision: str = "auto"  # live teachers' compute precision: auto | fp32 | bf16 | fp16 (docs/training.md "Teacher precision")
     teacher_compile: bool = False  # torch.compile the live teachers
     fold_bn: bool = True  # fold the live teachers' BatchNorm into their convolutions (exact up to rounding)
     # output
@@ -222,7 +222,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The authors' teacher pretraining (spec section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight decay
+# The authors' teacher pretraining (docs/method.md section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight
+# decay
 # 5e-4, the student's schedule, plain cross-entropy.
 SMALL_LR_TEACHERS = ("MobileNetV2", "MobileNetV2_0_5", "ShuffleV1", "ShuffleV2")
 

@@ -151,10 +151,11 @@ def plot_diagnostics(rows: list[dict], num_teachers: int, path: str, names: Opti
                      title: str = "") -> None:
     """Three panels over epochs: weight entropy; correlation of each teacher's weight with its being right;
     policy vs prior parts of the weights' distance from uniform (MTKD-RL)."""
-    import matplotlib
+    from .._optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the agent-diagnostics plot")
+    if plt is None:
+        return
 
     from .._io import write_bytes_atomic
 

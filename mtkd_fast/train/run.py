@@ -155,7 +155,7 @@ def _claim_out_dir(config: TrainConfig) -> Optional[DirLock]:
 
 def train(config: TrainConfig) -> dict:
     """Run ``config`` to the end (or from its last checkpoint with ``resume``). Returns the final metrics and the
-    paths of the CSV, the PNG and the checkpoints (see the README's "Training" section for the layout).
+    paths of the CSV, the PNG and the checkpoints (see docs/training.md for the layout).
 
     The out_dir is locked while the run writes to it; one that already holds a run is refused unless
     ``resume`` (continue it) or ``overwrite`` (replace it) is set."""

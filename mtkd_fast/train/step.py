@@ -42,7 +42,8 @@ class DistillStep(NamedTuple):
 
 
 def feature_kl_per_sample(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor], temperature: float) -> Tensor:
-    """The "kl" feature distillation of the authors' code (spec section 8.6): per channel, a softmax over the
+    """The "kl" feature distillation of the authors' code (docs/method.md section 8, item 6): per channel, a softmax
+    over the
     spatial positions at temperature T; KL(teacher || student) summed over positions, averaged over channels,
     times T^2. Returns [B, M]."""
     cols = []

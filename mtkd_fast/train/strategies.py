@@ -1,7 +1,7 @@
-"""Teacher weighting strategies behind one interface, so the baselines share everything else (spec section 9).
+"""Teacher weighting strategies behind one interface, so the baselines share everything else (docs/method.md section 9).
 
 Each strategy turns one batch's teacher information into per-sample weights ``(logit_weights, feature_weights)``
-[B, M] that enter the one student loss of spec section 3 (``alpha``, ``beta`` and everything else are the same
+[B, M] that enter the one student loss of docs/method.md section 3 (``alpha``, ``beta`` and everything else are the same
 for every strategy; only the weighting follows each method's source); ``"none"`` trains with cross-entropy only.
 
 The baselines follow the code the MTKD-RL authors' comparisons ran, the CA-MKD repository (Rorozhl/CA-MKD,
@@ -258,7 +258,7 @@ class AdaptiveEnsemble(WeightStrategy):
 
 
 class MTKDRL(WeightStrategy):
-    """The agent's weights; epoch 0 (warm-up) uses all-ones (parity) or 1/M weights (spec section 7).
+    """The agent's weights; epoch 0 (warm-up) uses all-ones (parity) or 1/M weights (docs/method.md section 7).
 
     With the policy-gradient update the student uses weights sampled from the agent's policy (also during
     warm-up the sample is drawn and stored, so the first update has actions to score; the student then uses

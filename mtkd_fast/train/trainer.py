@@ -1,4 +1,4 @@
-"""The MTKD-RL trainer: alternating student / agent optimisation (spec section 7) and the baselines.
+"""The MTKD-RL trainer: alternating student / agent optimisation (docs/method.md section 7) and the baselines.
 
 ``Trainer`` owns one run's modules, optimisers and metrics; ``Trainer.train_step`` is one student step (plus the
 agent update when it falls due) and never waits for the device; ``Trainer.fit`` runs epochs with progress,
@@ -250,7 +250,8 @@ class Trainer:
         self.buffer.append(state, reward, actions)
 
     def update_agent(self) -> None:
-        """One SGD step of the agent per stored mini-batch, in order, then clear the store (spec section 6)."""
+        """One SGD step of the agent per stored mini-batch, in order, then clear the store
+        (docs/method.md section 6)."""
         if self.agent is None or self.buffer is None or len(self.buffer) == 0:
             return
         self.agent.train()
@@ -521,10 +522,11 @@ def _summary_line(row: dict, epochs: int) -> str:
 
 def plot_teacher_weights(history: list[dict], num_teachers: int, path: str, names: Optional[list] = None) -> None:
     """Mean logit and feature weight of each teacher per epoch (PNG)."""
-    import matplotlib
+    from .._optional import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the teacher-weights plot")
+    if plt is None:
+        return
 
     epochs = [r["epoch"] for r in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)

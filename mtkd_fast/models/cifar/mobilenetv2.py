@@ -4,11 +4,11 @@ Module names follow the RepDistiller lineage (``MobileNetV2`` / ``mobile_half`` 
 ``conv1.{0,1}`` (3x3, stride 2: 32 -> 16), ``blocks.{s}.{i}.conv.{0,1,3,4,6,7}`` (pointwise expand, depthwise,
 pointwise project, each with its BN), ``conv2.{0,1}`` (1x1 to 1280 channels), ``classifier.0``.
 
-- ``MobileNetV2``: width 1.0, the network the MTKD-RL authors' CIFAR-100 student is (spec section 8, item 8).
+- ``MobileNetV2``: width 1.0, the network the MTKD-RL authors' CIFAR-100 student is (docs/method.md section 8, item 8).
   Its feats are theirs: the outputs of conv1 and of blocks 1, 2, 4 and 6, then the pooled 1280-channel output
   of ``conv2``. So ``feats[-2]`` is the 320-channel map BEFORE ``conv2`` (2x2 on a 32x32 input) and
   ``feats[-1]`` (1280 values) is NOT its global average: as a teacher of MTKD-RL, whose cosine state needs
-  the two to have one width (spec section 2), it cannot serve; use ``MobileNetV2_0_5`` there.
+  the two to have one width (docs/method.md section 2), it cannot serve; use ``MobileNetV2_0_5`` there.
 - ``MobileNetV2_0_5``: width 0.5 (the lineage's ``mobile_half``: 16 stem channels, 160 after the last block,
   conv2 still 1280), with ``feats[-2]`` the 1280-channel map AFTER ``conv2`` (2x2) and ``feats[-1]`` its global
   average, like every other model of the zoo. mobile_half checkpoints load into it; a feature transfer trained
