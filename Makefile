@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: all setup build test test-fast cmake-check demo bench clean
+.PHONY: all setup build test test-fast cmake-check lint wheel-check ci demo bench clean
 
 all: test
 
@@ -25,7 +25,7 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -c "import mtkd_fast, json; i = mtkd_fast.build_info(); assert i['extension_loaded'], i['load_error']; print('build_info:', json.dumps({k: i[k] for k in ('cuda_compiled', 'cuda_archs', 'openmp', 'num_threads', 'cpu_kernels', 'cuda_kernels')}))"
 
-test: build cmake-check
+test: build
 	$(PY) -m pytest -q tests
 
 test-fast: build
@@ -36,6 +36,17 @@ test-fast: build
 cmake-check: $(STAMP)
 	$(PY) tools/cmake_build.py --cuda=off
 	if [ -x "$${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then $(PY) tools/cmake_build.py --cuda=on; fi
+
+# ruff, configured in pyproject.toml
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# the package as a user of `pip install` meets it: wheel, fresh venv, used from outside the checkout
+wheel-check: build
+	PYTHON=$(PY) bash tools/check_wheel.sh
+
+# what CI runs (.ci/run): the tests, the CMake build and its C++ tests, the linter, the wheel
+ci: test cmake-check lint wheel-check
 
 demo: build
 	$(VENV)/bin/mtkd-fast demo

@@ -22,7 +22,7 @@ from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
 from .._io import clean_temp_files, load_torch_file
 from .._lock import DirLock
 
-__all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes", "build_teachers"]
+__all__ = ["train", "train_teacher", "live_teacher_precision", "seed_everything", "checkpoint_num_classes", "build_teachers"]
 
 
 def seed_everything(seed: int) -> None:
@@ -92,11 +92,16 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
 AUTO_FP32_STRATEGIES = ("mtkd_rl",)
 
 
+def live_teacher_precision(precision: str, strategy: str) -> str:
+    """The ``LiveTeachers`` precision a run of ``strategy`` asks for: ``precision``, except that "auto" is "fp32"
+    for the strategies in ``AUTO_FP32_STRATEGIES``."""
+    return "fp32" if precision == "auto" and strategy in AUTO_FP32_STRATEGIES else precision
+
+
 def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torch.device, dataset=None):
     # the teachers' precision is their own option, independent of the student's --amp
-    precision = config.teacher_precision
-    if precision == "auto" and config.strategy in AUTO_FP32_STRATEGIES and teachers:
-        precision = "fp32"
+    precision = live_teacher_precision(config.teacher_precision, config.strategy)
+    if precision != config.teacher_precision and teachers:
         print(f"teachers: auto precision is fp32 for strategy {config.strategy!r} (bf16 teachers moved its demo "
               "accuracy by more than one seed std; --teacher-precision bf16 to choose it)", flush=True)
     live = LiveTeachers(teachers, precision=precision, fold_bn=config.fold_bn,
