@@ -28,7 +28,7 @@ from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.cache import build_cache, open_teacher_source, storage
 from mtkd_fast.data import build_dataset, build_loader
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig
+from mtkd_fast.train import TrainConfig, Trainer
 
 TEACHERS = ["RegNetY_400MF", "RegNetX_400MF", "resnet32x4", "wrn_28_4"]
 STUDENT = "ShuffleV2"

@@ -36,7 +36,8 @@ import time
 import pytest
 import torch
 
-from mtkd_fast import MTKDLoss, ops, reference as ref
+from mtkd_fast import MTKDLoss, ops
+from mtkd_fast import reference as ref
 from mtkd_fast.train.step import distill_step
 
 try:

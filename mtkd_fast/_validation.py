@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 
-
 class DataError(ValueError):
     """A file or directory the user handed us cannot be used as it is (corrupt, truncated, in use by another
     process, edited). The command line reports it in one line with exit status 1 (usage mistakes: 2)."""

@@ -131,6 +131,7 @@ def _resolve_device(device: str) -> torch.device:
 def _teacher_recipe(settings: DemoSettings, arch: str, index: int, fingerprint: str) -> dict:
     """Everything a teacher's weights depend on; its sha256 names the teacher's folder."""
     import mtkd_fast
+
     from .train import teacher_config
 
     return {"format": TEACHER_RECIPE_FORMAT, "arch": arch, "seed": 1000 + index, "dataset": "bundled",

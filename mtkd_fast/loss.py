@@ -12,8 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import (check_finite, check_nonnegative_values, check_scale, check_temperature, check_weights,
-                          stack_teachers)
+from ._validation import (
+    check_finite,
+    check_nonnegative_values,
+    check_scale,
+    check_temperature,
+    check_weights,
+    stack_teachers,
+)
 
 BACKENDS = ("auto", "fused", "reference")
 

@@ -33,8 +33,17 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from ._validation import check_scale, check_temperature
-from ._validation import FLOAT_DTYPES, check_logits, check_maps, check_targets, check_tensor, check_weights, stack_teachers
+from ._validation import (
+    FLOAT_DTYPES,
+    check_logits,
+    check_maps,
+    check_scale,
+    check_targets,
+    check_temperature,
+    check_tensor,
+    check_weights,
+    stack_teachers,
+)
 from .reference import AgentStats, FeatureKDOutput, LogitKDOutput, _check_stats
 
 __all__ = [

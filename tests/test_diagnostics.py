@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
+from test_train_standins import make_batches, make_setup
 
 from mtkd_fast.agent import AgentState, MTKDAgent
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig
+from mtkd_fast.train import TrainConfig, Trainer
 from mtkd_fast.train.diagnostics import DIAGNOSTICS_CSV, DIAGNOSTICS_PNG, WeightDiagnostics
-from test_train_standins import make_batches, make_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import mtkd_fast
-from mtkd_fast import MTKDLoss, ops, reference as ref
+from mtkd_fast import MTKDLoss, ops
+from mtkd_fast import reference as ref
 
 pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
 

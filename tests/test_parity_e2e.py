@@ -13,11 +13,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_standins import ExactTeachers, TinyNet
 
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.models import FeatureTransfer
-from mtkd_fast.train import Trainer, TrainConfig
-from test_train_standins import ExactTeachers, TinyNet
+from mtkd_fast.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

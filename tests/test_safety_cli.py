@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from safety_cli import ROOT, TINY, command, run
 
 from mtkd_fast import _io, cli
 from mtkd_fast._lock import LOCK_NAME
 from mtkd_fast._validation import DataError
-from safety_cli import ROOT, TINY, command, run
 
 BASE = ["train", "--student", "resnet8", "--strategy", "none"] + TINY
 

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_standins import ExactTeachers, make_batches, make_setup
 
 from mtkd_fast import reference as ref
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig, feature_kl_per_sample
-from test_train_standins import ExactTeachers, make_batches, make_setup
+from mtkd_fast.train import TrainConfig, Trainer, feature_kl_per_sample
 
 
 def config(**kw):

@@ -299,7 +299,6 @@ def build_cache_for(spec: BenchSpec, ds, teachers, cache_dir: str, engine: bool 
     """Build the teacher cache over the benchmark's samples (one view); returns the seconds it took. ``engine``:
     the teachers run with the settings the configuration asks for; otherwise float32 eager, BatchNorm unfolded."""
     from ..cache import build_cache
-
     from ..teachers import LiveTeachers
 
     opts = dict(teacher_precision=spec.teacher_precision, fold_bn=spec.fold_bn, teacher_compile=spec.teacher_compile)

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..teachers import TeacherOutputs
 from . import storage
-from .manifest import (CacheCorruptError, CacheMismatchError, dataset_identity, read_manifest, require_match,
-                       unwrap_teachers, weights_sha256)
+from .manifest import (
+    CacheCorruptError,
+    CacheMismatchError,
+    dataset_identity,
+    read_manifest,
+    require_match,
+    unwrap_teachers,
+    weights_sha256,
+)
 
 VERIFY_MODES = ("lazy", "full", "none")
 

@@ -23,12 +23,11 @@ import os
 from collections.abc import Mapping
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from . import imagenet
 from .._io import load_torch_file
+from . import imagenet
 from .loading import _extract_state_dict
 
 TASKS = ("detection", "instance_segmentation", "segmentation")

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import clean_temp_files, load_torch_file
+from .._lock import DirLock
 from ..agent import MTKDAgent
 from ..teachers import LiveTeachers
 from . import distributed as D
-from .config import TrainConfig, teacher_config
 from .checkpoint import write_bytes_atomic
+from .config import TrainConfig, teacher_config
 from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
-from .._io import clean_temp_files, load_torch_file
-from .._lock import DirLock
 
 __all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes", "build_teachers"]
 

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
+from .._validation import DataError
 from ..agent import AgentReplayBuffer, MTKDAgent, normalized_reward
 from ..loss import MTKDLoss
 from . import distributed as D
-from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
-from .._validation import DataError
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
 from .diagnostics import WeightDiagnostics, write_diagnostics
