@@ -469,7 +469,8 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
              "curves_csv": os.path.join(out_dir, "curves.csv"),
              "accuracy_png": os.path.join(out_dir, "accuracy_curves.png"),
              "weights_png": os.path.join(out_dir, "teacher_weights.png"),
-             "diagnostics_png": os.path.join(out_dir, "agent_diagnostics.png"), "json": os.path.join(out_dir, "demo.json")}
+             "diagnostics_png": os.path.join(out_dir, "agent_diagnostics.png"),
+             "json": os.path.join(out_dir, "demo.json")}
     write_csv_atomic(paths["methods_csv"], method_rows)
     write_csv_atomic(paths["runs_csv"], run_rows)
     write_csv_atomic(paths["teachers_csv"], teacher_rows)

@@ -56,7 +56,8 @@ def test_accumulated_diagnostics_equal_the_direct_computation(dynamic):
         u = 1.0 / M
         for key, pi, prior, lam in (("wl", pi_l, torch.softmax(state.kl.double(), 1), "logit_weight_factor"),
                                     ("wf", pi_f, torch.softmax(state.cos.double(), 1), "feature_weight_factor")):
-            coef = torch.softmax(getattr(agent, lam).detach().double(), 0) if dynamic else torch.full((3,), 1 / 3).double()
+            coef = (torch.softmax(getattr(agent, lam).detach().double(), 0) if dynamic
+                    else torch.full((3,), 1 / 3).double())
             w = coef[0] * pi + coef[1] * c + coef[2] * prior
             only = (coef[1] * c + coef[2] * prior) / (coef[1] + coef[2])
             all_parts[key].append(torch.stack([(coef[0] * (pi - u)).abs().sum(1),

@@ -55,7 +55,8 @@ def test_disk_full_names_file_and_keeps_previous_checkpoint(tmp_path, capsys, mo
     rc = cli.main(BASE + ["--epochs", "2", "--out-dir", str(out), "--resume"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("mtkd-fast train: error: ") and "checkpoint_last.pt" in err and os.strerror(errno.ENOSPC) in err and "unchanged" in err
+    assert (err.startswith("mtkd-fast train: error: ") and "checkpoint_last.pt" in err
+            and os.strerror(errno.ENOSPC) in err and "unchanged" in err)
     assert (out / "checkpoint_last.pt").read_bytes() == before
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")] and not (out / LOCK_NAME).exists()
 
