@@ -74,7 +74,8 @@ def authors_step(
     loss_div = 0.0
     loss_kd = 0.0
     for m in range(M):
-        loss_div = loss_div + (logit_weights[:, m] * _kl_per_sample(student_logits, teacher_logits[m], temperature)).mean()
+        loss_div = loss_div + (logit_weights[:, m] * _kl_per_sample(student_logits,
+                                                                    teacher_logits[m], temperature)).mean()
         mse_m = (student_maps[m] - teacher_maps[m]).pow(2).mean(dim=(1, 2, 3))
         loss_kd = loss_kd + (feature_weights[:, m] * mse_m).mean()
     loss = loss_cls + alpha * loss_div + beta * loss_kd
@@ -82,8 +83,10 @@ def authors_step(
     with torch.no_grad():
         per_sample = F.cross_entropy(student_logits, targets, reduction="none")
         for m in range(M):
-            per_sample = per_sample + alpha * logit_weights[:, m] * _kl_per_sample(student_logits, teacher_logits[m], temperature)
-            per_sample = per_sample + beta * feature_weights[:, m] * (student_maps[m] - teacher_maps[m]).pow(2).mean(dim=(1, 2, 3))
+            per_sample = per_sample + alpha * logit_weights[:, m] * _kl_per_sample(student_logits,
+                                                                                   teacher_logits[m], temperature)
+            per_sample = per_sample + beta * feature_weights[:, m] * (student_maps[m] -
+                                                                      teacher_maps[m]).pow(2).mean(dim=(1, 2, 3))
         r = -per_sample
         reward = ((r - r.mean()) / r.std()).clamp(0.0, 1.0)
     return AuthorsStep(loss, state, (c, gl, gf), reward)

@@ -28,7 +28,7 @@ from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.cache import build_cache, open_teacher_source, storage
 from mtkd_fast.data import build_dataset, build_loader
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig
+from mtkd_fast.train import TrainConfig, Trainer
 
 TEACHERS = ["RegNetY_400MF", "RegNetX_400MF", "resnet32x4", "wrn_28_4"]
 STUDENT = "ShuffleV2"
@@ -209,7 +209,8 @@ def topk_error(K: int, ks, sharpness, T: float = 4.0, B: int = 512) -> list[dict
 # ---- accuracy cost of replaying V views ----------------------------------------------------------------------
 
 def replay_experiment(out: str, views=(1, 2, 4), seeds=(0, 1, 2), per_class: int = 100, epochs: int = 15,
-                      teacher_epochs: int = 15, student: str = "resnet8", teachers=("resnet14", "wrn_16_2")) -> list[dict]:
+                      teacher_epochs: int = 15, student: str = "resnet8",
+                      teachers=("resnet14", "wrn_16_2")) -> list[dict]:
     """MTKD-RL on the bundled data (``per_class`` samples per class, train and test) with teachers pretrained
     here: student top-1 when epoch e replays view e mod V from a cache, against fresh augmentation every epoch
     (live teachers). Same seeds, same everything else; CPU-sized, so small models and few epochs."""

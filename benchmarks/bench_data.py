@@ -68,7 +68,8 @@ def test_image_folder_epoch(benchmark, jpeg_train, backend):
     if backend == "dali" and "torchvision" in _medians:
         speedup = _medians["torchvision"][0] / median
         cpu_ratio = cpu_ms / _medians["torchvision"][1]
-        benchmark.extra_info.update(speedup_vs_torchvision=round(speedup, 3), cpu_ratio_vs_torchvision=round(cpu_ratio, 3))
+        benchmark.extra_info.update(speedup_vs_torchvision=round(speedup, 3),
+                                    cpu_ratio_vs_torchvision=round(cpu_ratio, 3))
         print(f"dali / torchvision: {speedup:.2f}x the speed, {cpu_ratio:.2f}x the CPU time per image")
 
 

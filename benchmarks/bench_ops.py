@@ -19,7 +19,8 @@ The weights come from the state as the agent's action blends them (``reference.a
 plus the confidence, gap and similarity priors of the state); the agent's two-layer network itself is left out,
 as in the authors' baseline, which takes its weights as inputs.
 
-Besides pytest-benchmark's table (or the interleaved run's lines), the module writes benchmarks/results/bench_ops_<N>thread.{json,csv,png} (CPU) or
+Besides pytest-benchmark's table (or the interleaved run's lines), the module writes
+benchmarks/results/bench_ops_<N>thread.{json,csv,png} (CPU) or
 bench_ops_cuda.{json,csv,png}: per shape the median time of each variant, the ratios to the fused step measured in
 the same run, the step's byte floor, and for the fused ops alone the bytes they must move, the bandwidth reached
 and the op's time over the memory floor (bytes / this device's copy bandwidth, measured in the same run).
@@ -36,7 +37,8 @@ import time
 import pytest
 import torch
 
-from mtkd_fast import MTKDLoss, ops, reference as ref
+from mtkd_fast import MTKDLoss, ops
+from mtkd_fast import reference as ref
 from mtkd_fast.train.step import distill_step
 
 try:

@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 
-
 class DataError(ValueError):
     """A file or directory the user handed us cannot be used as it is (corrupt, truncated, in use by another
     process, edited). The command line reports it in one line with exit status 1 (usage mistakes: 2)."""
@@ -61,7 +60,8 @@ def stack_teachers(name: str, teacher_logits, student_logits: Tensor | None = No
                 )
         teachers = torch.stack(list(teacher_logits), 0)
     else:
-        raise TypeError(f"{name}: expected a [M, B, K] tensor or a list of [B, K] tensors, got {type(teacher_logits).__name__}")
+        raise TypeError(f"{name}: expected a [M, B, K] tensor or a list of [B, K] tensors, "
+                        f"got {type(teacher_logits).__name__}")
     if teachers.shape[0] < 2:
         raise ValueError(f"{name}: expected M >= 2 teachers, got M = {teachers.shape[0]}")
     if teachers.dtype not in FLOAT_DTYPES:
@@ -73,7 +73,8 @@ def stack_teachers(name: str, teacher_logits, student_logits: Tensor | None = No
                 f"student_logits {_shape(student_logits)}, got {_shape(teachers)}"
             )
         if teachers.device != student_logits.device:
-            raise ValueError(f"{name}: expected device {student_logits.device} like student_logits, got {teachers.device}")
+            raise ValueError(f"{name}: expected device {student_logits.device} like student_logits, "
+                             f"got {teachers.device}")
     return teachers
 
 
@@ -161,7 +162,8 @@ def check_maps(student_maps: Sequence[Tensor], teacher_maps: Sequence[Tensor]) -
         if f.shape != g.shape:
             raise ValueError(f"teacher_maps[{m}]: expected shape {_shape(g)} like student_maps[{m}], got {_shape(f)}")
         if g.shape[0] != ref.shape[0]:
-            raise ValueError(f"student_maps[{m}]: expected batch size {ref.shape[0]} like student_maps[0], got {g.shape[0]}")
+            raise ValueError(f"student_maps[{m}]: expected batch size {ref.shape[0]} like student_maps[0], "
+                             f"got {g.shape[0]}")
         for nm, t in ((f"student_maps[{m}]", g), (f"teacher_maps[{m}]", f)):
             if t.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"{nm}: expected a floating dtype, got {t.dtype}")

@@ -65,7 +65,8 @@ class MTKDAgent(nn.Module):
             raise ValueError(f"num_teachers: expected M >= 2 teachers, got {num_teachers}")
         if len(input_sizes) != num_teachers or min(input_sizes) < 4:
             raise ValueError(
-                f"input_sizes: expected {num_teachers} per-teacher state widths D_m + K + 3 (each >= 4), got {input_sizes}"
+                f"input_sizes: expected {num_teachers} per-teacher state widths D_m + K + 3 (each >= 4), "
+                f"got {input_sizes}"
             )
         if update not in UPDATES:
             raise ValueError(f"update: expected one of {UPDATES}, got {update!r}")
@@ -89,7 +90,8 @@ class MTKDAgent(nn.Module):
         return sum(self.input_sizes)
 
     def extra_repr(self) -> str:
-        return f"input_sizes={self.input_sizes}, num_teachers={self.num_teachers}, dynamic={self.dynamic}, update={self.update!r}"
+        return (f"input_sizes={self.input_sizes}, num_teachers={self.num_teachers}, "
+                f"dynamic={self.dynamic}, update={self.update!r}")
 
     def policy(self, state: AgentState) -> tuple[Tensor, Tensor]:
         """The agent's own softmax outputs (pi_l, pi_f), each [B, M], before blending with the priors."""

@@ -22,7 +22,8 @@ DEBUG_ENV = "MTKD_FAST_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mtkd-fast", description="Fast multi-teacher knowledge distillation (MTKD-RL).")
+    parser = argparse.ArgumentParser(prog="mtkd-fast",
+                                     description="Fast multi-teacher knowledge distillation (MTKD-RL).")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -131,6 +131,7 @@ def _resolve_device(device: str) -> torch.device:
 def _teacher_recipe(settings: DemoSettings, arch: str, index: int, fingerprint: str) -> dict:
     """Everything a teacher's weights depend on; its sha256 names the teacher's folder."""
     import mtkd_fast
+
     from .train import teacher_config
 
     return {"format": TEACHER_RECIPE_FORMAT, "arch": arch, "seed": 1000 + index, "dataset": "bundled",
@@ -468,7 +469,8 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
              "curves_csv": os.path.join(out_dir, "curves.csv"),
              "accuracy_png": os.path.join(out_dir, "accuracy_curves.png"),
              "weights_png": os.path.join(out_dir, "teacher_weights.png"),
-             "diagnostics_png": os.path.join(out_dir, "agent_diagnostics.png"), "json": os.path.join(out_dir, "demo.json")}
+             "diagnostics_png": os.path.join(out_dir, "agent_diagnostics.png"),
+             "json": os.path.join(out_dir, "demo.json")}
     write_csv_atomic(paths["methods_csv"], method_rows)
     write_csv_atomic(paths["runs_csv"], run_rows)
     write_csv_atomic(paths["teachers_csv"], teacher_rows)

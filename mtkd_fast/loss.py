@@ -12,8 +12,14 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
-from ._validation import (check_finite, check_nonnegative_values, check_scale, check_temperature, check_weights,
-                          stack_teachers)
+from ._validation import (
+    check_finite,
+    check_nonnegative_values,
+    check_scale,
+    check_temperature,
+    check_weights,
+    stack_teachers,
+)
 
 BACKENDS = ("auto", "fused", "reference")
 
@@ -155,7 +161,8 @@ class MTKDLoss(nn.Module):
         kl, tce, sce = logit.kl.detach(), logit.teacher_ce.detach(), logit.student_ce.detach()
         wf = feature_weights if has_maps else None
         if fused:  # one pass; the reward it also returns is the trainer's business (ops.per_sample_loss_and_reward)
-            per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights, mse, wf, self.alpha, self.beta).per_sample_loss
+            per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights,
+                                                         mse, wf, self.alpha, self.beta).per_sample_loss
         else:
             per_sample = reference.per_sample_loss(sce, kl, logit_weights, mse, wf, self.alpha, self.beta)
         if self.check_finite:  # finite inputs can still overflow (e.g. a huge T^2 KL)

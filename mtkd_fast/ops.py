@@ -33,8 +33,17 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from ._validation import check_scale, check_temperature
-from ._validation import FLOAT_DTYPES, check_logits, check_maps, check_targets, check_tensor, check_weights, stack_teachers
+from ._validation import (
+    FLOAT_DTYPES,
+    check_logits,
+    check_maps,
+    check_scale,
+    check_targets,
+    check_temperature,
+    check_tensor,
+    check_weights,
+    stack_teachers,
+)
 from .reference import AgentStats, FeatureKDOutput, LogitKDOutput, _check_stats
 
 __all__ = [
@@ -310,7 +319,8 @@ def _check_embeddings(student_maps, teacher_embeddings, eps: float) -> None:
             if t.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
             if t.device != student_maps[0].device:
-                raise ValueError(f"{name}: expected device {student_maps[0].device} like student_maps[0], got {t.device}")
+                raise ValueError(f"{name}: expected device {student_maps[0].device} like student_maps[0], "
+                                 f"got {t.device}")
     if not eps >= 0:
         raise ValueError(f"eps: expected a non-negative number, got {eps}")
 
@@ -331,15 +341,18 @@ def _teacher_list(name: str, teacher_logits, student_logits: Tensor) -> list[Ten
     if isinstance(teacher_logits, Tensor):
         return list(stack_teachers(name, teacher_logits, student_logits).unbind(0))
     if not isinstance(teacher_logits, (list, tuple)):
-        raise TypeError(f"{name}: expected a [M, B, K] tensor or a list of [B, K] tensors, got {type(teacher_logits).__name__}")
+        raise TypeError(f"{name}: expected a [M, B, K] tensor or a list of [B, K] tensors, "
+                        f"got {type(teacher_logits).__name__}")
     if len(teacher_logits) < 2:
         raise ValueError(f"{name}: expected M >= 2 teachers, got M = {len(teacher_logits)}")
     for m, t in enumerate(teacher_logits):
         check_logits(f"{name}[{m}]", t)
         if t.shape != student_logits.shape:
-            raise ValueError(f"{name}[{m}]: expected shape {tuple(student_logits.shape)} like student_logits, got {tuple(t.shape)}")
+            raise ValueError(f"{name}[{m}]: expected shape {tuple(student_logits.shape)} like student_logits, "
+                             f"got {tuple(t.shape)}")
         if t.device != student_logits.device:
-            raise ValueError(f"{name}[{m}]: expected device {student_logits.device} like student_logits, got {t.device}")
+            raise ValueError(f"{name}[{m}]: expected device {student_logits.device} like student_logits, "
+                             f"got {t.device}")
     return list(teacher_logits)
 
 

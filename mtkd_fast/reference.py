@@ -167,7 +167,8 @@ def agent_stats(
             cos = torch.zeros_like(kl)
         else:
             if len(student_maps) != kl.shape[1]:
-                raise ValueError(f"student_maps: expected {kl.shape[1]} maps (one per teacher), got {len(student_maps)}")
+                raise ValueError(f"student_maps: expected {kl.shape[1]} maps (one per teacher), "
+                                 f"got {len(student_maps)}")
             cos = pooled_cosine([g.detach() for g in student_maps], [e.detach() for e in teacher_embeddings], eps)
     return AgentStats(kl, tce, cos)
 

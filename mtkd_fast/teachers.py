@@ -76,8 +76,8 @@ def resolve_precision(precision: str, device) -> str:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision: 'fp16' is not supported for teachers on a CPU (--teacher-precision); use 'bf16' or "
-                         "'fp32'")
+        raise ValueError("precision: 'fp16' is not supported for teachers on a CPU (--teacher-precision); "
+                         "use 'bf16' or 'fp32'")
     if precision != "auto":
         return precision
     if device.type == "cpu":
@@ -273,7 +273,8 @@ class LiveTeachers(nn.Module):
         if autocast_dtype != "unset":
             legacy = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
             if autocast_dtype not in legacy:
-                raise ValueError(f"autocast_dtype: expected None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
+                raise ValueError("autocast_dtype: expected None, torch.bfloat16 or torch.float16, "
+                                 f"got {autocast_dtype!r}")
             if precision != "auto" and precision != legacy[autocast_dtype]:
                 raise ValueError(f"precision: {precision!r} contradicts autocast_dtype={autocast_dtype}; give one")
             precision = legacy[autocast_dtype]
@@ -303,7 +304,8 @@ class LiveTeachers(nn.Module):
                 t = t.to(memory_format=torch.channels_last)
             runners.append(t.requires_grad_(False).eval())
         # the modules that run; kept out of the module tree so state_dict()/parameters() are the caller's teachers
-        self._runners: list[nn.Module] = runners if (self.fold_bn or self.channels_last or compile) else list(self.teachers)
+        self._runners: list[nn.Module] = (runners if (self.fold_bn or self.channels_last or compile)
+                                          else list(self.teachers))
         self.compile = False
         self.compile_error: str | None = None
         if compile:
@@ -340,9 +342,10 @@ class LiveTeachers(nn.Module):
     def describe(self) -> str:
         """One line for logs: what the engine does."""
         return (f"teachers: {self.num_teachers} live on {self.device}, precision {self.precision_used} "
-                f"({self.precision_reason}), BatchNorm {'folded (' + str(self.folded_bn) + ' layers)' if self.fold_bn else 'unfolded'}, "
+                f"({self.precision_reason}), "
+                f"BatchNorm {'folded (' + str(self.folded_bn) + ' layers)' if self.fold_bn else 'unfolded'}, "
                 f"channels_last {'on' if self.channels_last else 'off'}, compile "
-                f"{'on' if self.compile else ('off' if self.compile_error is None else 'failed: ' + self.compile_error)}"
+                f"{'on' if self.compile else 'off' if self.compile_error is None else 'failed: ' + self.compile_error}"
                 f"{', side CUDA stream' if self.overlap and self.device.type == 'cuda' else ''}")
 
     def info(self) -> dict:
@@ -378,7 +381,8 @@ class LiveTeachers(nn.Module):
                 except Exception as exc:  # noqa: BLE001 - a compile failure shows at the first call
                     if not self.compile:
                         raise
-                    self._compile_fallback(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
+                    self._compile_fallback("torch.compile failed "
+                                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})")
                     return self._run(x, which)
                 out.append((z, feats[-1], feats[-2]))
         return out

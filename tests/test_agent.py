@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from mtkd_fast import reference as ref
-from mtkd_fast.agent import (AgentReplayBuffer, AgentState, MTKDAgent, buffer_storage_nbytes, list_storage_nbytes,
-                             make_state, normalized_reward)
+from mtkd_fast.agent import (
+    AgentReplayBuffer,
+    AgentState,
+    MTKDAgent,
+    buffer_storage_nbytes,
+    list_storage_nbytes,
+    make_state,
+    normalized_reward,
+)
 
 
 def random_state(B=7, M=3, K=11, dims=(5, 9, 6), seed=0, dtype=torch.float64):

@@ -51,7 +51,8 @@ def test_authors_way_matches_mtkd_fast_step_and_agent_update():
     student, teachers, ft, agent = _parts()
     cfg = TrainConfig(student="resnet8", teachers=["resnet14", "resnet8x4"], strategy="mtkd_rl", batch_size=B,
                       device="cpu", progress=False)
-    ours = Trainer(cfg, copy.deepcopy(student), LiveTeachers(teachers, precision="fp32", fold_bn=False), copy.deepcopy(ft), copy.deepcopy(agent))
+    ours = Trainer(cfg, copy.deepcopy(student), LiveTeachers(teachers, precision="fp32", fold_bn=False),
+                   copy.deepcopy(ft), copy.deepcopy(agent))
     theirs = authors_mod.AuthorsMTKDRL(copy.deepcopy(student), teachers, copy.deepcopy(ft), copy.deepcopy(agent))
     batches = _batches(3)
     for epoch in (0, 1):  # warm-up (all-ones weights) then the agent's weights

@@ -9,11 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from mtkd_fast.cache import (CacheCorruptError, CacheMismatchError, build_cache, open_teacher_source, plan_cache,
-                             verify_cache, view_for_epoch)
-from mtkd_fast.cache import storage
+from mtkd_fast.cache import (
+    CacheCorruptError,
+    CacheMismatchError,
+    build_cache,
+    open_teacher_source,
+    plan_cache,
+    storage,
+    verify_cache,
+    view_for_epoch,
+)
 from mtkd_fast.teachers import LiveTeachers
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

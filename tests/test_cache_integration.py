@@ -81,7 +81,7 @@ def test_cli_build_info_verify(tmp_path, capsys):
 
 
 def _run(source, ds, view_of, epochs=3, batch=8):
-    from mtkd_fast.train import Trainer, TrainConfig
+    from mtkd_fast.train import TrainConfig, Trainer
 
     torch.manual_seed(0)
     cfg = TrainConfig(student="resnet8", teachers=TEACHERS, strategy="mtkd_rl", epochs=epochs, batch_size=batch,

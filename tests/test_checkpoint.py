@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
+from test_train_standins import TinyNet, make_batches, make_setup
 
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig
+from mtkd_fast.train import TrainConfig, Trainer
 from mtkd_fast.train.checkpoint import load_checkpoint_file, load_module_state, save_atomic
-from test_train_standins import TinyNet, make_batches, make_setup
 
 DATA = make_batches(12, 6, seed=21)
 

@@ -28,7 +28,8 @@ def test_config_file_and_flag_overrides(tmp_path):
     args = cli.build_parser().parse_args(["train", "--config", str(path), "--epochs", "5", "--dynamic",
                                           "--milestones", "2", "4"])
     cfg = config_from_args(args)
-    assert (cfg.epochs, cfg.lr, cfg.dynamic, cfg.milestones, cfg.teachers) == (5, 0.1, True, [2, 4], ["resnet14", "resnet20"])
+    assert (cfg.epochs, cfg.lr, cfg.dynamic, cfg.milestones, cfg.teachers) == (5, 0.1, True,
+                                                                               [2, 4], ["resnet14", "resnet20"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"studnet": "resnet8"}))
     with pytest.raises(ValueError, match="studnet"):

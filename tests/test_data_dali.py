@@ -306,7 +306,8 @@ def test_train_config_has_a_data_backend_flag():
     from mtkd_fast.train import TrainConfig
 
     assert TrainConfig(strategy="none").data_backend == "auto"
-    cfg = config_from_args(cli.build_parser().parse_args(["train", "--strategy", "none", "--data-backend", "torchvision"]))
+    cfg = config_from_args(cli.build_parser().parse_args(["train", "--strategy", "none",
+                                                          "--data-backend", "torchvision"]))
     assert cfg.data_backend == "torchvision"
     with pytest.raises(ValueError, match="data_backend"):
         TrainConfig(strategy="none", data_backend="nvjpeg")

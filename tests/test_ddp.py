@@ -19,10 +19,11 @@ GLOBAL_BATCH, STEPS = 8, 3
 
 
 def make_trainer(dist_info=None):
+    from test_train_standins import make_setup
+
     from mtkd_fast.agent import MTKDAgent
     from mtkd_fast.teachers import LiveTeachers
-    from mtkd_fast.train import Trainer, TrainConfig
-    from test_train_standins import make_setup
+    from mtkd_fast.train import TrainConfig, Trainer
 
     student, teachers, transfer, sizes = make_setup(seed=30, norm=False)
     student.drop.p = 0.0

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
+from test_train_standins import make_batches, make_setup
 
 from mtkd_fast.agent import AgentState, MTKDAgent
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig
+from mtkd_fast.train import TrainConfig, Trainer
 from mtkd_fast.train.diagnostics import DIAGNOSTICS_CSV, DIAGNOSTICS_PNG, WeightDiagnostics
-from test_train_standins import make_batches, make_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +56,8 @@ def test_accumulated_diagnostics_equal_the_direct_computation(dynamic):
         u = 1.0 / M
         for key, pi, prior, lam in (("wl", pi_l, torch.softmax(state.kl.double(), 1), "logit_weight_factor"),
                                     ("wf", pi_f, torch.softmax(state.cos.double(), 1), "feature_weight_factor")):
-            coef = torch.softmax(getattr(agent, lam).detach().double(), 0) if dynamic else torch.full((3,), 1 / 3).double()
+            coef = (torch.softmax(getattr(agent, lam).detach().double(), 0) if dynamic
+                    else torch.full((3,), 1 / 3).double())
             w = coef[0] * pi + coef[1] * c + coef[2] * prior
             only = (coef[1] * c + coef[2] * prior) / (coef[1] + coef[2])
             all_parts[key].append(torch.stack([(coef[0] * (pi - u)).abs().sum(1),

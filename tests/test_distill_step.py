@@ -4,13 +4,14 @@ trainer's fused path running on kernels only."""
 
 import pytest
 import torch
+from test_train_standins import make_batches, make_setup
 
-from mtkd_fast import ops, reference as ref
+from mtkd_fast import ops
+from mtkd_fast import reference as ref
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig
+from mtkd_fast.train import TrainConfig, Trainer
 from mtkd_fast.train.step import distill_step
-from test_train_standins import make_batches, make_setup
 
 pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
 

@@ -127,7 +127,8 @@ def test_plain_order_is_the_spec(case):
         conv, bn = module.heads[m].transfer[0], module.heads[m].transfer[1]
         y = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], resized) + conv.bias[None, :, None, None]
         mean, var = y.mean(dim=(0, 2, 3), keepdim=True), y.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        expected = torch.relu((y - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None] + bn.bias[None, :, None, None])
+        expected = torch.relu((y - mean) / torch.sqrt(var + bn.eps) * bn.weight[None, :, None, None]
+                              + bn.bias[None, :, None, None])
         torch.testing.assert_close(outs[m], expected, rtol=1e-10, atol=1e-10)
 
 
@@ -225,7 +226,8 @@ CHAIN_CASES = {
 
 
 def _spec_transfer(module: FeatureTransfer, x: torch.Tensor, chained: bool) -> list[torch.Tensor]:
-    """E_m written from docs/method.md section 1 with functional calls (train-mode BN). Chained: the authors' loop, where the
+    """E_m written from docs/method.md section 1 with functional calls (train-mode BN).
+    Chained: the authors' loop, where the
     student map variable is overwritten per teacher, the target is square t_H x t_H, and pool-or-interpolate
     compares the ORIGINAL student height with t_H."""
     s_h = x.shape[2]

@@ -11,8 +11,8 @@ from torch import nn
 
 import mtkd_fast.teachers as T
 from mtkd_fast import models
-from mtkd_fast.teachers import LiveTeachers, fold_batchnorm, resolve_precision
 from mtkd_fast.demo import DemoSettings
+from mtkd_fast.teachers import LiveTeachers, fold_batchnorm, resolve_precision
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

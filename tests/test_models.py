@@ -382,7 +382,8 @@ def _authors_mobilenetv2_layout(num_classes: int) -> dict[str, tuple]:
 
     layout = conv_bn("conv1", 32, 3, 3)
     in_ch = 32
-    for s, (t, c, n) in enumerate([(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]):
+    for s, (t, c, n) in enumerate([(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4),
+                                   (6, 96, 3), (6, 160, 3), (6, 320, 1)]):
         for i in range(n):
             p, hidden = f"blocks.{s}.{i}.conv", in_ch * t
             layout.update({f"{p}.0.weight": (hidden, in_ch, 1, 1), **bn(f"{p}.1", hidden),

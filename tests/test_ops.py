@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import mtkd_fast
-from mtkd_fast import MTKDLoss, ops, reference as ref
+from mtkd_fast import MTKDLoss, ops
+from mtkd_fast import reference as ref
 
 pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
 
@@ -108,7 +109,8 @@ def test_logit_kd_is_stable_for_logits_of_magnitude_1e4(dtype):
     # the statistics are ~1e4 in size: float32 accumulation keeps ~7 digits of them
     tol = 1e-10 if dtype == F64 else 1e-5
     _assert_stats_close(out, exp, rtol=tol, atol=tol)
-    torch.testing.assert_close(grad.to(F64), exp_grad, rtol=GRAD_RTOL.get(dtype, 1e-10), atol=1e-3 if dtype == torch.float16 else 1e-6)
+    torch.testing.assert_close(grad.to(F64), exp_grad, rtol=GRAD_RTOL.get(dtype, 1e-10),
+                               atol=1e-3 if dtype == torch.float16 else 1e-6)
 
 
 def test_logit_kd_zero_weights_leave_the_cross_entropy_only():
@@ -196,8 +198,10 @@ def test_feature_kd_reduced_precision(dtype):
 
 def test_feature_kd_mixed_layouts_and_non_contiguous_maps():
     gs, fs, w = _feature_inputs(4, [(6, 3, 3), (4, 2, 5), (3, 4, 4)], seed=6)
-    gs_mixed = [gs[0].contiguous(memory_format=torch.channels_last), gs[1].transpose(2, 3).contiguous().transpose(2, 3), gs[2]]
-    fs_mixed = [fs[0], fs[1].contiguous(memory_format=torch.channels_last), fs[2][:, :, :, :].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)]
+    gs_mixed = [gs[0].contiguous(memory_format=torch.channels_last),
+                gs[1].transpose(2, 3).contiguous().transpose(2, 3), gs[2]]
+    fs_mixed = [fs[0], fs[1].contiguous(memory_format=torch.channels_last),
+                fs[2][:, :, :, :].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)]
     big = torch.randn(4, 6, 8, 8, dtype=F64)
     gs_mixed.append(big[:, ::2, ::2, 1::2])  # strided slice: neither layout
     fs_mixed.append(torch.randn(4, 3, 4, 4, dtype=F64))
@@ -313,7 +317,8 @@ def test_pooled_cosine_float16_and_tiny_norms():
 def test_per_sample_loss_and_reward_match_reference(B, M, with_features):
     g = _gen(B + M)
     sce, kl = torch.rand(B, generator=g, dtype=F64), 3 * torch.rand(B, M, generator=g, dtype=F64)
-    wl, wf, mse = torch.rand(B, M, generator=g, dtype=F64), torch.rand(B, M, generator=g, dtype=F64), torch.rand(B, M, generator=g, dtype=F64)
+    wl, wf, mse = (torch.rand(B, M, generator=g, dtype=F64), torch.rand(B, M, generator=g, dtype=F64),
+                   torch.rand(B, M, generator=g, dtype=F64))
     if not with_features:
         mse = wf = None
     kl.requires_grad_(True)
@@ -322,7 +327,8 @@ def test_per_sample_loss_and_reward_match_reference(B, M, with_features):
     torch.testing.assert_close(out.per_sample_loss, exp)
     torch.testing.assert_close(out.reward, ref.normalized_reward(exp))
     assert not out.reward.requires_grad
-    torch.testing.assert_close(torch.autograd.grad(out.per_sample_loss.sum(), kl)[0], torch.autograd.grad(exp.sum(), kl)[0])
+    torch.testing.assert_close(torch.autograd.grad(out.per_sample_loss.sum(), kl)[0],
+                               torch.autograd.grad(exp.sum(), kl)[0])
     # equal losses: std 0, reward 0 (not NaN)
     flat = ops.per_sample_loss_and_reward(torch.ones(B, dtype=F64), torch.zeros(B, M, dtype=F64), wl)
     assert bool((flat.reward == 0).all())
@@ -511,8 +517,10 @@ def test_size_one_dimensions_do_not_decide_the_layout():
     # strides of size-1 dimensions never matter (the op used to refuse them when called directly)
     g = torch.Generator().manual_seed(36)
     # channels_last strides as empty_like(..., channels_last) gives them (.contiguous() keeps an NCHW tensor here)
-    gs = [torch.empty_strided((3, 5, 1, 1), (5, 1, 5, 5), dtype=F64).copy_(torch.randn(3, 5, 1, 1, dtype=F64, generator=g)),
-          torch.empty_strided((3, 1, 2, 3), (6, 1, 3, 1), dtype=F64).copy_(torch.randn(3, 1, 2, 3, dtype=F64, generator=g))]
+    gs = [torch.empty_strided((3, 5, 1, 1), (5, 1, 5, 5), dtype=F64)
+              .copy_(torch.randn(3, 5, 1, 1, dtype=F64, generator=g)),
+          torch.empty_strided((3, 1, 2, 3), (6, 1, 3, 1), dtype=F64)
+              .copy_(torch.randn(3, 1, 2, 3, dtype=F64, generator=g))]
     fs = [torch.randn(3, 5, 1, 1, dtype=F64, generator=g), torch.randn(3, 1, 2, 3, dtype=F64, generator=g)]
     assert gs[0].stride() != fs[0].stride() and gs[1].stride() != fs[1].stride()
     w = torch.rand(3, 2, dtype=F64, generator=g)

@@ -7,7 +7,8 @@ Same tolerances as tests/test_ops.py. Written with the CPU tests; run on a machi
 import pytest
 import torch
 
-from mtkd_fast import MTKDLoss, ops, reference as ref
+from mtkd_fast import MTKDLoss, ops
+from mtkd_fast import reference as ref
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or not ops.available("cuda"), reason="needs a GPU and the CUDA kernels"
@@ -124,7 +125,8 @@ def test_feature_kd_and_cosine_cuda_matches_reference(dtype, channels_last):
     w = torch.rand(B, len(shapes), generator=g, dtype=F64)
     acc = F64 if dtype == F64 else torch.float32
     gd = [x.to(DEV).requires_grad_(True) for x in gs]
-    loss, mse, cos = ops.feature_kd_and_cosine(gd, [f.to(DEV) for f in fs], w.to(DEV, acc), 5.0, [e.to(DEV) for e in emb])
+    loss, mse, cos = ops.feature_kd_and_cosine(gd, [f.to(DEV) for f in fs],
+                                               w.to(DEV, acc), 5.0, [e.to(DEV) for e in emb])
     grads = torch.autograd.grad(loss, gd)
     g64 = [x.to(F64).requires_grad_(True) for x in gs]
     exp = ref.mtkd_feature_kd(g64, [f.to(F64) for f in fs], w, 5.0)
@@ -143,7 +145,8 @@ def test_feature_kd_and_cosine_cuda_matches_reference(dtype, channels_last):
 @pytest.mark.parametrize("B", [1, 3, 129, 1000])
 def test_per_sample_loss_and_reward_cuda(B):
     g = _gen(B)
-    sce, kl, wl, mse, wf = (torch.rand(B, generator=g, dtype=F64),) + tuple(torch.rand(B, 3, generator=g, dtype=F64) for _ in range(4))
+    sce, kl, wl, mse, wf = (torch.rand(B, generator=g, dtype=F64),) + tuple(torch.rand(B, 3, generator=g, dtype=F64)
+                                                                            for _ in range(4))
     out = ops.per_sample_loss_and_reward(*(t.to(DEV) for t in (sce, kl, wl, mse, wf)), alpha=0.5, beta=3.0)
     exp = ref.per_sample_loss(sce, kl, wl, mse, wf, 0.5, 3.0)
     torch.testing.assert_close(out.per_sample_loss.cpu(), exp)
@@ -181,18 +184,23 @@ def test_one_kernel_launch_per_op():
 def test_mtkd_loss_cuda_opcheck_and_module():
     zs, zt, y, w = _logits(3, 7, 2, seed=5, dtype=torch.float32)
     z = zs.to(DEV).requires_grad_(True)
-    torch.library.opcheck(torch.ops.mtkd_fast.logit_kd.default, (z, list(zt.to(DEV)), y.to(DEV), w.float().to(DEV), 4.0, 1.0))
-    gs = [torch.randn(3, 4, 2, 2, device=DEV, requires_grad=True), torch.randn(3, 2, 3, 1, device=DEV, requires_grad=True)]
+    torch.library.opcheck(torch.ops.mtkd_fast.logit_kd.default, (z, list(zt.to(DEV)), y.to(DEV),
+                                                                 w.float().to(DEV), 4.0, 1.0))
+    gs = [torch.randn(3, 4, 2, 2, device=DEV, requires_grad=True),
+          torch.randn(3, 2, 3, 1, device=DEV, requires_grad=True)]
     fs = [torch.randn_like(x) for x in gs]
     torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default, (gs, fs, w.float().to(DEV), 5.0))
     emb = [torch.randn(3, 4, device=DEV, requires_grad=True), torch.randn(3, 2, device=DEV, requires_grad=True)]
     torch.library.opcheck(torch.ops.mtkd_fast.pooled_cosine.default, (gs, emb, 1e-8))
-    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default, (gs, fs, w.float().to(DEV), 5.0, [e.detach() for e in emb], 1e-8))
+    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default,
+                          (gs, fs, w.float().to(DEV), 5.0, [e.detach() for e in emb], 1e-8))
     gs_cl = [x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True) for x in gs]
     fs_cl = [x.contiguous(memory_format=torch.channels_last) for x in fs]
-    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default, (gs_cl, fs_cl, w.float().to(DEV), 5.0, [e.detach() for e in emb], 1e-8))
+    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default,
+                          (gs_cl, fs_cl, w.float().to(DEV), 5.0, [e.detach() for e in emb], 1e-8))
     torch.library.opcheck(torch.ops.mtkd_fast.per_sample_loss_reward.default,
-                          (torch.rand(3, device=DEV), torch.rand(3, 2, device=DEV), w.float().to(DEV), None, None, 1.0, 5.0))
+                          (torch.rand(3, device=DEV), torch.rand(3, 2, device=DEV),
+                           w.float().to(DEV), None, None, 1.0, 5.0))
     assert MTKDLoss().resolve_backend(torch.device(DEV)) == "fused"
 
 
@@ -248,9 +256,11 @@ def test_agent_stats_cuda_one_launch_per_tensor_family():
 
 def test_agent_stats_cuda_opcheck():
     zs, zt, y, _ = _logits(3, 7, 2, seed=7, dtype=torch.float32)
-    gs = [torch.randn(3, 4, 2, 2, device=DEV), torch.randn(3, 2, 3, 1, device=DEV).contiguous(memory_format=torch.channels_last)]
+    gs = [torch.randn(3, 4, 2, 2, device=DEV),
+          torch.randn(3, 2, 3, 1, device=DEV).contiguous(memory_format=torch.channels_last)]
     emb = [torch.randn(3, 4, device=DEV), torch.randn(3, 2, device=DEV)]
-    torch.library.opcheck(torch.ops.mtkd_fast.agent_stats.default, (zs.to(DEV), list(zt.to(DEV)), y.to(DEV), gs, emb, 4.0, 1e-8))
+    torch.library.opcheck(torch.ops.mtkd_fast.agent_stats.default,
+                          (zs.to(DEV), list(zt.to(DEV)), y.to(DEV), gs, emb, 4.0, 1e-8))
 
 
 def test_empty_batches_launch_nothing_and_return_empty_results():
@@ -260,7 +270,8 @@ def test_empty_batches_launch_nothing_and_return_empty_results():
     assert op.pooled_cosine(gs, emb, 1e-8).shape == (0, 2)
     grad_maps, grad_emb = op.pooled_cosine_backward(torch.zeros(0, 2, device=DEV), gs, emb, 1e-8)
     assert [t.shape for t in grad_maps] == [g.shape for g in gs]
-    loss, mse, cos, grads = op.feature_kd(gs, [torch.randn_like(x) for x in gs], torch.zeros(0, 2, device=DEV), 5.0, emb, 1e-8)
+    loss, mse, cos, grads = op.feature_kd(gs, [torch.randn_like(x) for x in gs], torch.zeros(0, 2, device=DEV),
+                                          5.0, emb, 1e-8)
     assert float(loss) == 0.0 and mse.shape == cos.shape == (0, 2)
     kl, tce, cos = op.agent_stats(torch.randn(0, 5, device=DEV), [torch.randn(0, 5, device=DEV)] * 2,
                                   torch.zeros(0, dtype=torch.long, device=DEV), gs, emb, 4.0, 1e-8)
@@ -290,8 +301,10 @@ def test_empty_spatial_maps_give_the_same_cosine_cuda():
     op = torch.ops.mtkd_fast
     got = {
         "pooled_cosine": op.pooled_cosine(dg, de, 1e-8),
-        "feature_kd": op.feature_kd(dg, [torch.randn_like(g) for g in dg], torch.rand(2, 2, dtype=F64, device=DEV), 1.0, de, 1e-8)[2],
-        "agent_stats": op.agent_stats(torch.randn(2, 4, dtype=F64, device=DEV), [torch.randn(2, 4, dtype=F64, device=DEV)] * 2,
+        "feature_kd": op.feature_kd(dg, [torch.randn_like(g) for g in dg],
+                                    torch.rand(2, 2, dtype=F64, device=DEV), 1.0, de, 1e-8)[2],
+        "agent_stats": op.agent_stats(torch.randn(2, 4, dtype=F64, device=DEV),
+                                      [torch.randn(2, 4, dtype=F64, device=DEV)] * 2,
                                       torch.zeros(2, dtype=torch.long, device=DEV), dg, de, 4.0, 1e-8)[2],
     }
     for name, cos in got.items():
@@ -322,12 +335,16 @@ def test_feature_kd_cuda_channels_last_small_c_large_maps(dtype):
     # the channels_last walk with the cosine: few channels over many pixels (rows of threads split the pixels)
     B, shapes = 3, [(5, 40, 41), (64, 23, 19), (300, 3, 3)]
     g = _gen(8)
-    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last) for s in shapes]
-    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last) for s in shapes]
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last)
+          for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last)
+          for s in shapes]
     emb = [torch.randn(B, s[0], generator=g, dtype=F64).float() for s in shapes]
     w = torch.rand(B, 3, generator=g, dtype=F64).float()
     loss, mse, cos = ops.feature_kd_and_cosine([x.to(DEV) for x in gs], [f.to(DEV) for f in fs], w.to(DEV), 5.0,
                                                [e.to(DEV) for e in emb])
     g64 = [x.double() for x in gs]
-    torch.testing.assert_close(mse.cpu().double(), ref.feature_mse_per_sample(g64, [f.double() for f in fs]), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(cos.cpu().double(), ref.pooled_cosine(g64, [e.double() for e in emb]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mse.cpu().double(), ref.feature_mse_per_sample(g64, [f.double() for f in fs]),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cos.cpu().double(), ref.pooled_cosine(g64, [e.double() for e in emb]),
+                               rtol=1e-4, atol=1e-5)

@@ -13,11 +13,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_standins import ExactTeachers, TinyNet
 
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.models import FeatureTransfer
-from mtkd_fast.train import Trainer, TrainConfig
-from test_train_standins import ExactTeachers, TinyNet
+from mtkd_fast.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -123,7 +123,8 @@ def _spec_run(student, teachers, transfer, agent, chained, cfg):
             M = len(teachers)
             # section 2
             log_ps = F.log_softmax(z / T, 1)
-            kl = torch.stack([T**2 * (F.softmax(zm / T, 1) * (F.log_softmax(zm / T, 1) - log_ps)).sum(1) for zm in zt], 1)
+            kl = torch.stack([T**2 * (F.softmax(zm / T, 1) * (F.log_softmax(zm / T, 1) - log_ps)).sum(1)
+                              for zm in zt], 1)
             mse = torch.stack([((g - f) ** 2).flatten(1).mean(1) for g, f in zip(G, F_t)], 1)
             tce = torch.stack([F.cross_entropy(zm, y, reduction="none") for zm in zt], 1)
             cos = torch.stack([F.cosine_similarity(g.detach().mean((2, 3)), e, dim=1) for g, e in zip(G, emb)], 1)

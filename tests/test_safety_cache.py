@@ -8,12 +8,12 @@ import socket
 import subprocess
 
 import pytest
+from safety_cli import run
 
 from mtkd_fast import cli
 from mtkd_fast._lock import LOCK_NAME, DirLock
 from mtkd_fast._validation import DataError
 from mtkd_fast.cache import CacheCorruptError, open_teacher_source, read_manifest
-from safety_cli import run
 
 BUILD = ["--teachers", "resnet8", "resnet8", "--limit-per-class", "1", "--chunk-size", "4", "--batch-size", "8",
          "--no-progress", "--device", "cpu", "--random-teachers"]

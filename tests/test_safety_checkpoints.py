@@ -6,13 +6,13 @@ import os
 
 import pytest
 import torch
+from safety_cli import TINY, Marker, one_line_error, run
 
 from mtkd_fast import cli
 from mtkd_fast._io import load_torch_file
 from mtkd_fast._validation import DataError
 from mtkd_fast.models import create_model
 from mtkd_fast.train.checkpoint import load_checkpoint_file, rng_state, set_rng_state
-from safety_cli import TINY, Marker, one_line_error, run
 
 
 def _evil(path, marker):

@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from safety_cli import ROOT, TINY, command, run
 
 from mtkd_fast import _io, cli
 from mtkd_fast._lock import LOCK_NAME
 from mtkd_fast._validation import DataError
-from safety_cli import ROOT, TINY, command, run
 
 BASE = ["train", "--student", "resnet8", "--strategy", "none"] + TINY
 
@@ -55,7 +55,8 @@ def test_disk_full_names_file_and_keeps_previous_checkpoint(tmp_path, capsys, mo
     rc = cli.main(BASE + ["--epochs", "2", "--out-dir", str(out), "--resume"])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith("mtkd-fast train: error: ") and "checkpoint_last.pt" in err and os.strerror(errno.ENOSPC) in err and "unchanged" in err
+    assert (err.startswith("mtkd-fast train: error: ") and "checkpoint_last.pt" in err
+            and os.strerror(errno.ENOSPC) in err and "unchanged" in err)
     assert (out / "checkpoint_last.pt").read_bytes() == before
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")] and not (out / LOCK_NAME).exists()
 

@@ -8,10 +8,10 @@ import subprocess
 import time
 
 import torch
+from safety_cli import TINY
 
 from mtkd_fast import cli
 from mtkd_fast._lock import LOCK_NAME
-from safety_cli import TINY
 
 BASE = ["train", "--student", "resnet8", "--strategy", "none", "--epochs", "1"] + TINY
 

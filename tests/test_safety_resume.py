@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from safety_cli import TINY
 
 from mtkd_fast import cli
 from mtkd_fast.models import create_model
-from safety_cli import TINY
 
 
 @pytest.fixture(scope="module")

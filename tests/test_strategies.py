@@ -6,13 +6,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_standins import make_batches, make_setup
 
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import (Trainer, TrainConfig, aekd_weights, aver_weights, camkd_feature_weights, camkd_weights,
-                             ebkd_weights, make_strategy, train)
+from mtkd_fast.train import (
+    TrainConfig,
+    Trainer,
+    aekd_weights,
+    aver_weights,
+    camkd_feature_weights,
+    camkd_weights,
+    ebkd_weights,
+    make_strategy,
+    train,
+)
 from mtkd_fast.train.strategies import min_norm_simplex
-from test_train_standins import make_batches, make_setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

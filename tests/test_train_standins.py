@@ -40,7 +40,9 @@ class TinyTransfer(nn.Module):
         self.sizes = [tuple(s[1:]) for s in teacher_shapes]
         self.student_hw = tuple(student_shape[1:])
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(student_shape[0], s[0], 1), nn.BatchNorm2d(s[0]) if norm else nn.Identity(), nn.ReLU()) for s in teacher_shapes
+            nn.Sequential(nn.Conv2d(student_shape[0], s[0], 1), nn.BatchNorm2d(s[0]) if norm else nn.Identity(),
+                          nn.ReLU())
+            for s in teacher_shapes
         )
 
     def forward(self, x):

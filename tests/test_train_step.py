@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_standins import ExactTeachers, make_batches, make_setup
 
 from mtkd_fast import reference as ref
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.teachers import LiveTeachers
-from mtkd_fast.train import Trainer, TrainConfig, feature_kl_per_sample
-from test_train_standins import ExactTeachers, make_batches, make_setup
+from mtkd_fast.train import TrainConfig, Trainer, feature_kl_per_sample
 
 
 def config(**kw):
@@ -21,7 +21,8 @@ def config(**kw):
 
 
 def sgd(params, cfg):
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
 
 
 def assert_modules_close(a, b, **tol):
@@ -46,7 +47,8 @@ def test_mtkd_rl_step_and_agent_update_match_spec(feature_kd, dynamic):
     trainer.update_agent()
 
     # ---- the hand-written step (docs/method.md sections 1-7)
-    s2.train(); ft2.train()
+    s2.train()
+    ft2.train()
     feats, z = s2(x, is_feat=True)
     G = ft2(feats[-2])
     with torch.no_grad():
@@ -169,7 +171,8 @@ def test_feature_kl_matches_kl_div():
         torch.testing.assert_close(got[:, m], exp)
 
 
-@pytest.mark.parametrize("opts", [dict(amp="bf16"), dict(amp="fp16"), dict(channels_last=True), dict(agent_buffer_dtype="bfloat16"),
+@pytest.mark.parametrize("opts", [dict(amp="bf16"), dict(amp="fp16"), dict(channels_last=True),
+                                  dict(agent_buffer_dtype="bfloat16"),
                                   dict(agent_update="policy_gradient")])
 def test_step_options_run(opts):
     student, teachers, transfer, sizes = make_setup(seed=14)

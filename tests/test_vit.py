@@ -51,7 +51,8 @@ def test_registered_transformers_are_torchvisions_definitions(name):
         feats, logits = ours.eval()(torch.empty(2, 3, 224, 224), is_feat=True)
     a, b = ours.state_dict(), theirs.state_dict()
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
-    width = {"ti": 192, "b": 768, "l": 1024}[name.split("_")[2]] if "vit" in name else (1024 if name.endswith("_b") else 768)
+    width = ({"ti": 192, "b": 768, "l": 1024}[name.split("_")[2]] if "vit" in name
+             else (1024 if name.endswith("_b") else 768))
     grid = 224 // int(name.rsplit("_", 1)[1]) if "vit" in name else 7
     assert logits.shape == (2, 1000)
     assert tuple(feats[-2].shape) == (2, width, grid, grid)

@@ -23,7 +23,8 @@ def main():
     ap.add_argument("--build-dir", default=os.path.join(ROOT, "build-cmake"))
     args = ap.parse_args()
     build = os.path.join(args.build_dir, f"cuda-{args.cuda}")
-    gen = ["-G", "Ninja"] if shutil.which("ninja") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "ninja")) else []
+    gen = (["-G", "Ninja"] if shutil.which("ninja")
+           or os.path.exists(os.path.join(os.path.dirname(sys.executable), "ninja")) else [])
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     # torch's CMake config detects GPUs to pick archs and fails with none: name them (setup.py's default).
     env.setdefault("TORCH_CUDA_ARCH_LIST", "8.9;9.0+PTX")

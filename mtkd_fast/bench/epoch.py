@@ -303,7 +303,6 @@ def build_cache_for(spec: BenchSpec, ds, teachers, cache_dir: str, engine: bool 
     """Build the teacher cache over the benchmark's samples (one view); returns the seconds it took. ``engine``:
     the teachers run with the settings the configuration asks for; otherwise float32 eager, BatchNorm unfolded."""
     from ..cache import build_cache
-
     from ..teachers import LiveTeachers
 
     opts = dict(teacher_precision=spec.teacher_precision, fold_bn=spec.fold_bn, teacher_compile=spec.teacher_compile)
@@ -414,7 +413,8 @@ def run_epoch_bench(spec: BenchSpec) -> dict:
                        else {"peak_rss_bytes": float("nan"), "peak_device_bytes": float("nan")})
                 med = statistics.median(times[c])
                 rows.append({"setting": spec.setting, "student": student_name, "config": c,
-                             "label": CONFIG_LABELS[c], "teacher_precision": teacher_precision[c], "steps": spec.steps, "batch_size": spec.batch_size,
+                             "label": CONFIG_LABELS[c], "teacher_precision": teacher_precision[c],
+                             "steps": spec.steps, "batch_size": spec.batch_size,
                              "images": images, "repetitions": spec.repetitions, "median_s": med,
                              "min_s": min(times[c]), "max_s": max(times[c]), "images_per_s": images / med,
                              "peak_rss_mib": mem["peak_rss_bytes"] / 2**20,
@@ -426,7 +426,8 @@ def run_epoch_bench(spec: BenchSpec) -> dict:
     meta = machine_info(device)
     meta.update(load_before=" ".join(f"{x:.2f}" for x in load_before),
                 load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
-                cache_build_s=cache_build_s, cache_build_fp32_s=cache_build_fp32_s, cache_samples=len(ds), memory_steps=spec.memory_steps,
+                cache_build_s=cache_build_s, cache_build_fp32_s=cache_build_fp32_s, cache_samples=len(ds),
+                memory_steps=spec.memory_steps,
                 teachers=" ".join(spec.teachers), amp=spec.amp or "none", channels_last=spec.channels_last,
                 teacher_precision=spec.teacher_precision, fold_bn=spec.fold_bn, teacher_compile=spec.teacher_compile)
     return {"rows": rows, "meta": meta, "targets": check_targets(rows, device)}

@@ -10,7 +10,8 @@ import math
 from .._io import write_bytes_atomic
 from .epoch import memory_key
 
-_COLUMNS = ("setting", "student", "config", "label", "teacher_precision", "steps", "batch_size", "images", "repetitions", "median_s",
+_COLUMNS = ("setting", "student", "config", "label", "teacher_precision", "steps", "batch_size",
+            "images", "repetitions", "median_s",
             "min_s", "max_s", "images_per_s", "time_x_student_only", "time_x_aver", "peak_rss_mib", "peak_device_mib",
             "mem_x_student_only", "mem_x_aver", "times_s")
 
@@ -25,12 +26,13 @@ def format_table(result: dict) -> str:
     mkey = memory_key(meta["device"])
     mem_name = "peak GPU MiB" if mkey == "peak_device_mib" else "peak RSS MiB"
     steps = rows[0]["steps"] if rows else 0
-    head = ["student", "configuration", "teachers ran in", f"s / {steps} steps", "images/s", "x student-only", "x AVER", mem_name,
-            "mem x AVER"]
+    head = ["student", "configuration", "teachers ran in", f"s / {steps} steps", "images/s", "x student-only", "x AVER",
+            mem_name, "mem x AVER"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["student"], r["label"], r.get("teacher_precision", "-"), _fmt(r["median_s"], ".2f"), _fmt(r["images_per_s"], ".1f"),
+            r["student"], r["label"], r.get("teacher_precision", "-"), _fmt(r["median_s"], ".2f"),
+            _fmt(r["images_per_s"], ".1f"),
             _fmt(r["time_x_student_only"]), _fmt(r["time_x_aver"]), _fmt(r[mkey], ".0f"), _fmt(r["mem_x_aver"]),
         ]) + " |")
     out = "\n".join(lines)

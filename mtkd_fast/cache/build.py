@@ -20,12 +20,24 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..teachers import LiveTeachers
-from . import storage
 from .._io import clean_temp_files, write_json_atomic
 from .._lock import DirLock
-from .manifest import (DIGEST_KEY, FORMAT, LAYOUT, MANIFEST, VERSION, CacheMismatchError, dataset_identity,
-                       first_difference, manifest_digest, read_manifest, teacher_identity, unwrap_teachers)
+from ..teachers import LiveTeachers
+from . import storage
+from .manifest import (
+    DIGEST_KEY,
+    FORMAT,
+    LAYOUT,
+    MANIFEST,
+    VERSION,
+    CacheMismatchError,
+    dataset_identity,
+    first_difference,
+    manifest_digest,
+    read_manifest,
+    teacher_identity,
+    unwrap_teachers,
+)
 from .storage import FIELDS
 
 CHUNKS_DIR = "chunks"

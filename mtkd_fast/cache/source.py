@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..teachers import TeacherOutputs
 from . import storage
-from .manifest import (CacheCorruptError, CacheMismatchError, dataset_identity, read_manifest, require_match,
-                       unwrap_teachers, weights_sha256)
+from .manifest import (
+    CacheCorruptError,
+    CacheMismatchError,
+    dataset_identity,
+    read_manifest,
+    require_match,
+    unwrap_teachers,
+    weights_sha256,
+)
 
 VERIFY_MODES = ("lazy", "full", "none")
 
@@ -240,7 +248,8 @@ class _LiveFields:
         self.embeddings, self.feature_maps = embeddings, feature_maps
 
 
-def open_teacher_source(path: str, teachers=None, device="cpu", *, dataset=None, verify: str = "lazy") -> CachedTeachers:
+def open_teacher_source(path: str, teachers=None, device="cpu",
+                        *, dataset=None, verify: str = "lazy") -> CachedTeachers:
     """Open the teacher-output cache at ``path`` as a TeacherSource (see :class:`CachedTeachers`).
 
     Pass ``teachers`` to check the cache was made with them (and to compute any field the cache left out) and

@@ -52,8 +52,8 @@ def register(sub):
 def run_epoch(args):
     import torch
 
-    from ..bench import BenchSpec, format_table, plot, run_epoch_bench, write_csv
     from .._io import write_bytes_atomic
+    from ..bench import BenchSpec, format_table, plot, run_epoch_bench, write_csv
 
     if args.threads is not None:
         if args.threads < 1:

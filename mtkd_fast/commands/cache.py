@@ -158,7 +158,8 @@ def run_info(args):
         return 0
     d = m["dataset"]
     print(f"teacher cache {args.path}")
-    print(f"  dataset: {d['name']}, {d['num_samples']} samples, seed {d['seed']}, fingerprint {str(d['fingerprint'])[:16]}")
+    print(f"  dataset: {d['name']}, {d['num_samples']} samples, seed {d['seed']}, "
+          f"fingerprint {str(d['fingerprint'])[:16]}")
     print(f"  recipe: {json.dumps(d['recipe'])}")
     sched = m["view_schedule"]
     print(f"  views: V={m['views']} ({sched['kind']}{'' if sched['seed'] is None else ', seed %d' % sched['seed']})")

@@ -8,7 +8,8 @@ import os
 
 def register(sub):
     p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5 accuracy)")
-    p.add_argument("--model", required=True, help="model name, e.g. resnet8x4 (see `mtkd-fast train-teacher --model list`)")
+    p.add_argument("--model", required=True,
+                   help="model name, e.g. resnet8x4 (see `mtkd-fast train-teacher --model list`)")
     p.add_argument("--checkpoint", required=True,
                    help="{'model': state_dict} file (teacher/student weights) or a training checkpoint_*.pt")
     p.add_argument("--dataset", default="bundled", help="bundled | cifar100 | imagefolder (default bundled)")

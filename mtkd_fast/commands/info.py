@@ -12,7 +12,6 @@ def run(args):
     import torch
 
     import mtkd_fast
-
     from mtkd_fast.teachers import cpu_has_fast_bf16, resolve_precision
 
     info = mtkd_fast.build_info()

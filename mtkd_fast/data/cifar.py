@@ -43,5 +43,6 @@ def load_arrays(split: str, root):
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise ValueError(f"{path}: expected data [N, 3072] and N fine labels, got {data.shape} and {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
-        raise ValueError(f"{path}: expected fine labels in [0, {len(names) - 1}], found [{labels.min()}, {labels.max()}]")
+        raise ValueError(f"{path}: expected fine labels in [0, {len(names) - 1}], "
+                         f"found [{labels.min()}, {labels.max()}]")
     return data.reshape(-1, 3, 32, 32), labels, names

@@ -67,7 +67,8 @@ def load_arrays(split: str, root=None):
     bundled = load_bundled()
     mean, std = bundled["mean"], bundled["std"]
     if root is None:
-        return bundled[f"{split}_images"][:, None], bundled[f"{split}_labels"], mean, std, f"bundled:{BUNDLED_PATH.name}"
+        return (bundled[f"{split}_images"][:, None], bundled[f"{split}_labels"], mean, std,
+                f"bundled:{BUNDLED_PATH.name}")
     root = Path(os.path.expanduser(str(root)))
     if not root.is_dir():
         raise FileNotFoundError(f"root: Fashion-MNIST folder {root} does not exist")

@@ -21,13 +21,12 @@ import os
 
 from torch import nn
 
-from . import imagenet
-from . import vit
+from . import imagenet, vit
+from .backbone import backbone
 from .cifar import BUILDERS as _CIFAR_BUILDERS
 from .heads import classifier_head
 from .loading import load_checkpoint
 from .transfer import FeatureTransfer
-from .backbone import backbone
 
 __all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer", "classifier_head", "backbone"]
 

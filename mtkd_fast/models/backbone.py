@@ -23,12 +23,11 @@ import os
 from collections.abc import Mapping
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from . import imagenet
 from .._io import load_torch_file
+from . import imagenet
 from .loading import _extract_state_dict
 
 TASKS = ("detection", "instance_segmentation", "segmentation")
@@ -59,7 +58,8 @@ def load_trunk(resnet: nn.Module, state: Mapping[str, Tensor], source: str = "we
         if tuple(state[key].shape) != tuple(ref.shape):
             raise ValueError(f"{source}: key '{key}' has shape {tuple(state[key].shape)}, this ResNet expects "
                              f"{tuple(ref.shape)}")
-    extra = [k for k in state if k not in expected and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    extra = [k for k in state if k not in expected
+             and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
     if extra:
         raise ValueError(f"{source}: unexpected key '{extra[0]}' ({len(extra)} unexpected in all); is it a "
                          f"checkpoint of another architecture?")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
 
 
@@ -50,7 +49,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, trusted: bool = F
     arch = type(model).__name__
     for key, ref in expected.items():
         if key not in state:
-            raise ValueError(f"{path}: checkpoint does not match {arch}: missing key '{key}' (shape {tuple(ref.shape)})")
+            raise ValueError(f"{path}: checkpoint does not match {arch}: missing key '{key}' "
+                             f"(shape {tuple(ref.shape)})")
         if tuple(state[key].shape) != tuple(ref.shape):
             raise ValueError(
                 f"{path}: checkpoint does not match {arch}: key '{key}' has shape {tuple(state[key].shape)}, "

@@ -127,7 +127,8 @@ class FeatureTransfer(nn.Module):
                 # not persistent: derived from the shapes, so it stays out of the state_dict
                 self.register_buffer(matrix_name, _resize_matrix((h_s, w_s), (h, w), pool), persistent=False)
             channels = tuple(self.teacher_shapes[m][0] for m in members)
-            self._groups.append(_ResolutionGroup((h, w), tuple(members), channels, pool, conv_first, same_size, matrix_name))
+            self._groups.append(_ResolutionGroup((h, w), tuple(members), channels,
+                                                 pool, conv_first, same_size, matrix_name))
         # the authors' chain: runs of consecutive teachers of one size share the chain's output at that point
         self._chain: list[tuple[tuple[int, int], bool, tuple[int, ...], tuple[int, ...]]] = []
         if chained_resize:

@@ -11,7 +11,8 @@ from torch import nn
 from .._io import load_torch_file, save_atomic, write_bytes_atomic  # re-exported: the trainer's checkpoint API
 from .._validation import DataError
 
-__all__ = ["save_atomic", "write_bytes_atomic", "load_checkpoint_file", "rng_state", "set_rng_state", "load_module_state"]
+__all__ = ["save_atomic", "write_bytes_atomic", "load_checkpoint_file",
+           "rng_state", "set_rng_state", "load_module_state"]
 
 
 TRAINING_KEYS = ("student", "optimizer", "scheduler", "epoch", "rng")

@@ -118,7 +118,8 @@ class TrainConfig:
     amp: Optional[str] = None  # None | "bf16" | "fp16"
     channels_last: bool = False
     compile: bool = False
-    teacher_precision: str = "auto"  # live teachers' compute precision: auto | fp32 | bf16 | fp16 (docs/training.md "Teacher precision")
+    # live teachers' compute precision: auto | fp32 | bf16 | fp16 (docs/training.md "Teacher precision")
+    teacher_precision: str = "auto"
     teacher_compile: bool = False  # torch.compile the live teachers
     fold_bn: bool = True  # fold the live teachers' BatchNorm into their convolutions (exact up to rounding)
     # output
@@ -180,7 +181,8 @@ class TrainConfig:
         if self.strategy != "none" and not self.teachers and not self.teacher_cache:
             raise ValueError(f"teachers: strategy {self.strategy!r} needs at least 2 teachers (or a teacher_cache)")
         if self.teachers and len(self.teachers) < 2 and self.strategy != "none":
-            raise ValueError(f"teachers: expected at least 2 teachers for multi-teacher distillation, got {self.teachers}")
+            raise ValueError("teachers: expected at least 2 teachers for multi-teacher distillation, "
+                             f"got {self.teachers}")
         return self
 
     # ---- serialisation ----

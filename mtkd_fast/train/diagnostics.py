@@ -167,8 +167,10 @@ def plot_diagnostics(rows: list[dict], num_teachers: int, path: str, names: Opti
         for t in range(num_teachers):
             axes[1].plot(epochs, get(f"diag_corr_{key}_right_t{t}"), style, marker="o", ms=3,
                          color=f"C{t}", label=f"{label}: teacher {t}" + (f" ({names[t]})" if names else ""))
-        axes[2].plot(epochs, get(f"diag_policy_{key}"), style, marker="o", ms=3, color="C0", label=f"{label}: policy part")
-        axes[2].plot(epochs, get(f"diag_prior_{key}"), style, marker="s", ms=3, color="C1", label=f"{label}: prior part")
+        axes[2].plot(epochs, get(f"diag_policy_{key}"), style, marker="o", ms=3,
+                     color="C0", label=f"{label}: policy part")
+        axes[2].plot(epochs, get(f"diag_prior_{key}"), style, marker="s", ms=3,
+                     color="C1", label=f"{label}: prior part")
         axes[2].plot(epochs, get(f"diag_shift_{key}"), style, marker="^", ms=3, color="C2",
                      label=f"{label}: L1 from priors-only weights")
     axes[0].set_title("mean weight entropy / log M (1 = uniform)", fontsize=9)

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import clean_temp_files, load_torch_file
+from .._lock import DirLock
 from ..agent import MTKDAgent
 from ..teachers import LiveTeachers
 from . import distributed as D
-from .config import TrainConfig, teacher_config
 from .checkpoint import write_bytes_atomic
+from .config import TrainConfig, teacher_config
 from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
-from .._io import clean_temp_files, load_torch_file
-from .._lock import DirLock
 
 __all__ = ["train", "train_teacher", "live_teacher_precision", "seed_everything", "checkpoint_num_classes", "build_teachers"]
 
@@ -43,7 +43,8 @@ def _data():
     try:
         from .. import data
     except ImportError as exc:
-        raise ImportError(f"mtkd_fast.data is not available ({exc}); the trainer reads its datasets through it") from exc
+        raise ImportError(f"mtkd_fast.data is not available ({exc}); "
+                          "the trainer reads its datasets through it") from exc
     return data
 
 
@@ -183,7 +184,8 @@ def _train(config: TrainConfig) -> dict:
     local_batch = config.batch_size // dist_info.world_size
     _check_model_names(config)
     _check_data_root(config)
-    if config.strategy == "camkd" and (not config.teachers or (config.teacher_cache and not config.teacher_checkpoints)):
+    if config.strategy == "camkd" and (not config.teachers or
+                                       (config.teacher_cache and not config.teacher_checkpoints)):
         raise ValueError("strategy: 'camkd' applies each teacher's classifier to the transformed student features, so "
                          "it needs the teacher models: give teachers (and, with a teacher_cache, their "
                          "teacher_checkpoints)")
@@ -249,7 +251,8 @@ def _train(config: TrainConfig) -> dict:
                                  rank=dist_info.rank, world_size=dist_info.world_size, device=str(device),
                                  backend=config.data_backend)
 
-    val_loader = data.build_loader(val_set, local_batch, shuffle=False, seed=config.seed, num_workers=config.num_workers,
+    val_loader = data.build_loader(val_set, local_batch, shuffle=False, seed=config.seed,
+                                   num_workers=config.num_workers,
                                    rank=dist_info.rank, world_size=dist_info.world_size, device=str(device),
                                    backend=config.data_backend)
     try:

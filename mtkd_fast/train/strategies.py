@@ -142,7 +142,8 @@ def min_norm_simplex(gram: Tensor, cap: float = 1.0) -> Tensor:
     return best / best.sum()
 
 
-def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, temperature: float, nu: Optional[float] = None) -> Tensor:
+def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                 nu: Optional[float] = None) -> Tensor:
     """AEKD's per-batch teacher weights as in the CA-MKD code (``svm_norm`` off, its default).
 
     g_m = d KD_m / d z_s with KD_m = T^2 * KL(p^T(z_m) || p^T(z_s)) averaged over the batch, i.e.
@@ -306,5 +307,6 @@ def make_strategy(name: str, agent: Optional[MTKDAgent] = None, warmup_weights: 
         return AdaptiveEnsemble(temperature, aekd_nu)
     simple = {"none": NoDistillation, "aver": Average, "ebkd": EntropyBased}
     if name not in simple:
-        raise ValueError(f"strategy: expected one of {sorted(list(simple) + ['camkd', 'aekd', 'mtkd_rl'])}, got {name!r}")
+        raise ValueError(f"strategy: expected one of {sorted(list(simple) + ['camkd', 'aekd', 'mtkd_rl'])}, "
+                         f"got {name!r}")
     return simple[name]()

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
+from .._validation import DataError
 from ..agent import AgentReplayBuffer, MTKDAgent, normalized_reward
 from ..loss import MTKDLoss
 from . import distributed as D
-from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
-from .._validation import DataError
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
 from .diagnostics import WeightDiagnostics, write_diagnostics
@@ -111,7 +111,8 @@ class Trainer:
         teacher_heads: each teacher's final linear layer (``models.classifier_head``; strategy "camkd" only).
     """
 
-    def __init__(self, config: TrainConfig, student: nn.Module, teachers=None, feature_transfer: Optional[nn.Module] = None,
+    def __init__(self, config: TrainConfig, student: nn.Module, teachers=None,
+                 feature_transfer: Optional[nn.Module] = None,
                  agent: Optional[MTKDAgent] = None, device="cpu", dist_info: Optional[D.DistInfo] = None,
                  teacher_heads: Optional[Sequence[nn.Module]] = None):
         self.config = config
@@ -127,7 +128,8 @@ class Trainer:
         self.teachers = teachers if self.strategy.needs_teachers else None
         self.agent = agent.to(self.device) if (agent is not None and config.strategy == "mtkd_rl") else None
         self.student = student.to(self.device)
-        self.feature_transfer = feature_transfer.to(self.device) if (feature_transfer is not None and self.teachers is not None) else None
+        self.feature_transfer = feature_transfer.to(self.device) if (feature_transfer is not None and
+                                                                     self.teachers is not None) else None
         self.net = StudentWithTransfer(self.student, self.feature_transfer)
         if config.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -425,7 +427,8 @@ class Trainer:
             per_step = (cfg.batch_size // self.dist.world_size) * self.dist.world_size
             # counted in images, so the bar's rate is images/s and its ETA the epoch's remaining time
             bar = tqdm(total=steps * per_step if steps is not None else None, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       unit="img", unit_scale=True, disable=not (cfg.progress and main), dynamic_ncols=True, leave=False)
+                       unit="img", unit_scale=True, disable=not (cfg.progress and main),
+                       dynamic_ncols=True, leave=False)
             t0 = time.perf_counter()
             for i, (images, labels, indices) in enumerate(loader):
                 if steps is not None and i >= steps:
@@ -438,7 +441,8 @@ class Trainer:
             bar.close()
             metrics = self.end_epoch()
             seconds = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, **metrics, "time_s": seconds, "images_per_s": metrics["images"] / max(seconds, 1e-9)}
+            row = {"epoch": epoch + 1, **metrics, "time_s": seconds,
+                   "images_per_s": metrics["images"] / max(seconds, 1e-9)}
             if val_loader is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                 val = evaluate(self.student, val_loader, self.device, cfg.amp, cfg.channels_last)
                 row.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
@@ -532,7 +536,8 @@ def plot_teacher_weights(history: list[dict], num_teachers: int, path: str, name
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
     for ax, key, title in ((axes[0], "wl", "logit KD weight"), (axes[1], "wf", "feature KD weight")):
         for t in range(num_teachers):
-            ax.plot(epochs, [r.get(f"{key}_t{t}", float("nan")) for r in history], marker="o", ms=3, label=f"teacher {t}" + (f" ({names[t]})" if names else ""))
+            ax.plot(epochs, [r.get(f"{key}_t{t}", float("nan")) for r in history],
+                    marker="o", ms=3, label=f"teacher {t}" + (f" ({names[t]})" if names else ""))
         ax.set_title(f"mean {title} per teacher")
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

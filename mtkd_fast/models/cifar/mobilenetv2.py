@@ -56,7 +56,8 @@ class CifarMobileNetV2(FeatureModel):
     """``width_mult`` scales every stage; ``tap_before_conv2`` selects the authors' feats[-2] (see the module)."""
 
     # (expansion, channels, blocks, first stride); expansion of the first stage is always 1
-    SETTING = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    SETTING = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2),
+               (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
     def __init__(self, num_classes: int, width_mult: float = 0.5, expansion: int = 6, tap_before_conv2: bool = False):
         super().__init__()

@@ -52,7 +52,8 @@ class RegNetBlock(nn.Module):
 
 
 class CifarRegNet(FeatureModel):
-    def __init__(self, depths, widths, group_width: int, se_ratio: float, num_classes: int, bottleneck_ratio: float = 1.0):
+    def __init__(self, depths, widths, group_width: int, se_ratio: float, num_classes: int,
+                 bottleneck_ratio: float = 1.0):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -60,7 +61,8 @@ class CifarRegNet(FeatureModel):
         for stage, (depth, width, stride) in enumerate(zip(depths, widths, (1, 1, 2, 2)), start=1):
             blocks = []
             for i in range(depth):
-                blocks.append(RegNetBlock(w_in, width, stride if i == 0 else 1, group_width, bottleneck_ratio, se_ratio))
+                blocks.append(RegNetBlock(w_in, width, stride if i == 0 else 1,
+                                          group_width, bottleneck_ratio, se_ratio))
                 w_in = width
             self.add_module(f"layer{stage}", nn.Sequential(*blocks))
         self.linear = nn.Linear(w_in, num_classes)

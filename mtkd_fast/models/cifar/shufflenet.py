@@ -58,7 +58,8 @@ class ShuffleNetV1(FeatureModel):
             blocks = []
             for i in range(n):
                 # the stride-2 block concatenates its input, so it only produces planes - in_planes channels
-                blocks.append(ShuffleV1Block(in_planes, planes - (in_planes if i == 0 else 0), 2 if i == 0 else 1, groups))
+                blocks.append(ShuffleV1Block(in_planes, planes - (in_planes if i == 0 else 0),
+                                             2 if i == 0 else 1, groups))
                 in_planes = planes
             self.add_module(f"layer{stage}", nn.Sequential(*blocks))
         self.linear = nn.Linear(in_planes, num_classes)
@@ -122,7 +123,8 @@ class ShuffleNetV2(FeatureModel):
         self.bn1 = nn.BatchNorm2d(24)
         in_channels = 24
         for stage, (c, n) in enumerate(zip(out_channels[:3], num_blocks), start=1):
-            self.add_module(f"layer{stage}", nn.Sequential(ShuffleV2Down(in_channels, c), *[ShuffleV2Basic(c) for _ in range(n)]))
+            self.add_module(f"layer{stage}", nn.Sequential(ShuffleV2Down(in_channels, c),
+                                                           *[ShuffleV2Basic(c) for _ in range(n)]))
             in_channels = c
         self.conv2 = nn.Conv2d(in_channels, out_channels[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
