@@ -22,7 +22,8 @@ from .checkpoint import write_bytes_atomic
 from .config import TrainConfig, teacher_config
 from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
 
-__all__ = ["train", "train_teacher", "live_teacher_precision", "seed_everything", "checkpoint_num_classes", "build_teachers"]
+__all__ = ["train", "train_teacher", "live_teacher_precision", "seed_everything", "checkpoint_num_classes",
+           "build_teachers"]
 
 
 def seed_everything(seed: int) -> None:
