@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from test_train_standins import TinyNet, make_batches, make_setup
+from standins import TinyNet, make_batches, make_setup
 
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.teachers import LiveTeachers

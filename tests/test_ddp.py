@@ -19,7 +19,7 @@ GLOBAL_BATCH, STEPS = 8, 3
 
 
 def make_trainer(dist_info=None):
-    from test_train_standins import make_setup
+    from standins import make_setup
 
     from mtkd_fast.agent import MTKDAgent
     from mtkd_fast.teachers import LiveTeachers
@@ -35,7 +35,7 @@ def make_trainer(dist_info=None):
 
 
 def run_steps(trainer, rank=0, world_size=1):
-    from test_train_standins import make_batches
+    from standins import make_batches
 
     local = GLOBAL_BATCH // world_size
     trainer.begin_epoch(1, steps=STEPS)

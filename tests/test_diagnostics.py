@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from test_train_standins import make_batches, make_setup
+from standins import make_batches, make_setup
 
 from mtkd_fast.agent import AgentState, MTKDAgent
 from mtkd_fast.teachers import LiveTeachers

@@ -4,7 +4,7 @@ trainer's fused path running on kernels only."""
 
 import pytest
 import torch
-from test_train_standins import make_batches, make_setup
+from standins import make_batches, make_setup
 
 from mtkd_fast import ops
 from mtkd_fast import reference as ref

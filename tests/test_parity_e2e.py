@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import ExactTeachers, TinyNet
+from standins import ExactTeachers, TinyNet
 
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.models import FeatureTransfer

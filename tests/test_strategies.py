@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import make_batches, make_setup
+from standins import make_batches, make_setup
 
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.teachers import LiveTeachers

@@ -2,28 +2,14 @@
 
 import pytest
 import torch
-from torch import nn
+from standins import TinyNet
 
 from mtkd_fast.teachers import LiveTeachers, TeacherOutputs
 
 
-class TinyNet(nn.Module):
-    def __init__(self, channels, classes=5):
-        super().__init__()
-        self.conv = nn.Conv2d(3, channels, 3, padding=1)
-        self.bn = nn.BatchNorm2d(channels)
-        self.fc = nn.Linear(channels, classes)
-
-    def forward(self, x, is_feat=False):
-        f = torch.relu(self.bn(self.conv(x)))
-        e = f.mean(dim=(2, 3))
-        z = self.fc(e)
-        return ([f, e], z) if is_feat else z
-
-
 def test_live_teachers_outputs_and_frozen_state():
     torch.manual_seed(0)
-    nets = [TinyNet(4), TinyNet(6)]
+    nets = [TinyNet(width=4, stride=1), TinyNet(width=6, stride=1)]
     live = LiveTeachers(nets, precision="fp32", fold_bn=False)
     live.train()  # a trainer calling .train() must not unfreeze the teachers' batch norm
     assert all(not n.training for n in nets)
@@ -45,4 +31,4 @@ def test_live_teachers_outputs_and_frozen_state():
 
 def test_live_teachers_needs_two():
     with pytest.raises(ValueError, match="teachers"):
-        LiveTeachers([TinyNet(4)])
+        LiveTeachers([TinyNet(width=4, stride=1)])

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_standins import ExactTeachers, make_batches, make_setup
+from standins import ExactTeachers, make_batches, make_setup
 
 from mtkd_fast import reference as ref
 from mtkd_fast.agent import MTKDAgent
