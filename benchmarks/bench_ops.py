@@ -10,9 +10,9 @@ function on ``backend="reference"``), at the CIFAR and ImageNet shapes.
     MTKD_BENCH_THREADS=1 .venv/bin/python benchmarks/bench_ops.py   # variants interleaved round by round
 
 Variants: ``fused`` / ``reference`` / ``compiled_reference``: ``distill_step`` on the fused backend, on the
-reference backend, and ``torch.compile`` of the latter; ``authors``: benchmarks/authors_way.py; and, labelled
-apart, ``mtkdloss_cos_in_loss``: ``MTKDLoss(backend="fused")`` given the teacher embeddings, which pools the
-cosine in the loss's own read of the maps -- for users of ``MTKDLoss`` outside MTKD-RL, whose weights do not
+reference backend, and ``torch.compile`` of the latter; ``authors``: ``mtkd_fast.bench.authors.authors_step``;
+and, labelled apart, ``mtkdloss_cos_in_loss``: ``MTKDLoss(backend="fused")`` given the teacher embeddings, which
+pools the cosine in the loss's own read of the maps -- for users of ``MTKDLoss`` outside MTKD-RL, whose weights do not
 depend on the state (MTKD-RL cannot take its state from the weighted loss).
 
 The weights come from the state as the agent's action blends them (``reference.action``: fixed policy outputs
@@ -39,12 +39,8 @@ import torch
 
 from mtkd_fast import MTKDLoss, ops
 from mtkd_fast import reference as ref
+from mtkd_fast.bench.authors import authors_step
 from mtkd_fast.train.step import distill_step
-
-try:
-    from authors_way import authors_step
-except ImportError:  # run from the repository root as a package path
-    from benchmarks.authors_way import authors_step
 
 DEVICE = torch.device(os.environ.get("MTKD_BENCH_DEVICE", "cpu"))
 pytestmark = pytest.mark.skipif(not ops.available(DEVICE), reason=f"no compiled kernels for {DEVICE} (make build)")

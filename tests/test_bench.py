@@ -1,8 +1,9 @@
 """`mtkd-fast bench epoch` and the authors'-way baseline it measures against.
 
-- The baseline is fair only if it does the same maths: the authors'-way step (benchmarks/authors_mtkd_rl.py) must
-  give the loss, teacher weights and reward of mtkd_fast's ``Trainer.train_step`` on the same models and batch,
-  and its agent update the same agent; its loss must also equal ``authors_way.authors_step``'s for the same
+- The baseline is fair only if it does the same maths: the authors'-way step
+  (``mtkd_fast.bench.authors.AuthorsMTKDRL``) must give the loss, teacher weights and reward of mtkd_fast's
+  ``Trainer.train_step`` on the same models and batch,
+  and its agent update the same agent; its loss must also equal ``authors_step``'s for the same
   weights (the phases it shares with that function).
 - A tiny run of the CLI writes the table, CSV, JSON and PNG with finite numbers.
 """
@@ -18,7 +19,7 @@ import torch
 
 from mtkd_fast import models
 from mtkd_fast.agent import MTKDAgent
-from mtkd_fast.bench.epoch import load_authors_module
+from mtkd_fast.bench.authors import AuthorsMTKDRL, authors_step
 from mtkd_fast.cli import main
 from mtkd_fast.teachers import LiveTeachers
 from mtkd_fast.train import TrainConfig, Trainer
@@ -47,13 +48,12 @@ def _batches(n, seed=1):
 
 
 def test_authors_way_matches_mtkd_fast_step_and_agent_update():
-    authors_mod = load_authors_module()
     student, teachers, ft, agent = _parts()
     cfg = TrainConfig(student="resnet8", teachers=["resnet14", "resnet8x4"], strategy="mtkd_rl", batch_size=B,
                       device="cpu", progress=False)
     ours = Trainer(cfg, copy.deepcopy(student), LiveTeachers(teachers, precision="fp32", fold_bn=False),
                    copy.deepcopy(ft), copy.deepcopy(agent))
-    theirs = authors_mod.AuthorsMTKDRL(copy.deepcopy(student), teachers, copy.deepcopy(ft), copy.deepcopy(agent))
+    theirs = AuthorsMTKDRL(copy.deepcopy(student), teachers, copy.deepcopy(ft), copy.deepcopy(agent))
     batches = _batches(3)
     for epoch in (0, 1):  # warm-up (all-ones weights) then the agent's weights
         ours.begin_epoch(epoch, len(batches))
@@ -75,13 +75,10 @@ def test_authors_way_matches_mtkd_fast_step_and_agent_update():
 
 
 def test_authors_way_loss_is_authors_step_loss():
-    """The step's three phases are authors_way.authors_step's: same loss and reward for the same weights."""
-    authors_mod = load_authors_module()
-    from authors_way import authors_step
-
+    """The step's three phases are authors_step's: same loss and reward for the same weights."""
     student, teachers, ft, agent = _parts(seed=3)
     (x, y), = _batches(1, seed=4)
-    run = authors_mod.AuthorsMTKDRL(copy.deepcopy(student), teachers, copy.deepcopy(ft), agent)
+    run = AuthorsMTKDRL(copy.deepcopy(student), teachers, copy.deepcopy(ft), agent)
     run.begin_epoch(1)
     # the same forward as the step's (train-mode BatchNorm uses batch statistics: same outputs)
     s, f = copy.deepcopy(student).train(), copy.deepcopy(ft).train()

@@ -13,7 +13,6 @@ and every configuration does its real work (teacher forwards, losses, agent, opt
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import resource
 import shutil
@@ -184,21 +183,6 @@ def _transfer_and_agent(spec: BenchSpec, student_shape, teacher_shapes, embed_di
     return ft, agent
 
 
-def load_authors_module():
-    """``benchmarks/authors_mtkd_rl.py`` of the source checkout (it is not part of the installed package)."""
-    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
-    path = bench_dir / "authors_mtkd_rl.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"configs: 'mtkd_rl_authors' needs {path} (the benchmarks/ folder of a source "
-                                "checkout); leave that configuration out with --configs")
-    if str(bench_dir) not in sys.path:
-        sys.path.insert(0, str(bench_dir))
-    spec = importlib.util.spec_from_file_location("authors_mtkd_rl", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class Run:
     """One configuration, ready to run epochs: ``epoch(ds, epoch_index)`` trains one pass over ``ds``."""
 
@@ -236,8 +220,9 @@ class Run:
         shapes = _probe(spec, ds, source, student, device)
         ft, agent = _transfer_and_agent(spec, *shapes)
         if name == "mtkd_rl_authors":
-            module = load_authors_module()
-            self.authors = module.AuthorsMTKDRL(student, teachers, ft, agent, device=device)
+            from .authors import AuthorsMTKDRL
+
+            self.authors = AuthorsMTKDRL(student, teachers, ft, agent, device=device)
             self.trainer = None
             return
         cfg = self._config(_STRATEGY[name])

@@ -1,38 +1,102 @@
-"""An MTKD-RL training step the way the authors' code runs it: the baseline of ``mtkd-fast bench epoch``.
+"""The MTKD-RL authors' way of running a training step: the baseline the benchmarks measure mtkd_fast against.
 
-What the authors' training loop does every step, kept here on purpose (mtkd_fast does each differently):
-- the frozen teachers run in float32, one after the other, under ``torch.no_grad`` (not inference mode);
-- the feature transfer resizes the student map and applies conv -> BN -> ReLU teacher by teacher
-  (``FeatureTransfer.forward_plain``, the authors' order);
-- the agent state is built teacher by teacher and the per-teacher KL is computed three times (state, loss,
-  reward), the teacher cross-entropy twice and the feature MSE twice (``authors_way``'s phases);
-- the reward is recomputed after the loss from the same tensors;
-- every step's float32 state, statistics and reward are appended to a Python list that grows until the agent
-  update, which then replays the list mini-batch by mini-batch (reward-weighted BCE toward 1, SGD lr 0.1).
+Two levels, written from docs/method.md sections 2-7:
+- :func:`authors_step`: one step's loss, agent state, priors and reward computed as the authors' code does, a
+  per-teacher Python loop of small PyTorch operations that recomputes each teacher's KL three times (state, loss,
+  reward), each feature MSE and the student cross-entropy twice, and each teacher's cross-entropy twice (state,
+  confidence prior). The agent is not included: its weights are inputs; ``loss`` is differentiable w.r.t. the
+  student logits and maps. ``benchmarks/bench_ops.py`` times it against the fused step.
+- :class:`AuthorsMTKDRL`: a whole training step as their loop runs it (the ``mtkd_rl_authors`` row of
+  ``mtkd-fast bench epoch``): float32 teachers one after the other under ``torch.no_grad``; the feature transfer
+  teacher by teacher (``FeatureTransfer.forward_plain``); the state phase, the agent, then the loss and reward
+  phases of :func:`authors_step`; every step's float32 state, statistics and reward appended to a Python list that
+  grows until the agent update replays it mini-batch by mini-batch (reward-weighted BCE toward 1, SGD lr 0.1).
 
-The agent sits between the state phase and the loss phase, so ``authors_way.authors_step`` (which takes the
-weights as inputs and builds the state itself) cannot be called as one piece here without building the state
-twice; the three phases below are its phases, sharing its ``_kl_per_sample``, with the agent call in between.
-``tests/test_bench.py`` checks that this step's loss equals ``authors_step``'s loss for the same weights and
-``mtkd_fast``'s ``Trainer.train_step`` loss on the same inputs.
+``tests/test_bench.py`` checks that both give the loss, weights, reward and agent update of mtkd_fast's
+``Trainer.train_step`` on the same inputs, so the comparisons are like for like.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:
-    from authors_way import _kl_per_sample
-except ImportError:  # imported as a package path from the repository root
-    from benchmarks.authors_way import _kl_per_sample
+from ..agent import AgentState, MTKDAgent
 
-from mtkd_fast.agent import AgentState, MTKDAgent
+__all__ = ["AuthorsStep", "authors_step", "AuthorsMTKDRL"]
 
-__all__ = ["AuthorsMTKDRL"]
+
+class AuthorsStep(NamedTuple):
+    loss: Tensor  # scalar, differentiable
+    state: Tensor  # [B, sum_m (D_m + K + 3)], detached
+    priors: tuple  # (c, gl, gf), each [B, M]
+    reward: Tensor  # [B], normalised and clamped
+
+
+def _kl_per_sample(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    # the authors' DistillKL with reduction='none', summed over classes
+    log_ps = F.log_softmax(student_logits / temperature, dim=1)
+    pt = F.softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_ps, pt, reduction="none").sum(1) * temperature**2
+
+
+def authors_step(
+    student_logits: Tensor,
+    teacher_logits: Sequence[Tensor],
+    targets: Tensor,
+    student_maps: Sequence[Tensor],
+    teacher_maps: Sequence[Tensor],
+    teacher_embeddings: Sequence[Tensor],
+    logit_weights: Tensor,
+    feature_weights: Tensor,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+    beta: float = 5.0,
+) -> AuthorsStep:
+    """One step the authors' way: state (and priors), loss, reward, teacher by teacher."""
+    M = len(teacher_logits)
+    # 1. agent state, no grad: COS, KL (1st time), TCE (1st time), embedding, logits per teacher
+    with torch.no_grad():
+        parts, cos, kl, tce = [], [], [], []
+        for m in range(M):
+            pooled = F.adaptive_avg_pool2d(student_maps[m], 1).flatten(1)
+            cos_m = F.cosine_similarity(pooled, teacher_embeddings[m], dim=1)
+            kl_m = _kl_per_sample(student_logits, teacher_logits[m], temperature)
+            tce_m = F.cross_entropy(teacher_logits[m], targets, reduction="none")
+            parts += [cos_m[:, None], kl_m[:, None], tce_m[:, None], teacher_embeddings[m], teacher_logits[m]]
+            cos.append(cos_m)
+            kl.append(kl_m)
+            tce.append(tce_m)
+        state = torch.cat(parts, dim=1)
+        # priors of the action: TCE recomputed (2nd time) for the confidence prior
+        tce2 = torch.stack([F.cross_entropy(t, targets, reduction="none") for t in teacher_logits], 1)
+        c = (1.0 - F.softmax(tce2, dim=1)) / (M - 1)
+        gl = F.softmax(torch.stack(kl, 1), dim=1)
+        gf = F.softmax(torch.stack(cos, 1), dim=1)
+    # 2. loss: CE (1st time), KL (2nd time, with grad), feature MSE (1st time)
+    loss_cls = F.cross_entropy(student_logits, targets)
+    loss_div = 0.0
+    loss_kd = 0.0
+    for m in range(M):
+        loss_div = loss_div + (logit_weights[:, m] * _kl_per_sample(student_logits,
+                                                                    teacher_logits[m], temperature)).mean()
+        mse_m = (student_maps[m] - teacher_maps[m]).pow(2).mean(dim=(1, 2, 3))
+        loss_kd = loss_kd + (feature_weights[:, m] * mse_m).mean()
+    loss = loss_cls + alpha * loss_div + beta * loss_kd
+    # 3. reward, no grad: CE (2nd time), KL (3rd time), feature MSE (2nd time)
+    with torch.no_grad():
+        per_sample = F.cross_entropy(student_logits, targets, reduction="none")
+        for m in range(M):
+            per_sample = per_sample + alpha * logit_weights[:, m] * _kl_per_sample(student_logits,
+                                                                                   teacher_logits[m], temperature)
+            per_sample = per_sample + beta * feature_weights[:, m] * (student_maps[m] -
+                                                                      teacher_maps[m]).pow(2).mean(dim=(1, 2, 3))
+        r = -per_sample
+        reward = ((r - r.mean()) / r.std()).clamp(0.0, 1.0)
+    return AuthorsStep(loss, state, (c, gl, gf), reward)
 
 
 class AuthorsMTKDRL:
