@@ -1,7 +1,7 @@
 """Teacher-output cache: one MTKD-RL training step with the cache against live teachers and student-only,
 and the error of the compact encodings (int8 feature maps, top-k logits).
 
-Setting of the cache issue: CPU, B=64, ShuffleV2 student, teachers RegNetY_400MF, RegNetX_400MF, resnet32x4,
+Setting: CPU, B=64, ShuffleV2 student, teachers RegNetY_400MF, RegNetX_400MF, resnet32x4,
 wrn_28_4, 32x32 inputs, 100 classes (random-init teachers: timing does not depend on their weights).
 
 - ``make bench`` (pytest-benchmark) times the three steps (group "cache-step").

@@ -50,7 +50,7 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
 
   // Rows are independent; a chunk of rows shares its scratch buffers. The op is exp-bound (~5 ns a logit),
   // so ~4096 logits a chunk is ~20 us of work, well above a parallel region's cost: the CIFAR shape
-  // (B = 64, K = 100, M = 4) now splits over the threads instead of running on one.
+  // (B = 64, K = 100, M = 4) splits over the threads rather than running on one.
   const int64_t grain = std::max<int64_t>(1, 4096 / (K * (M + 1)));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> ps(K), e(K), teach_sum(K), p1(K);
