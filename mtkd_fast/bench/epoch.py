@@ -435,7 +435,7 @@ def add_ratios(rows: list, device: str) -> None:
 
 
 def check_targets(rows: list, device: str) -> list:
-    """The project's epoch-cost targets, per student: (what, value, met) with met None when a configuration is missing."""
+    """The epoch-cost targets, per student: (what, value, met) with met None when a configuration is missing."""
     mkey = memory_key(device)
     out = []
     for student in dict.fromkeys(r["student"] for r in rows):
