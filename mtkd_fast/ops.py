@@ -27,7 +27,7 @@ autocast and ``torch.library.opcheck``. Without the compiled extension :func:`av
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ from ._validation import (
     check_weights,
     stack_teachers,
 )
-from .reference import AgentStats, FeatureKDOutput, LogitKDOutput, _check_stats
+from .reference import AgentStats, FeatureKDOutput, LogitKDOutput, RewardOutput, _check_stats
 
 __all__ = [
     "available",
@@ -64,13 +64,6 @@ __all__ = [
 OP_NAMES = ("logit_kd", "feature_kd", "pooled_cosine", "pooled_cosine_backward", "per_sample_loss_reward",
             "agent_stats")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-
-
-class RewardOutput(NamedTuple):
-    """Per-sample loss l_i [B] and the normalised, clamped reward r_hat [B] (docs/method.md section 5)."""
-
-    per_sample_loss: Tensor
-    reward: Tensor
 
 
 def available(device) -> bool:
