@@ -142,29 +142,22 @@ class MTKDLoss(nn.Module):
 
         dtypes = (student_logits.dtype, student_maps[0].dtype) if has_maps else (student_logits.dtype,)
         fused = self.resolve_backend(student_logits.device, dtypes) == "fused"
-        impl = _fused_impl() if fused else reference
+        impl = _fused_impl() if fused else reference  # same signatures: one code path for both
         logit = impl.mtkd_logit_kd(student_logits, teachers, targets, logit_weights, self.temperature, self.alpha)
         loss = logit.loss
         mse = cos = None
         if has_maps:
-            maps, t_maps = list(student_maps), list(teacher_maps)
+            # the fused op pools the cosine from the loss's own read of the maps
             embeddings = None if teacher_embeddings is None else list(teacher_embeddings)
-            if fused:  # the cosine comes from the loss's own read of the maps
-                feat_loss, mse, cos = impl.feature_kd_and_cosine(maps, t_maps, feature_weights, self.beta, embeddings)
-            else:
-                feat_loss, mse = reference.mtkd_feature_kd(maps, t_maps, feature_weights, self.beta)
-                if embeddings is not None:
-                    with torch.no_grad():
-                        cos = reference.pooled_cosine([s.detach() for s in maps], embeddings)
+            feat_loss, mse, cos = impl.feature_kd_and_cosine(list(student_maps), list(teacher_maps), feature_weights,
+                                                             self.beta, embeddings)
             loss = loss + feat_loss
             mse = mse.detach()
         kl, tce, sce = logit.kl.detach(), logit.teacher_ce.detach(), logit.student_ce.detach()
         wf = feature_weights if has_maps else None
-        if fused:  # one pass; the reward it also returns is the trainer's business (ops.per_sample_loss_and_reward)
-            per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights,
-                                                         mse, wf, self.alpha, self.beta).per_sample_loss
-        else:
-            per_sample = reference.per_sample_loss(sce, kl, logit_weights, mse, wf, self.alpha, self.beta)
+        # l_i; the reward computed with it is the trainer's business (distill_step)
+        per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights, mse, wf, self.alpha,
+                                                     self.beta).per_sample_loss
         if self.check_finite:  # finite inputs can still overflow (e.g. a huge T^2 KL)
             check_finite("per_sample_loss", per_sample)
         return MTKDLossOutput(loss, kl, tce, sce, mse, cos, per_sample.detach())
@@ -178,8 +171,4 @@ def _fused_impl():
 
 def _fused_available(device: torch.device) -> bool:
     """True when the compiled extension has the fused kernels for ``device``."""
-    try:
-        ops = _fused_impl()
-    except ImportError:
-        return False
-    return ops.available(device)
+    return _fused_impl().available(device)

@@ -27,7 +27,7 @@ autocast and ``torch.library.opcheck``. Without the compiled extension :func:`av
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ from ._validation import (
     check_weights,
     stack_teachers,
 )
-from .reference import AgentStats, FeatureKDOutput, LogitKDOutput, _check_stats
+from .reference import AgentStats, FeatureKDOutput, LogitKDOutput, RewardOutput, _check_stats
 
 __all__ = [
     "available",
@@ -64,13 +64,6 @@ __all__ = [
 OP_NAMES = ("logit_kd", "feature_kd", "pooled_cosine", "pooled_cosine_backward", "per_sample_loss_reward",
             "agent_stats")
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-
-
-class RewardOutput(NamedTuple):
-    """Per-sample loss l_i [B] and the normalised, clamped reward r_hat [B] (docs/method.md section 5)."""
-
-    per_sample_loss: Tensor
-    reward: Tensor
 
 
 def available(device) -> bool:
@@ -403,120 +396,203 @@ def _scaled(saved_grad: Tensor, grad_output: Tensor) -> Tensor:
     return saved_grad * grad_output.to(saved_grad.dtype)
 
 
-def _register() -> None:
-    lib = "mtkd_fast::"
+# Plain module-level functions (as in pytorch/extension-cpp's extension_cpp/ops.py), registered below only when
+# the extension is loaded: without it the mtkd_fast::* ops do not exist. The fakes check the shapes the kernels
+# assume (torch._check), so a wrong shape under torch.compile or on meta tensors fails with a message naming it.
 
-    @torch.library.register_fake(lib + "logit_kd")
-    def _logit_kd_fake(student_logits, teacher_logits, targets, weights, temperature, alpha):
-        B, K = student_logits.shape
-        M = len(teacher_logits)
-        acc = _acc_dtype(student_logits.dtype)
-        stat = dict(dtype=acc, device=student_logits.device)
-        return (
-            torch.empty((), **stat),
-            torch.empty((B, M), **stat),
-            torch.empty((B, M), **stat),
-            torch.empty((B,), **stat),
-            torch.empty((B, K), dtype=student_logits.dtype, device=student_logits.device),
-        )
 
-    # Every setup turns off materialize_grads: autograd would otherwise fill zero gradients for the
-    # non-differentiable outputs (for feature_kd, tensors the size of every student map) on each backward.
+def _check_batch_matrix(name: str, t: Tensor, B, M) -> None:
+    torch._check(t.dim() == 2, lambda: f"{name}: expected shape [B, M] = [{B}, {M}], got {tuple(t.shape)}")
+    torch._check(t.shape[0] == B and t.shape[1] == M,
+                 lambda: f"{name}: expected shape [B, M] = [{B}, {M}], got {tuple(t.shape)}")
 
-    def _logit_kd_setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        ctx.num_teachers = len(inputs[1])
-        ctx.save_for_backward(output[4])
-        ctx.mark_non_differentiable(*output[1:])
 
-    def _logit_kd_backward(ctx, grad_loss, *_unused):
-        if grad_loss is None:
-            return None, [None] * ctx.num_teachers, None, None, None, None
-        (grad_student,) = ctx.saved_tensors
-        # no gradient into the (frozen) teachers; the return mirrors the inputs, the list included
-        return _scaled(grad_student, grad_loss), [None] * ctx.num_teachers, None, None, None, None
+def _check_fake_logits(student_logits: Tensor, teacher_logits, targets: Tensor) -> None:
+    """student [B, K], M >= 1 teachers each [B, K] (the [M, B, K] stack as a list), targets [B]."""
+    torch._check(student_logits.dim() == 2,
+                 lambda: f"student_logits: expected shape [B, K], got {tuple(student_logits.shape)}")
+    B, K = student_logits.shape
+    torch._check(len(teacher_logits) >= 1, lambda: "teacher_logits: expected at least one teacher")
+    for m, t in enumerate(teacher_logits):
+        torch._check(t.dim() == 2 and t.shape[0] == B and t.shape[1] == K,
+                     lambda: f"teacher_logits[{m}]: expected shape [B, K] = [{B}, {K}] like student_logits "
+                             f"(teacher logits are [M, B, K]), got {tuple(t.shape)}")
+    torch._check(targets.dim() == 1 and targets.shape[0] == B,
+                 lambda: f"targets: expected shape [B] = [{B}], got {tuple(targets.shape)}")
 
-    torch.library.register_autograd(lib + "logit_kd", _logit_kd_backward, setup_context=_logit_kd_setup)
 
-    @torch.library.register_fake(lib + "feature_kd")
-    def _feature_kd_fake(student_maps, teacher_maps, weights, beta, teacher_embeddings=None, eps=1e-8):
-        B, M = student_maps[0].shape[0], len(student_maps)
-        stat = dict(dtype=_acc_dtype(student_maps[0].dtype), device=student_maps[0].device)
-        cos = torch.empty((B, M) if teacher_embeddings is not None else (0,), **stat)
-        return torch.empty((), **stat), torch.empty((B, M), **stat), cos, [torch.empty_like(g) for g in student_maps]
+def _check_fake_maps(student_maps, teacher_embeddings, B=None) -> None:
+    """M >= 1 student maps [B, C_m, H_m, W_m] of one batch size and, if given, one [B, C_m] embedding per map."""
+    torch._check(len(student_maps) >= 1, lambda: "student_maps: expected at least one map")
+    B = student_maps[0].shape[0] if B is None else B
+    for m, g in enumerate(student_maps):
+        torch._check(g.dim() == 4, lambda: f"student_maps[{m}]: expected a [B, C, H, W] map, got {tuple(g.shape)}")
+        torch._check(g.shape[0] == B, lambda: f"student_maps[{m}]: expected batch size {B}, got {g.shape[0]}")
+    if teacher_embeddings is None:
+        return
+    torch._check(len(teacher_embeddings) == len(student_maps),
+                 lambda: f"teacher_embeddings: expected one embedding per student map ({len(student_maps)}), "
+                         f"got {len(teacher_embeddings)}")
+    for m, (g, e) in enumerate(zip(student_maps, teacher_embeddings)):
+        torch._check(e.dim() == 2 and e.shape[0] == g.shape[0] and e.shape[1] == g.shape[1],
+                     lambda: f"teacher_embeddings[{m}]: expected shape {tuple(g.shape[:2])} (the pooled map's "
+                             f"[B, C_m]), got {tuple(e.shape)}")
 
-    def _feature_kd_setup(ctx, inputs, output):
-        ctx.set_materialize_grads(False)
-        ctx.num_maps = len(output[3])
-        embeddings = inputs[4] if len(inputs) > 4 else None
-        ctx.no_embedding_grads = None if embeddings is None else [None] * len(embeddings)  # mirrors the input
-        ctx.save_for_backward(*output[3])
-        ctx.mark_non_differentiable(output[1], output[2], *output[3])
 
-    def _feature_kd_backward(ctx, grad_loss, *_unused):
-        if grad_loss is None:
-            return [None] * ctx.num_maps, [None] * ctx.num_maps, None, None, ctx.no_embedding_grads, None
-        grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
-        # no gradient into the teacher maps and embeddings (frozen teachers) or the weights (the agent's)
-        return grads, [None] * len(grads), None, None, ctx.no_embedding_grads, None
+def _logit_kd_fake(student_logits, teacher_logits, targets, weights, temperature, alpha):
+    _check_fake_logits(student_logits, teacher_logits, targets)
+    B, K = student_logits.shape
+    M = len(teacher_logits)
+    _check_batch_matrix("weights", weights, B, M)
+    acc = _acc_dtype(student_logits.dtype)
+    stat = dict(dtype=acc, device=student_logits.device)
+    return (
+        torch.empty((), **stat),
+        torch.empty((B, M), **stat),
+        torch.empty((B, M), **stat),
+        torch.empty((B,), **stat),
+        torch.empty((B, K), dtype=student_logits.dtype, device=student_logits.device),
+    )
 
-    torch.library.register_autograd(lib + "feature_kd", _feature_kd_backward, setup_context=_feature_kd_setup)
 
-    @torch.library.register_fake(lib + "pooled_cosine")
-    def _pooled_cosine_fake(student_maps, teacher_embeddings, eps):
-        g = student_maps[0]
-        return torch.empty((g.shape[0], len(student_maps)), dtype=_acc_dtype(g.dtype), device=g.device)
+# Every setup turns off materialize_grads: autograd would otherwise fill zero gradients for the
+# non-differentiable outputs (for feature_kd, tensors the size of every student map) on each backward.
 
-    @torch.library.register_fake(lib + "pooled_cosine_backward")
-    def _pooled_cosine_backward_fake(grad, student_maps, teacher_embeddings, eps):
-        return [torch.empty_like(g) for g in student_maps], [torch.empty_like(e) for e in teacher_embeddings]
 
-    def _pooled_cosine_setup(ctx, inputs, output):
-        maps, embeddings, eps = inputs
-        ctx.set_materialize_grads(False)
-        ctx.num_maps = len(maps)
-        ctx.eps = eps
-        ctx.save_for_backward(*maps, *embeddings)
+def _logit_kd_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.num_teachers = len(inputs[1])
+    ctx.save_for_backward(output[4])
+    ctx.mark_non_differentiable(*output[1:])
 
-    def _pooled_cosine_backward(ctx, grad):
-        if grad is None:
-            return [None] * ctx.num_maps, [None] * ctx.num_maps, None
-        saved = ctx.saved_tensors
-        maps, embeddings = list(saved[: ctx.num_maps]), list(saved[ctx.num_maps :])
-        grad_maps, grad_embeddings = torch.ops.mtkd_fast.pooled_cosine_backward(grad, maps, embeddings, ctx.eps)
-        return grad_maps, grad_embeddings, None
 
-    torch.library.register_autograd(lib + "pooled_cosine", _pooled_cosine_backward, setup_context=_pooled_cosine_setup)
+def _logit_kd_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return None, [None] * ctx.num_teachers, None, None, None, None
+    (grad_student,) = ctx.saved_tensors
+    # no gradient into the (frozen) teachers; the return mirrors the inputs, the list included
+    return _scaled(grad_student, grad_loss), [None] * ctx.num_teachers, None, None, None, None
 
-    @torch.library.register_fake(lib + "agent_stats")
-    def _agent_stats_fake(student_logits, teacher_logits, targets, student_maps, teacher_embeddings, temperature, eps):
-        B, M = student_logits.shape[0], len(teacher_logits)
-        stat = dict(dtype=_acc_dtype(student_logits.dtype), device=student_logits.device)
-        return torch.empty((B, M), **stat), torch.empty((B, M), **stat), torch.empty((B, M), **stat)
 
-    @torch.library.register_fake(lib + "per_sample_loss_reward")
-    def _reward_fake(student_ce, kl, logit_weights, mse, feature_weights, alpha, beta):
-        return torch.empty_like(student_ce), torch.empty_like(student_ce)
+def _feature_kd_fake(student_maps, teacher_maps, weights, beta, teacher_embeddings=None, eps=1e-8):
+    _check_fake_maps(student_maps, teacher_embeddings)
+    B, M = student_maps[0].shape[0], len(student_maps)
+    torch._check(len(teacher_maps) == M, lambda: f"teacher_maps: expected {M} maps like student_maps, "
+                                                 f"got {len(teacher_maps)}")
+    for m, (g, f) in enumerate(zip(student_maps, teacher_maps)):
+        torch._check(f.dim() == 4 and all(a == b for a, b in zip(f.shape, g.shape)),
+                     lambda: f"teacher_maps[{m}]: expected shape {tuple(g.shape)} like student_maps[{m}], "
+                             f"got {tuple(f.shape)}")
+    _check_batch_matrix("weights", weights, B, M)
+    stat = dict(dtype=_acc_dtype(student_maps[0].dtype), device=student_maps[0].device)
+    cos = torch.empty((B, M) if teacher_embeddings is not None else (0,), **stat)
+    return torch.empty((), **stat), torch.empty((B, M), **stat), cos, [torch.empty_like(g) for g in student_maps]
 
-    def _reward_setup(ctx, inputs, output):
-        _, _, logit_weights, _, feature_weights, alpha, beta = inputs
-        ctx.set_materialize_grads(False)
-        ctx.alpha, ctx.beta = alpha, beta
-        ctx.has_mse = feature_weights is not None
-        ctx.save_for_backward(logit_weights, feature_weights if ctx.has_mse else None)
-        ctx.mark_non_differentiable(output[1])
 
-    def _reward_backward(ctx, grad_loss, _grad_reward):
-        # l is linear in the statistics; the weights receive no gradient (they come from the agent)
-        if grad_loss is None:
-            return None, None, None, None, None, None, None
-        logit_weights, feature_weights = ctx.saved_tensors
-        g = grad_loss.unsqueeze(1)
-        grad_mse = ctx.beta * feature_weights * g if ctx.has_mse else None
-        return grad_loss, ctx.alpha * logit_weights * g, None, grad_mse, None, None, None
+def _feature_kd_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.num_maps = len(output[3])
+    embeddings = inputs[4] if len(inputs) > 4 else None
+    ctx.no_embedding_grads = None if embeddings is None else [None] * len(embeddings)  # mirrors the input
+    ctx.save_for_backward(*output[3])
+    ctx.mark_non_differentiable(output[1], output[2], *output[3])
 
-    torch.library.register_autograd(lib + "per_sample_loss_reward", _reward_backward, setup_context=_reward_setup)
 
+def _feature_kd_backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:
+        return [None] * ctx.num_maps, [None] * ctx.num_maps, None, None, ctx.no_embedding_grads, None
+    grads = [_scaled(g, grad_loss) for g in ctx.saved_tensors]
+    # no gradient into the teacher maps and embeddings (frozen teachers) or the weights (the agent's)
+    return grads, [None] * len(grads), None, None, ctx.no_embedding_grads, None
+
+
+def _pooled_cosine_fake(student_maps, teacher_embeddings, eps):
+    _check_fake_maps(student_maps, teacher_embeddings)
+    g = student_maps[0]
+    return torch.empty((g.shape[0], len(student_maps)), dtype=_acc_dtype(g.dtype), device=g.device)
+
+
+def _pooled_cosine_backward_fake(grad, student_maps, teacher_embeddings, eps):
+    _check_fake_maps(student_maps, teacher_embeddings)
+    _check_batch_matrix("grad", grad, student_maps[0].shape[0], len(student_maps))
+    return [torch.empty_like(g) for g in student_maps], [torch.empty_like(e) for e in teacher_embeddings]
+
+
+def _pooled_cosine_setup(ctx, inputs, output):
+    maps, embeddings, eps = inputs
+    ctx.set_materialize_grads(False)
+    ctx.num_maps = len(maps)
+    ctx.eps = eps
+    ctx.save_for_backward(*maps, *embeddings)
+
+
+def _pooled_cosine_backward(ctx, grad):
+    if grad is None:
+        return [None] * ctx.num_maps, [None] * ctx.num_maps, None
+    saved = ctx.saved_tensors
+    maps, embeddings = list(saved[: ctx.num_maps]), list(saved[ctx.num_maps :])
+    grad_maps, grad_embeddings = torch.ops.mtkd_fast.pooled_cosine_backward(grad, maps, embeddings, ctx.eps)
+    return grad_maps, grad_embeddings, None
+
+
+def _agent_stats_fake(student_logits, teacher_logits, targets, student_maps, teacher_embeddings, temperature, eps):
+    _check_fake_logits(student_logits, teacher_logits, targets)
+    B, M = student_logits.shape[0], len(teacher_logits)
+    if len(student_maps):  # no maps (an empty list): the cosine is 0
+        torch._check(len(student_maps) == M,
+                     lambda: f"student_maps: expected {M} maps (one per teacher), got {len(student_maps)}")
+        _check_fake_maps(student_maps, teacher_embeddings, B)
+    stat = dict(dtype=_acc_dtype(student_logits.dtype), device=student_logits.device)
+    return torch.empty((B, M), **stat), torch.empty((B, M), **stat), torch.empty((B, M), **stat)
+
+
+def _reward_fake(student_ce, kl, logit_weights, mse, feature_weights, alpha, beta):
+    torch._check(kl.dim() == 2, lambda: f"kl: expected shape [B, M], got {tuple(kl.shape)}")
+    B, M = kl.shape
+    torch._check(student_ce.dim() == 1 and student_ce.shape[0] == B,
+                 lambda: f"student_ce: expected shape [B] = [{B}], got {tuple(student_ce.shape)}")
+    _check_batch_matrix("logit_weights", logit_weights, B, M)
+    torch._check((mse is None) == (feature_weights is None),
+                 lambda: "mse, feature_weights: give both (feature distillation) or neither")
+    if mse is not None:
+        _check_batch_matrix("mse", mse, B, M)
+        _check_batch_matrix("feature_weights", feature_weights, B, M)
+    return torch.empty_like(student_ce), torch.empty_like(student_ce)
+
+
+def _reward_setup(ctx, inputs, output):
+    _, _, logit_weights, _, feature_weights, alpha, beta = inputs
+    ctx.set_materialize_grads(False)
+    ctx.alpha, ctx.beta = alpha, beta
+    ctx.has_mse = feature_weights is not None
+    ctx.save_for_backward(logit_weights, feature_weights if ctx.has_mse else None)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _reward_backward(ctx, grad_loss, _grad_reward):
+    # l is linear in the statistics; the weights receive no gradient (they come from the agent)
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
+    logit_weights, feature_weights = ctx.saved_tensors
+    g = grad_loss.unsqueeze(1)
+    grad_mse = ctx.beta * feature_weights * g if ctx.has_mse else None
+    return grad_loss, ctx.alpha * logit_weights * g, None, grad_mse, None, None, None
+
+
+# op -> (fake kernel, (backward, setup_context) or None)
+_REGISTRATIONS = {
+    "logit_kd": (_logit_kd_fake, (_logit_kd_backward, _logit_kd_setup)),
+    "feature_kd": (_feature_kd_fake, (_feature_kd_backward, _feature_kd_setup)),
+    "pooled_cosine": (_pooled_cosine_fake, (_pooled_cosine_backward, _pooled_cosine_setup)),
+    "pooled_cosine_backward": (_pooled_cosine_backward_fake, None),
+    "agent_stats": (_agent_stats_fake, None),
+    "per_sample_loss_reward": (_reward_fake, (_reward_backward, _reward_setup)),
+}
+assert set(_REGISTRATIONS) == set(OP_NAMES)
 
 if _ext.available():
-    _register()
+    for _op, (_fake, _autograd) in _REGISTRATIONS.items():
+        torch.library.register_fake(f"mtkd_fast::{_op}", _fake)
+        if _autograd is not None:
+            torch.library.register_autograd(f"mtkd_fast::{_op}", _autograd[0], setup_context=_autograd[1])
+    del _op, _fake, _autograd

@@ -41,6 +41,7 @@ __all__ = [
     "agent_stats",
     "mtkd_logit_kd",
     "mtkd_feature_kd",
+    "feature_kd_and_cosine",
     "logit_kd_grad",
     "feature_kd_grad",
     "total_loss",
@@ -51,6 +52,8 @@ __all__ = [
     "similarity_prior",
     "action",
     "normalized_reward",
+    "RewardOutput",
+    "per_sample_loss_and_reward",
     "agent_bce_loss",
 ]
 
@@ -69,6 +72,13 @@ class FeatureKDOutput(NamedTuple):
 
     loss: Tensor  # beta * sum_m mean_i(wf_im * MSE_im)
     mse: Tensor  # [B, M]
+
+
+class RewardOutput(NamedTuple):
+    """Per-sample loss l_i [B] and the normalised, clamped reward r_hat [B] (docs/method.md section 5)."""
+
+    per_sample_loss: Tensor
+    reward: Tensor
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +224,27 @@ def mtkd_feature_kd(
     check_weights("weights", weights, B, M, mse.device)
     loss = beta * (weights.detach().to(mse.dtype) * mse).mean(0).sum()
     return FeatureKDOutput(loss, mse)
+
+
+def feature_kd_and_cosine(
+    student_maps: Sequence[Tensor],
+    teacher_maps: Sequence[Tensor],
+    weights: Tensor,
+    beta: float = 5.0,
+    teacher_embeddings: Sequence[Tensor] | None = None,
+    eps: float = 1e-8,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`mtkd_feature_kd` plus COS_{i,m} [B, M] (detached; :func:`pooled_cosine`) for ``teacher_embeddings``.
+
+    Without embeddings the third value is None. The oracle of :func:`mtkd_fast.ops.feature_kd_and_cosine`, with
+    its signature, so :class:`mtkd_fast.MTKDLoss` calls either module the same way.
+    """
+    loss, mse = mtkd_feature_kd(student_maps, teacher_maps, weights, beta)
+    cos = None
+    if teacher_embeddings is not None:
+        with torch.no_grad():
+            cos = pooled_cosine([g.detach() for g in student_maps], [e.detach() for e in teacher_embeddings], eps)
+    return loss, mse, cos
 
 
 def logit_kd_grad(
@@ -403,6 +434,24 @@ def normalized_reward(per_sample: Tensor) -> Tensor:
     ok = (n >= 2) & (std > 0)
     z = (dev / torch.where(ok, std, torch.ones_like(std))).clamp(0.0, 1.0)
     return torch.where(ok & finite, z, zero)
+
+
+def per_sample_loss_and_reward(
+    student_ce: Tensor,
+    kl: Tensor,
+    logit_weights: Tensor,
+    mse: Tensor | None = None,
+    feature_weights: Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 5.0,
+) -> RewardOutput:
+    """:func:`per_sample_loss` and its :func:`normalized_reward` (detached) together.
+
+    The oracle of :func:`mtkd_fast.ops.per_sample_loss_and_reward`, with its signature, so callers pick a module
+    instead of branching.
+    """
+    loss = per_sample_loss(student_ce, kl, logit_weights, mse, feature_weights, alpha, beta)
+    return RewardOutput(loss, normalized_reward(loss))
 
 
 def agent_bce_loss(logit_weights: Tensor, feature_weights: Tensor, reward: Tensor) -> Tensor:

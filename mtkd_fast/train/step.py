@@ -122,12 +122,7 @@ def distill_step(
         feature_stat = fkl.detach()
     sce, kl = logit.student_ce.detach(), logit.kl.detach()
     wf_stat = wf if feature_stat is not None else None
-    reward = None
-    if backend == "fused":  # l_i and r_hat in one pass over the loss ops' statistics
-        per_sample, reward = impl.per_sample_loss_and_reward(sce, kl, wl, feature_stat, wf_stat, alpha, beta)
-    else:
-        per_sample = impl.per_sample_loss(sce, kl, wl, feature_stat, wf_stat, alpha, beta)
-        if with_reward:
-            reward = impl.normalized_reward(per_sample)
+    # fused: l_i and r_hat in one pass over the loss ops' statistics; reference: per_sample_loss, normalized_reward
+    per_sample, reward = impl.per_sample_loss_and_reward(sce, kl, wl, feature_stat, wf_stat, alpha, beta)
     return DistillStep(loss, per_sample.detach(), reward if with_reward else None, wl, wf, actions, state, sce, kl,
                        feature_stat)
