@@ -523,9 +523,19 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+OPCHECK_IDS = [
+    "logit_kd", "feature_kd", "feature_kd-channels_last", "feature_kd-embeddings",
+    "feature_kd-channels_last-embeddings",
+    "pooled_cosine", "pooled_cosine_backward-channels_last", "per_sample_loss_reward-features",
+    "per_sample_loss_reward-logits_only", "agent_stats", "agent_stats-channels_last-T3", "agent_stats-no_maps",
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(i, id=name) for i, name in enumerate(OPCHECK_IDS)])
 def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
+    cases = _opcheck_cases()
+    assert len(cases) == len(OPCHECK_IDS)
+    op, args = cases[case]
     torch.library.opcheck(op, args)
 
 
