@@ -68,14 +68,15 @@ stage() {
   return 0
 }
 
-CUDA_TESTS=$(grep -l "cuda.is_available" tests/test_*.py | grep -v "tests/test_data_" | tr '\n' ' ')
+# tests/test_ops.py takes its CUDA skip from tests/op_samples.py: its cases on the GPU are the ones with id [cuda]
+CUDA_TESTS=$(grep -lE "cuda.is_available|from op_samples import" tests/test_*.py | grep -v "tests/test_data_" | tr '\n' ' ')
 
 stage build 200 bash -c "$PY setup.py -q build_ext --inplace && $PY -c 'import json, mtkd_fast; i = mtkd_fast.build_info(); print(json.dumps(i, indent=1)); assert i[\"extension_loaded\"] and i[\"cuda_compiled\"], i'"
 stage selftest 60 $PY -m mtkd_fast.cli selftest --device cuda
 stage tests 100 $PY -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS -k "cuda or gpu or CUDA"
 stage dali 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py tests/test_data_folder.py -k "gpu"
 stage memcheck 110 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
-  $PY -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py
+  $PY -m pytest -q -x -p no:cacheprovider tests/test_ops.py -k cuda
 stage ops 150 env MTKD_BENCH_DEVICE=cuda $PY -m pytest -q -s -p no:cacheprovider benchmarks/bench_ops.py \
   -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,rounds
 stage epoch-cifar 100 $PY -m mtkd_fast.cli bench epoch --setting cifar --students ShuffleV2 --steps 40 --repetitions 3 \

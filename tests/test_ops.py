@@ -1,82 +1,59 @@
-"""The fused mtkd_fast::* ops (CPU kernels) against the float64 reference: forward and gradients, odd sizes,
+"""The fused mtkd_fast::* ops against the float64 reference, on every device: forward and gradients, odd sizes,
 reduced precision, layouts, extreme logits, opcheck, torch.compile, autocast and argument errors.
 
-Tolerances: float64 inputs are computed in float64 and match the reference to ~1e-12. float16/bfloat16
-inputs are compared with the float64 reference of the SAME rounded inputs: statistics are accumulated in
-float32 (rtol/atol 1e-4); gradients are returned in the input dtype, so they carry its rounding
-(float16: rtol 2e-3, bfloat16: rtol 1.6e-2, atol a matching fraction of the largest gradient).
+Tests parametrised over `device` run on the CPU kernels always and on the CUDA kernels where a GPU is there
+(skipped otherwise); the last section holds the CUDA-only checks (launch counts, shared-memory bounds, devices).
+Sample builders and tolerances (see there) live in tests/op_samples.py. On a GPU,
+`compute-sanitizer --tool memcheck .venv/bin/python -m pytest -q tests/test_ops.py -k cuda` checks memory too.
 """
 
 import pytest
 import torch
+from op_samples import (
+    CPU_SKIP_REASON,
+    CUDA_ONLY,
+    DEVICE_STATS_CASES,
+    DEVICES,
+    F64,
+    FEATURE_CASES,
+    GRAD_RTOL,
+    LOGIT_SIZES,
+    STAT_TOL,
+    STATS_CASES,
+    assert_stats_close,
+    feature_inputs,
+    fused_feature,
+    fused_logit,
+    gen,
+    logit_inputs,
+    ref_feature,
+    ref_logit,
+    ref_stats,
+    stats_inputs,
+)
 
 import mtkd_fast
 from mtkd_fast import MTKDLoss, ops
 from mtkd_fast import reference as ref
 
-pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason="compiled extension not built (make build)")
-
-F64 = torch.float64
-GRAD_RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def _logit_inputs(B, K, M, seed=0, scale=3.0, dtype=F64):
-    g = _gen(seed)
-    zs = (scale * torch.randn(B, K, generator=g, dtype=F64)).to(dtype)
-    zt = (scale * torch.randn(M, B, K, generator=g, dtype=F64)).to(dtype)
-    y = torch.randint(0, K, (B,), generator=g)
-    w = 2.0 * torch.rand(B, M, generator=g, dtype=F64)  # rows do not sum to one
-    w[0, 0] = 0.0  # a zero weight
-    return zs, zt, y, w
-
-
-def _ref_logit(zs, zt, y, w, T, alpha):
-    """float64 reference on the same (possibly rounded) inputs: outputs and dL/dz_s."""
-    zs64 = zs.detach().to(F64).requires_grad_(True)
-    out = ref.mtkd_logit_kd(zs64, zt.to(F64), y, w.to(F64), T, alpha)
-    (grad,) = torch.autograd.grad(out.loss, zs64)
-    return out, grad
-
-
-def _fused_logit(zs, zt, y, w, T, alpha):
-    zs = zs.detach().clone().requires_grad_(True)
-    out = ops.mtkd_logit_kd(zs, zt, y, w, T, alpha)
-    (grad,) = torch.autograd.grad(out.loss, zs)
-    return out, grad
-
-
-def _assert_stats_close(out, exp, rtol, atol):
-    for name, a, b in zip(out._fields, out, exp):
-        torch.testing.assert_close(a.to(F64), b.to(F64), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
-
-
-# Every B in (1, 3, 64, 129), K in (2, 10, 100, 1000, 1001) and M in (2, 3, 5, 8) appears; the cross
-# product is sampled to keep the suite fast.
-LOGIT_SIZES = [
-    (1, 2, 2), (3, 10, 3), (64, 100, 5), (129, 1000, 8), (3, 1001, 2), (129, 2, 3),
-    (64, 1001, 8), (1, 1000, 5), (129, 10, 2), (64, 2, 8), (3, 100, 3),
-]
+pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason=CPU_SKIP_REASON)
 
 
 @pytest.mark.parametrize("B,K,M", LOGIT_SIZES)
 def test_logit_kd_matches_reference_float64(B, K, M):
-    zs, zt, y, w = _logit_inputs(B, K, M, seed=B * 7 + K + M)
+    zs, zt, y, w = logit_inputs(B, K, M, seed=B * 7 + K + M)
     T, alpha = (1.0 + (K % 5)) if B != 3 else 2.7, 0.25 + M / 4  # integer T (exp shortcut) and 2.7
-    out, grad = _fused_logit(zs, zt, y, w, T, alpha)
-    exp, exp_grad = _ref_logit(zs, zt, y, w, T, alpha)
+    out, grad = fused_logit(zs, zt, y, w, T, alpha)
+    exp, exp_grad = ref_logit(zs, zt, y, w, T, alpha)
     assert out.loss.dtype == out.kl.dtype == F64
-    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, exp_grad, rtol=1e-10, atol=1e-13)
     # the closed-form gradient of docs/method.md section 3 agrees too
     torch.testing.assert_close(grad, ref.logit_kd_grad(zs, zt, y, w, T, alpha), rtol=1e-10, atol=1e-13)
 
 
 def test_logit_kd_teacher_list_and_stack_agree_and_grad_scales_with_grad_output():
-    zs, zt, y, w = _logit_inputs(7, 13, 3, seed=1)
+    zs, zt, y, w = logit_inputs(7, 13, 3, seed=1)
     a = ops.mtkd_logit_kd(zs, zt, y, w)
     b = ops.mtkd_logit_kd(zs, list(zt), y, w)
     for x, z in zip(a, b):
@@ -90,33 +67,33 @@ def test_logit_kd_teacher_list_and_stack_agree_and_grad_scales_with_grad_output(
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("B,K,M", [(3, 1001, 3), (64, 100, 4), (1, 10, 2)])
 def test_logit_kd_reduced_precision(dtype, B, K, M):
-    zs, zt, y, w = _logit_inputs(B, K, M, seed=K + 1, dtype=dtype)
-    out, grad = _fused_logit(zs, zt, y, w.float(), 4.0, 1.0)
+    zs, zt, y, w = logit_inputs(B, K, M, seed=K + 1, dtype=dtype)
+    out, grad = fused_logit(zs, zt, y, w.float(), 4.0, 1.0)
     assert grad.dtype == dtype and out.kl.dtype == torch.float32
-    exp, exp_grad = _ref_logit(zs, zt, y, w, 4.0, 1.0)
-    _assert_stats_close(out, exp, rtol=1e-4, atol=1e-4)
+    exp, exp_grad = ref_logit(zs, zt, y, w, 4.0, 1.0)
+    assert_stats_close(out, exp, rtol=1e-4, atol=1e-4)
     rtol = GRAD_RTOL[dtype]
     torch.testing.assert_close(grad.to(F64), exp_grad, rtol=rtol, atol=rtol * exp_grad.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
 def test_logit_kd_is_stable_for_logits_of_magnitude_1e4(dtype):
-    zs, zt, y, w = _logit_inputs(9, 100, 3, seed=5, scale=1.0, dtype=F64)
+    zs, zt, y, w = logit_inputs(9, 100, 3, seed=5, scale=1.0, dtype=F64)
     zs, zt = (1e4 * zs.sign() * zs.abs().clamp(0.3, 1.0)).to(dtype), (1e4 * zt.clamp(-1, 1)).to(dtype)
-    out, grad = _fused_logit(zs, zt, y, w.to(torch.float64 if dtype == F64 else torch.float32), 2.0, 1.0)
+    out, grad = fused_logit(zs, zt, y, w.to(torch.float64 if dtype == F64 else torch.float32), 2.0, 1.0)
     assert all(bool(torch.isfinite(t).all()) for t in (*out, grad))
-    exp, exp_grad = _ref_logit(zs, zt, y, w, 2.0, 1.0)
+    exp, exp_grad = ref_logit(zs, zt, y, w, 2.0, 1.0)
     # the statistics are ~1e4 in size: float32 accumulation keeps ~7 digits of them
     tol = 1e-10 if dtype == F64 else 1e-5
-    _assert_stats_close(out, exp, rtol=tol, atol=tol)
+    assert_stats_close(out, exp, rtol=tol, atol=tol)
     torch.testing.assert_close(grad.to(F64), exp_grad, rtol=GRAD_RTOL.get(dtype, 1e-10),
                                atol=1e-3 if dtype == torch.float16 else 1e-6)
 
 
 def test_logit_kd_zero_weights_leave_the_cross_entropy_only():
-    zs, zt, y, _ = _logit_inputs(5, 17, 3, seed=2)
+    zs, zt, y, _ = logit_inputs(5, 17, 3, seed=2)
     w = torch.zeros(5, 3, dtype=F64)
-    out, grad = _fused_logit(zs, zt, y, w, 4.0, 1.0)
+    out, grad = fused_logit(zs, zt, y, w, 4.0, 1.0)
     torch.testing.assert_close(out.loss, out.student_ce.mean())
     expected = (torch.softmax(zs, 1) - torch.nn.functional.one_hot(y, 17)) / 5
     torch.testing.assert_close(grad, expected)
@@ -124,59 +101,29 @@ def test_logit_kd_zero_weights_leave_the_cross_entropy_only():
 
 
 def test_logit_kd_non_contiguous_and_mixed_dtype_inputs():
-    zs, zt, y, w = _logit_inputs(6, 11, 3, seed=3)
+    zs, zt, y, w = logit_inputs(6, 11, 3, seed=3)
     zs_nc = zs.t().contiguous().t()  # [B, K] with column-major strides
     zt_nc = zt.transpose(1, 2).contiguous().transpose(1, 2)
     assert not zs_nc.is_contiguous() and not zt_nc.is_contiguous()
-    out, grad = _fused_logit(zs_nc, zt_nc, y, w[:, :].t().contiguous().t(), 4.0, 1.0)
-    exp, exp_grad = _ref_logit(zs, zt, y, w, 4.0, 1.0)
-    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    out, grad = fused_logit(zs_nc, zt_nc, y, w[:, :].t().contiguous().t(), 4.0, 1.0)
+    exp, exp_grad = ref_logit(zs, zt, y, w, 4.0, 1.0)
+    assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grad, exp_grad)
     # float32 student with float16 teachers: computed in float32
     out = ops.mtkd_logit_kd(zs.float(), zt.half(), y, w.float())
-    exp, _ = _ref_logit(zs.float(), zt.half(), y, w, 4.0, 1.0)
-    _assert_stats_close(out, exp, rtol=1e-4, atol=1e-4)
+    exp, _ = ref_logit(zs.float(), zt.half(), y, w, 4.0, 1.0)
+    assert_stats_close(out, exp, rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ feature distillation
 
-FEATURE_CASES = [  # (B, per-teacher (C, H, W)), M = 2, 3, 5, 8
-    (1, [(3, 2, 2), (5, 1, 3)]),
-    (3, [(4, 3, 3), (6, 2, 2), (3, 1, 2)]),
-    (64, [(8, 4, 4), (16, 2, 2), (5, 3, 1), (7, 2, 3), (4, 4, 4)]),
-    (129, [(3, 2, 2), (4, 1, 1), (2, 3, 3), (5, 2, 1), (3, 3, 2), (6, 1, 2), (2, 2, 2), (1, 4, 3)]),
-]
-
-
-def _feature_inputs(B, shapes, seed=0, dtype=F64, channels_last=False):
-    g = _gen(seed)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
-    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
-    w = 1.5 * torch.rand(B, len(shapes), generator=g, dtype=F64)
-    w[-1, 0] = 0.0
-    return gs, fs, w
-
-
-def _ref_feature(gs, fs, w, beta):
-    g64 = [x.detach().to(F64).requires_grad_(True) for x in gs]
-    out = ref.mtkd_feature_kd(g64, [f.to(F64) for f in fs], w.to(F64), beta)
-    return out, torch.autograd.grad(out.loss, g64)
-
-
-def _fused_feature(gs, fs, w, beta):
-    gs = [x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True) for x in gs]
-    out = ops.mtkd_feature_kd(gs, fs, w, beta)
-    return out, torch.autograd.grad(out.loss, gs)
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("B,shapes", FEATURE_CASES)
 def test_feature_kd_matches_reference_float64(B, shapes, channels_last):
-    gs, fs, w = _feature_inputs(B, shapes, seed=B + len(shapes), channels_last=channels_last)
-    out, grads = _fused_feature(gs, fs, w, 2.5)
-    exp, exp_grads = _ref_feature(gs, fs, w, 2.5)
-    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    gs, fs, w = feature_inputs(B, shapes, seed=B + len(shapes), channels_last=channels_last)
+    out, grads = fused_feature(gs, fs, w, 2.5)
+    exp, exp_grads = ref_feature(gs, fs, w, 2.5)
+    assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
     for g, e, x in zip(grads, exp_grads, gs):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-14)
         assert g.stride() == x.stride()  # the gradient keeps the map's layout
@@ -186,10 +133,10 @@ def test_feature_kd_matches_reference_float64(B, shapes, channels_last):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_feature_kd_reduced_precision(dtype):
-    gs, fs, w = _feature_inputs(5, [(32, 7, 7), (16, 3, 5), (8, 1, 1)], seed=4, dtype=dtype)
-    out, grads = _fused_feature(gs, fs, w.float(), 5.0)
-    exp, exp_grads = _ref_feature(gs, fs, w, 5.0)
-    _assert_stats_close(out, exp, rtol=1e-4, atol=1e-5)
+    gs, fs, w = feature_inputs(5, [(32, 7, 7), (16, 3, 5), (8, 1, 1)], seed=4, dtype=dtype)
+    out, grads = fused_feature(gs, fs, w.float(), 5.0)
+    exp, exp_grads = ref_feature(gs, fs, w, 5.0)
+    assert_stats_close(out, exp, rtol=1e-4, atol=1e-5)
     rtol = GRAD_RTOL[dtype]
     for g, e in zip(grads, exp_grads):
         assert g.dtype == dtype
@@ -197,7 +144,7 @@ def test_feature_kd_reduced_precision(dtype):
 
 
 def test_feature_kd_mixed_layouts_and_non_contiguous_maps():
-    gs, fs, w = _feature_inputs(4, [(6, 3, 3), (4, 2, 5), (3, 4, 4)], seed=6)
+    gs, fs, w = feature_inputs(4, [(6, 3, 3), (4, 2, 5), (3, 4, 4)], seed=6)
     gs_mixed = [gs[0].contiguous(memory_format=torch.channels_last),
                 gs[1].transpose(2, 3).contiguous().transpose(2, 3), gs[2]]
     fs_mixed = [fs[0], fs[1].contiguous(memory_format=torch.channels_last),
@@ -206,9 +153,9 @@ def test_feature_kd_mixed_layouts_and_non_contiguous_maps():
     gs_mixed.append(big[:, ::2, ::2, 1::2])  # strided slice: neither layout
     fs_mixed.append(torch.randn(4, 3, 4, 4, dtype=F64))
     w = torch.cat([w, torch.rand(4, 1, dtype=F64)], 1)
-    out, grads = _fused_feature(gs_mixed, fs_mixed, w, 1.0)
-    exp, exp_grads = _ref_feature(gs_mixed, fs_mixed, w, 1.0)
-    _assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
+    out, grads = fused_feature(gs_mixed, fs_mixed, w, 1.0)
+    exp, exp_grads = ref_feature(gs_mixed, fs_mixed, w, 1.0)
+    assert_stats_close(out, exp, rtol=1e-10, atol=1e-12)
     for g, e in zip(grads, exp_grads):
         torch.testing.assert_close(g, e)
 
@@ -217,14 +164,14 @@ def test_feature_kd_mixed_layouts_and_non_contiguous_maps():
 @pytest.mark.parametrize("B,shapes", FEATURE_CASES + [(3, [(70, 1, 1), (2, 9, 11), (33, 5, 4)])])
 def test_feature_kd_and_cosine_matches_reference_float64(B, shapes, channels_last):
     # the cosine comes from the loss's own read of the maps; everything else is unchanged by asking for it
-    gs, fs, w = _feature_inputs(B, shapes, seed=2 * B + len(shapes), channels_last=channels_last)
-    g = _gen(B)
+    gs, fs, w = feature_inputs(B, shapes, seed=2 * B + len(shapes), channels_last=channels_last)
+    g = gen(B)
     emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
     emb[-1][0].zero_()  # a zero embedding: its norm is clamped to eps, the cosine is 0
     gs = [x.requires_grad_(True) for x in gs]
     loss, mse, cos = ops.feature_kd_and_cosine(gs, fs, w, 2.5, emb)
     grads = torch.autograd.grad(loss, gs)
-    exp, exp_grads = _ref_feature(gs, fs, w, 2.5)
+    exp, exp_grads = ref_feature(gs, fs, w, 2.5)
     torch.testing.assert_close(loss, exp.loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(mse, exp.mse, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(cos, ref.pooled_cosine([x.detach() for x in gs], emb), rtol=1e-10, atol=1e-12)
@@ -238,7 +185,7 @@ def test_feature_kd_and_cosine_matches_reference_float64(B, shapes, channels_las
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_feature_kd_and_cosine_reduced_precision_and_mixed_layouts(dtype):
-    gs, fs, w = _feature_inputs(7, [(40, 3, 3), (16, 2, 5), (9, 1, 1)], seed=24, dtype=dtype)
+    gs, fs, w = feature_inputs(7, [(40, 3, 3), (16, 2, 5), (9, 1, 1)], seed=24, dtype=dtype)
     gs[1] = gs[1].contiguous(memory_format=torch.channels_last)  # mixed layouts in one call
     fs[1] = fs[1].contiguous(memory_format=torch.channels_last)
     gs.append(torch.randn(7, 12, 8, 8, dtype=F64)[:, ::2, ::2, 1::2].to(dtype))  # strided: made contiguous
@@ -252,7 +199,7 @@ def test_feature_kd_and_cosine_reduced_precision_and_mixed_layouts(dtype):
     # against float64 on the same (rounded) inputs: float32 accumulation, so 1e-5 relative
     exp_cos = ref.pooled_cosine([x.detach().double() for x in gs], [e.float().double() for e in emb])
     torch.testing.assert_close(cos.double(), exp_cos, rtol=1e-5, atol=1e-5)
-    exp, exp_grads = _ref_feature(gs, fs, w, 5.0)
+    exp, exp_grads = ref_feature(gs, fs, w, 5.0)
     torch.testing.assert_close(mse.double(), exp.mse, rtol=1e-4, atol=1e-5)
     rtol = GRAD_RTOL[dtype]
     for a, b in zip(grads, exp_grads):
@@ -261,7 +208,7 @@ def test_feature_kd_and_cosine_reduced_precision_and_mixed_layouts(dtype):
 
 
 def test_feature_kd_and_cosine_bad_embeddings_name_the_argument():
-    gs, fs, w = _feature_inputs(4, [(3, 2, 2), (2, 2, 2)], seed=25)
+    gs, fs, w = feature_inputs(4, [(3, 2, 2), (2, 2, 2)], seed=25)
     emb = [torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)]
     with pytest.raises(ValueError, match="teacher_embeddings"):
         ops.feature_kd_and_cosine(gs, fs, w, 5.0, emb[:1])
@@ -282,8 +229,8 @@ def test_feature_kd_and_cosine_bad_embeddings_name_the_argument():
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("B,shapes", FEATURE_CASES[:3])
 def test_pooled_cosine_matches_reference_with_gradients(B, shapes, channels_last):
-    gs, _, _ = _feature_inputs(B, shapes, seed=9, channels_last=channels_last)
-    g = _gen(10)
+    gs, _, _ = feature_inputs(B, shapes, seed=9, channels_last=channels_last)
+    g = gen(10)
     emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
     emb[0][0].zero_()  # a zero embedding: its norm is clamped to eps
     gs = [x.requires_grad_(True) for x in gs]
@@ -299,7 +246,7 @@ def test_pooled_cosine_matches_reference_with_gradients(B, shapes, channels_last
 
 
 def test_pooled_cosine_float16_and_tiny_norms():
-    gs, _, _ = _feature_inputs(6, [(32, 4, 4), (16, 2, 2)], seed=11)
+    gs, _, _ = feature_inputs(6, [(32, 4, 4), (16, 2, 2)], seed=11)
     emb = [torch.randn(6, c, dtype=F64) for c in (32, 16)]
     out = ops.pooled_cosine([x.half() for x in gs], [e.half() for e in emb])
     exp = ref.pooled_cosine([x.half().double() for x in gs], [e.half().double() for e in emb])
@@ -315,7 +262,7 @@ def test_pooled_cosine_float16_and_tiny_norms():
 
 @pytest.mark.parametrize("B,M,with_features", [(1, 2, True), (3, 3, False), (64, 5, True), (129, 8, True)])
 def test_per_sample_loss_and_reward_match_reference(B, M, with_features):
-    g = _gen(B + M)
+    g = gen(B + M)
     sce, kl = torch.rand(B, generator=g, dtype=F64), 3 * torch.rand(B, M, generator=g, dtype=F64)
     wl, wf, mse = (torch.rand(B, M, generator=g, dtype=F64), torch.rand(B, M, generator=g, dtype=F64),
                    torch.rand(B, M, generator=g, dtype=F64))
@@ -338,8 +285,8 @@ def test_per_sample_loss_and_reward_match_reference(B, M, with_features):
 
 
 def test_mtkd_loss_auto_picks_fused_and_matches_reference():
-    zs, zt, y, wl = _logit_inputs(5, 9, 3, seed=12)
-    gs, fs, wf = _feature_inputs(5, [(4, 3, 3), (6, 2, 2), (3, 1, 2)], seed=13)
+    zs, zt, y, wl = logit_inputs(5, 9, 3, seed=12)
+    gs, fs, wf = feature_inputs(5, [(4, 3, 3), (6, 2, 2), (3, 1, 2)], seed=13)
     emb = [torch.randn(5, c, dtype=F64) for c in (4, 6, 3)]
     crit = MTKDLoss(temperature=3.0, alpha=0.5, beta=2.0)
     assert crit.resolve_backend(torch.device("cpu")) == "fused"
@@ -378,39 +325,13 @@ def test_autocast_bfloat16_model_outputs():
 
 # ------------------------------------------------------------------ agent_stats (the state before the weights)
 
-# (B, K, per-teacher map shapes): odd sizes, M = 2, 3, 5; a 1x1 map, C = 1, K = 2 and K = 1001
-STATS_CASES = [
-    (1, 2, [(3, 2, 2), (5, 1, 3)]),
-    (3, 10, [(4, 3, 3), (6, 2, 2), (1, 3, 2)]),
-    (17, 1001, [(8, 4, 4), (16, 1, 1), (5, 3, 1), (7, 2, 3), (4, 5, 4)]),
-    (64, 100, [(33, 5, 4), (2, 9, 11)]),
-]
-
-
-def _stats_inputs(B, K, shapes, seed, dtype=F64, channels_last=False, scale=3.0):
-    M = len(shapes)
-    zs, zt, y, _ = _logit_inputs(B, K, M, seed=seed, scale=scale, dtype=dtype)
-    gs, _, _ = _feature_inputs(B, shapes, seed=seed + 1, dtype=dtype, channels_last=channels_last)
-    g = _gen(seed + 2)
-    emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
-    emb[-1][0].zero_()  # a zero embedding: its norm is clamped to eps, the cosine is 0
-    return zs, zt, y, gs, emb
-
-
-def _ref_stats(zs, zt, y, gs, emb, T):
-    """float64 oracle on the same (possibly rounded) inputs."""
-    maps = None if gs is None else [x.to(F64) for x in gs]
-    embs = None if emb is None else [e.to(F64) for e in emb]
-    return ref.agent_stats(zs.to(F64), zt.to(F64), y, maps, embs, T)
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("B,K,shapes", STATS_CASES)
 def test_agent_stats_matches_reference_float64(B, K, shapes, channels_last):
-    zs, zt, y, gs, emb = _stats_inputs(B, K, shapes, seed=B + K, channels_last=channels_last)
+    zs, zt, y, gs, emb = stats_inputs(B, K, shapes, seed=B + K, channels_last=channels_last)
     for T in (4.0, 2.5):  # integer T takes the kernel's exp-by-multiplication path, 2.5 the plain one
         out = ops.agent_stats(zs, zt, y, gs, emb, T)
-        exp = _ref_stats(zs, zt, y, gs, emb, T)
+        exp = ref_stats(zs, zt, y, gs, emb, T)
         assert isinstance(out, ops.AgentStats) and out._fields == ("kl", "teacher_ce", "cos")
         for name, a, b in zip(out._fields, out, exp):
             assert a.dtype == F64 and a.shape == (B, len(shapes))
@@ -428,20 +349,20 @@ def test_agent_stats_matches_reference_float64(B, K, shapes, channels_last):
 def test_agent_stats_reduced_precision(dtype, channels_last):
     # float32 accumulation against float64 on the same rounded inputs: rtol/atol 1e-4 (embeddings are cast to
     # float32, the accumulation dtype, so the oracle gets them rounded the same way)
-    zs, zt, y, gs, emb = _stats_inputs(9, 101, [(40, 3, 3), (16, 2, 5), (9, 1, 1)], seed=31, dtype=dtype,
+    zs, zt, y, gs, emb = stats_inputs(9, 101, [(40, 3, 3), (16, 2, 5), (9, 1, 1)], seed=31, dtype=dtype,
                                        channels_last=channels_last)
     out = ops.agent_stats(zs, zt, y, gs, emb)
-    exp = _ref_stats(zs, zt, y, gs, [e.float() for e in emb], 4.0)
+    exp = ref_stats(zs, zt, y, gs, [e.float() for e in emb], 4.0)
     for name, a, b in zip(out._fields, out, exp):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=lambda m: f"{dtype} {name}: {m}")
 
 
 def test_agent_stats_mixed_layouts_dtypes_and_no_maps():
-    zs, zt, y, gs, emb = _stats_inputs(5, 12, [(6, 3, 3), (4, 2, 5), (3, 4, 4)], seed=33)
+    zs, zt, y, gs, emb = stats_inputs(5, 12, [(6, 3, 3), (4, 2, 5), (3, 4, 4)], seed=33)
     gs = [gs[0].contiguous(memory_format=torch.channels_last), gs[1], gs[2][:, :, ::2, 1::2]]  # last: strided
     out = ops.agent_stats(zs.float(), list(zt), y, gs, emb)  # float32 student, float64 teachers: promoted
-    exp = _ref_stats(zs, zt, y, gs, emb, 4.0)
+    exp = ref_stats(zs, zt, y, gs, emb, 4.0)
     for a, b in zip(out, exp):
         assert a.dtype == F64
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -454,16 +375,16 @@ def test_agent_stats_mixed_layouts_dtypes_and_no_maps():
 
 
 def test_agent_stats_extreme_logits_stay_finite():
-    zs, zt, y, gs, emb = _stats_inputs(4, 50, [(3, 2, 2), (2, 2, 2)], seed=34, scale=1e4)
+    zs, zt, y, gs, emb = stats_inputs(4, 50, [(3, 2, 2), (2, 2, 2)], seed=34, scale=1e4)
     for dtype in (torch.float32, F64):
         out = ops.agent_stats(zs.to(dtype), zt.to(dtype), y, [g.to(dtype) for g in gs], emb)
-        exp = _ref_stats(zs.to(dtype), zt.to(dtype), y, gs, emb, 4.0)
+        exp = ref_stats(zs.to(dtype), zt.to(dtype), y, gs, emb, 4.0)
         assert all(torch.isfinite(t).all() for t in out)
         torch.testing.assert_close(out.kl.double(), exp.kl, rtol=1e-4, atol=1e-2)
 
 
 def test_agent_stats_bad_input_names_the_argument():
-    zs, zt, y, gs, emb = _stats_inputs(4, 6, [(3, 2, 2), (2, 2, 2)], seed=35)
+    zs, zt, y, gs, emb = stats_inputs(4, 6, [(3, 2, 2), (2, 2, 2)], seed=35)
     with pytest.raises(ValueError, match="teacher_logits"):
         ops.agent_stats(zs, zt[:, :3], y, gs, emb)
     with pytest.raises(ValueError, match="targets"):
@@ -494,25 +415,36 @@ def test_agent_stats_bad_input_names_the_argument():
         op(zs, list(zt), torch.full_like(y, 6), gs, emb, 4.0, 1e-8)
 
 
-def test_feature_kd_op_takes_an_empty_batch():
-    gs = [torch.randn(0, 3, 2, 2), torch.randn(0, 2, 1, 3)]
-    loss, mse, cos, grads = torch.ops.mtkd_fast.feature_kd(gs, [torch.randn_like(x) for x in gs], torch.zeros(0, 2),
-                                                           5.0, [torch.randn(0, 3), torch.randn(0, 2)], 1e-8)
-    assert float(loss) == 0.0 and mse.shape == cos.shape == (0, 2)  # a sum over no samples, as on CUDA
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batches_return_empty_results(device):
+    # B = 0: a sum over no samples (loss 0) and empty statistics on every device; on CUDA nothing is launched
+    op = torch.ops.mtkd_fast
+    gs = [torch.randn(0, 3, 2, 2, device=device), torch.randn(0, 2, 1, 3, device=device)]
+    emb = [torch.randn(0, 3, device=device), torch.randn(0, 2, device=device)]
+    assert op.pooled_cosine(gs, emb, 1e-8).shape == (0, 2)
+    grad_maps, grad_emb = op.pooled_cosine_backward(torch.zeros(0, 2, device=device), gs, emb, 1e-8)
+    assert [t.shape for t in grad_maps] == [g.shape for g in gs]
+    loss, mse, cos, grads = op.feature_kd(gs, [torch.randn_like(x) for x in gs], torch.zeros(0, 2, device=device),
+                                          5.0, emb, 1e-8)
+    assert float(loss) == 0.0 and mse.shape == cos.shape == (0, 2)
     assert [g.shape for g in grads] == [x.shape for x in gs]
-
-
-def test_agent_stats_op_takes_an_empty_batch():
-    op = torch.ops.mtkd_fast.agent_stats
-    kl, tce, cos = op(torch.randn(0, 5), [torch.randn(0, 5)] * 2, torch.zeros(0, dtype=torch.long),
-                      [torch.randn(0, 3, 2, 2)] * 2, [torch.randn(0, 3)] * 2, 4.0, 1e-8)
+    kl, tce, cos = op.agent_stats(torch.randn(0, 5, device=device), [torch.randn(0, 5, device=device)] * 2,
+                                  torch.zeros(0, dtype=torch.long, device=device), gs, emb, 4.0, 1e-8)
     assert kl.shape == tce.shape == cos.shape == (0, 2)
+    kl, tce, cos = op.agent_stats(torch.randn(0, 5, device=device), [torch.randn(0, 5, device=device)] * 2,
+                                  torch.zeros(0, dtype=torch.long, device=device),
+                                  [torch.randn(0, 3, 2, 2, device=device)] * 2, [torch.randn(0, 3, device=device)] * 2,
+                                  4.0, 1e-8)
+    assert kl.shape == tce.shape == cos.shape == (0, 2)
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------ layouts and empty maps
 
 
-def test_size_one_dimensions_do_not_decide_the_layout():
+@pytest.mark.parametrize("device", DEVICES)
+def test_size_one_dimensions_do_not_decide_the_layout(device):
     # a channels_last [B, C, 1, 1] (or C = 1) student map and a contiguous teacher map are walked alike: the
     # strides of size-1 dimensions never matter (the op used to refuse them when called directly)
     g = torch.Generator().manual_seed(36)
@@ -525,40 +457,48 @@ def test_size_one_dimensions_do_not_decide_the_layout():
     assert gs[0].stride() != fs[0].stride() and gs[1].stride() != fs[1].stride()
     w = torch.rand(3, 2, dtype=F64, generator=g)
     emb = [torch.randn(3, 5, dtype=F64, generator=g), torch.randn(3, 1, dtype=F64, generator=g)]
-    gs = [x.requires_grad_(True) for x in gs]
-    loss, mse, cos, grads = torch.ops.mtkd_fast.feature_kd(gs, fs, w, 2.0, emb, 1e-8)
-    exp, exp_grads = _ref_feature(gs, fs, w, 2.0)
-    torch.testing.assert_close(mse, exp.mse)
-    torch.testing.assert_close(cos, ref.pooled_cosine([x.detach() for x in gs], emb))
+    gd = [x.to(device).requires_grad_(True) for x in gs]
+    assert [x.stride() for x in gd] == [x.stride() for x in gs]
+    loss, mse, cos, grads = torch.ops.mtkd_fast.feature_kd(gd, [f.to(device) for f in fs], w.to(device), 2.0,
+                                                           [e.to(device) for e in emb], 1e-8)
+    exp, exp_grads = ref_feature(gs, fs, w, 2.0)
+    torch.testing.assert_close(mse.cpu(), exp.mse)
+    torch.testing.assert_close(mse.cpu(), ref.feature_mse_per_sample(gs, fs))
+    torch.testing.assert_close(cos.cpu(), ref.pooled_cosine(gs, emb))
     for a, b in zip(grads, exp_grads):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a.cpu(), b)
+    for a, b in zip(grads, ref.feature_kd_grad(gs, fs, w, 2.0)):
+        torch.testing.assert_close(a.cpu(), b)
 
 
-def test_empty_spatial_maps_give_the_same_cosine_everywhere():
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_spatial_maps_give_the_same_cosine_everywhere(device):
     # H*W = 0 has no spatial mean: NaN in the reference, pooled_cosine, feature_kd and agent_stats alike;
     # C = 0 pools to an empty vector, whose cosine is 0
     gs = [torch.randn(2, 3, 0, 4, dtype=F64), torch.randn(2, 0, 2, 2, dtype=F64)]
-    fs = [torch.randn_like(x) for x in gs]
     emb = [torch.randn(2, 3, dtype=F64), torch.randn(2, 0, dtype=F64)]
-    w = torch.rand(2, 2, dtype=F64)
     want = ref.pooled_cosine(gs, emb)
     assert torch.isnan(want[:, 0]).all() and torch.equal(want[:, 1], torch.zeros(2, dtype=F64))
+    dg, de = [x.to(device) for x in gs], [e.to(device) for e in emb]
+    op = torch.ops.mtkd_fast
     got = {
-        "pooled_cosine": torch.ops.mtkd_fast.pooled_cosine(gs, emb, 1e-8),
-        "feature_kd": torch.ops.mtkd_fast.feature_kd(gs, fs, w, 1.0, emb, 1e-8)[2],
-        "agent_stats": torch.ops.mtkd_fast.agent_stats(torch.randn(2, 4, dtype=F64), [torch.randn(2, 4, dtype=F64)] * 2,
-                                                      torch.zeros(2, dtype=torch.long), gs, emb, 4.0, 1e-8)[2],
+        "pooled_cosine": op.pooled_cosine(dg, de, 1e-8),
+        "feature_kd": op.feature_kd(dg, [torch.randn_like(x) for x in dg],
+                                    torch.rand(2, 2, dtype=F64, device=device), 1.0, de, 1e-8)[2],
+        "agent_stats": op.agent_stats(torch.randn(2, 4, dtype=F64, device=device),
+                                      [torch.randn(2, 4, dtype=F64, device=device)] * 2,
+                                      torch.zeros(2, dtype=torch.long, device=device), dg, de, 4.0, 1e-8)[2],
     }
     for name, cos in got.items():
-        torch.testing.assert_close(cos, want, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(cos.cpu(), want, equal_nan=True, msg=lambda m: f"{name}: {m}")
 
 
 # ------------------------------------------------------------------ custom-op machinery
 
 
 def _opcheck_cases():
-    zs, zt, y, w = _logit_inputs(3, 7, 2, seed=14, dtype=torch.float32)
-    gs, fs, wf = _feature_inputs(3, [(4, 2, 2), (2, 3, 1)], seed=15, dtype=torch.float32)
+    zs, zt, y, w = logit_inputs(3, 7, 2, seed=14, dtype=torch.float32)
+    gs, fs, wf = feature_inputs(3, [(4, 2, 2), (2, 3, 1)], seed=15, dtype=torch.float32)
     gs_cl = [x.contiguous(memory_format=torch.channels_last) for x in gs]
     fs_cl = [x.contiguous(memory_format=torch.channels_last) for x in fs]
     emb = [torch.randn(3, 4), torch.randn(3, 2)]
@@ -583,9 +523,19 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(12))
+OPCHECK_IDS = [
+    "logit_kd", "feature_kd", "feature_kd-channels_last", "feature_kd-embeddings",
+    "feature_kd-channels_last-embeddings",
+    "pooled_cosine", "pooled_cosine_backward-channels_last", "per_sample_loss_reward-features",
+    "per_sample_loss_reward-logits_only", "agent_stats", "agent_stats-channels_last-T3", "agent_stats-no_maps",
+]
+
+
+@pytest.mark.parametrize("case", [pytest.param(i, id=name) for i, name in enumerate(OPCHECK_IDS)])
 def test_opcheck(case):
-    op, args = _opcheck_cases()[case]
+    cases = _opcheck_cases()
+    assert len(cases) == len(OPCHECK_IDS)
+    op, args = cases[case]
     torch.library.opcheck(op, args)
 
 
@@ -595,8 +545,8 @@ def test_build_lists_the_fused_cpu_kernels():
 
 @pytest.mark.slow  # ~45 s cold: inductor compiles C++ around the custom ops
 def test_torch_compile_runs_the_fused_loss():
-    zs, zt, y, wl = _logit_inputs(6, 12, 3, seed=16, dtype=torch.float32)
-    gs, fs, wf = _feature_inputs(6, [(4, 3, 3), (8, 2, 2), (2, 1, 3)], seed=17, dtype=torch.float32)
+    zs, zt, y, wl = logit_inputs(6, 12, 3, seed=16, dtype=torch.float32)
+    gs, fs, wf = feature_inputs(6, [(4, 3, 3), (8, 2, 2), (2, 1, 3)], seed=17, dtype=torch.float32)
     wl, wf = wl.float(), wf.float()
     crit = MTKDLoss(backend="fused")
 
@@ -620,7 +570,7 @@ def test_torch_compile_runs_the_fused_loss():
 
 
 def test_bad_input_names_the_argument():
-    zs, zt, y, w = _logit_inputs(4, 6, 3, seed=18)
+    zs, zt, y, w = logit_inputs(4, 6, 3, seed=18)
     with pytest.raises(ValueError, match="student_logits"):
         ops.mtkd_logit_kd(zs.long(), zt, y, w)
     with pytest.raises(ValueError, match="teacher_logits"):
@@ -637,7 +587,7 @@ def test_bad_input_names_the_argument():
         ops.mtkd_logit_kd(zs, zt, torch.full_like(y, 6), w)
     with pytest.raises(ValueError, match="temperature"):
         ops.mtkd_logit_kd(zs, zt, y, w, temperature=0.0)
-    gs, fs, wf = _feature_inputs(4, [(3, 2, 2), (2, 2, 2)], seed=19)
+    gs, fs, wf = feature_inputs(4, [(3, 2, 2), (2, 2, 2)], seed=19)
     with pytest.raises(ValueError, match=r"teacher_maps\[1\]"):
         ops.mtkd_feature_kd(gs, [fs[0], fs[1][:, :1]], wf)
     with pytest.raises(ValueError, match="weights"):
@@ -654,17 +604,17 @@ def test_bad_input_names_the_argument():
 def test_backward_twice_with_retained_graph_and_scaled_loss():
     # the saved gradient is handed out as is for an incoming gradient of 1: repeated backward passes and
     # accumulation into .grad must still be right
-    zs, zt, y, w = _logit_inputs(4, 9, 2, seed=20)
-    gs, fs, wf = _feature_inputs(4, [(3, 2, 2), (2, 1, 3)], seed=21)
+    zs, zt, y, w = logit_inputs(4, 9, 2, seed=20)
+    gs, fs, wf = feature_inputs(4, [(3, 2, 2), (2, 1, 3)], seed=21)
     z = zs.clone().requires_grad_(True)
     g = [x.clone().requires_grad_(True) for x in gs]
     loss = ops.mtkd_logit_kd(z, zt, y, w).loss + ops.mtkd_feature_kd(g, fs, wf).loss
     loss.backward(retain_graph=True)
     loss.backward(retain_graph=True)
     (2.0 * loss).backward()
-    exp, exp_grad = _ref_logit(zs, zt, y, w, 4.0, 1.0)
+    exp, exp_grad = ref_logit(zs, zt, y, w, 4.0, 1.0)
     torch.testing.assert_close(z.grad, 4.0 * exp_grad)
-    _, exp_grads = _ref_feature(gs, fs, wf, 5.0)
+    _, exp_grads = ref_feature(gs, fs, wf, 5.0)
     for a, b in zip(g, exp_grads):
         torch.testing.assert_close(a.grad, 4.0 * b)
 
@@ -672,16 +622,298 @@ def test_backward_twice_with_retained_graph_and_scaled_loss():
 def test_recycled_gradient_buffers_never_overwrite_a_live_gradient():
     # maps of >= 1 MiB get their gradient buffers from a pool (no page faults per step); a buffer someone
     # still holds (or views) must not be handed out again
-    gs, fs, w = _feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=22)
+    gs, fs, w = feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=22)
     first = torch.ops.mtkd_fast.feature_kd(gs, fs, w, 5.0)[3]
     kept, view = first[0].clone(), first[1][:, :1]
     view_copy = view.clone()
     del first  # the first gradient's buffer is now free; the second's is still viewed
     for _ in range(3):
-        gs2, fs2, w2 = _feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=23)
+        gs2, fs2, w2 = feature_inputs(8, [(64, 32, 32), (64, 32, 32)], seed=23)
         second = torch.ops.mtkd_fast.feature_kd(gs2, fs2, w2, 5.0)[3]
         assert second[0].data_ptr() != view.data_ptr() and second[1].data_ptr() != view.data_ptr()
         torch.testing.assert_close(view, view_copy, rtol=0, atol=0)
         for g, e in zip(second, ref.feature_kd_grad(gs2, fs2, w2, 5.0)):
             torch.testing.assert_close(g, e)
     assert kept.abs().sum() > 0
+
+# ------------------------------------------------------------------ every device: the walks the CUDA kernels take
+# (written for the CUDA kernels, whose tiling these sizes exercise; run on the CPU kernels too)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,K,M", [(1, 2, 2), (3, 1001, 3), (64, 100, 5), (129, 1000, 8), (256, 10, 2)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_kd_on_device_matches_reference(device, dtype, B, K, M):
+    zs, zt, y, w = logit_inputs(B, K, M, seed=B + K + M, dtype=dtype)
+    acc = F64 if dtype == F64 else torch.float32
+    z = zs.to(device).requires_grad_(True)
+    out = ops.mtkd_logit_kd(z, zt.to(device), y.to(device), w.to(device, acc), 3.0, 0.8)
+    (grad,) = torch.autograd.grad(out.loss, z)
+    z64 = zs.to(F64).requires_grad_(True)
+    exp = ref.mtkd_logit_kd(z64, zt.to(F64), y, w, 3.0, 0.8)
+    (exp_grad,) = torch.autograd.grad(exp.loss, z64)
+    tol = STAT_TOL.get(dtype, 1e-4)
+    for a, b in zip(out, exp):
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol)
+    rtol = GRAD_RTOL[dtype]
+    torch.testing.assert_close(grad.cpu().to(F64), exp_grad, rtol=rtol, atol=rtol * exp_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_kd_on_device_large_logits_float16(device):
+    zs, zt, y, w = logit_inputs(9, 100, 3, seed=1, dtype=F64, scale=1.0)
+    zs, zt = (1e4 * zs.clamp(-1, 1)).half(), (1e4 * zt.clamp(-1, 1)).half()
+    out = ops.mtkd_logit_kd(zs.to(device), zt.to(device), y.to(device), w.float().to(device), 2.0)
+    exp = ref.mtkd_logit_kd(zs.double(), zt.double(), y, w, 2.0)
+    for a, b in zip(out, exp):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a.cpu().double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_kd_on_device_matches_reference(device, dtype, channels_last):
+    g = gen(2)
+    B = 33
+    shapes = [(64, 8, 8), (48, 7, 7), (5, 3, 1), (3, 2, 2)]  # multi-chunk, odd, tiny (unvectorised) maps
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    w = torch.rand(B, len(shapes), generator=g, dtype=F64)
+    acc = F64 if dtype == F64 else torch.float32
+    gd = [x.to(device).requires_grad_(True) for x in gs]
+    out = ops.mtkd_feature_kd(gd, [f.to(device) for f in fs], w.to(device, acc), 5.0)
+    grads = torch.autograd.grad(out.loss, gd)
+    g64 = [x.to(F64).requires_grad_(True) for x in gs]
+    exp = ref.mtkd_feature_kd(g64, [f.to(F64) for f in fs], w, 5.0)
+    exp_grads = torch.autograd.grad(exp.loss, g64)
+    tol = STAT_TOL.get(dtype, 1e-4)
+    for a, b in zip(out, exp):
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol)
+    rtol = GRAD_RTOL[dtype]
+    for a, b, x in zip(grads, exp_grads, gd):
+        assert a.stride() == x.stride()
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_pooled_cosine_on_device_matches_reference(device, channels_last):
+    g = gen(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    shapes = [(300, 4, 4), (16, 7, 7), (3, 1, 2)]
+    gs = [torch.randn(5, *s, generator=g, dtype=F64).contiguous(memory_format=fmt) for s in shapes]
+    emb = [torch.randn(5, s[0], generator=g, dtype=F64) for s in shapes]
+    gd = [x.to(device).requires_grad_(True) for x in gs]
+    ed = [e.to(device).requires_grad_(True) for e in emb]
+    out = ops.pooled_cosine(gd, ed)
+    up = torch.randn(out.shape, generator=g, dtype=F64)
+    got = torch.autograd.grad((out * up.to(device)).sum(), gd + ed)
+    gs = [x.requires_grad_(True) for x in gs]
+    emb = [e.requires_grad_(True) for e in emb]
+    exp = ref.pooled_cosine(gs, emb)
+    want = torch.autograd.grad((exp * up).sum(), gs + emb)
+    torch.testing.assert_close(out.cpu(), exp)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_kd_and_cosine_on_device_matches_reference(device, dtype, channels_last):
+    # every walk of the kernel: warp rows (short NCHW rows), block rows (rows > 1024 values), channels_last
+    # with several channel groups per sample, and 1x1 maps
+    g = gen(6)
+    B = 17
+    shapes = [(600, 4, 4), (40, 7, 7), (3, 40, 40), (300, 1, 1), (5, 3, 1)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64) for s in shapes]
+    emb[0][3].zero_()
+    w = torch.rand(B, len(shapes), generator=g, dtype=F64)
+    acc = F64 if dtype == F64 else torch.float32
+    gd = [x.to(device).requires_grad_(True) for x in gs]
+    loss, mse, cos = ops.feature_kd_and_cosine(gd, [f.to(device) for f in fs],
+                                               w.to(device, acc), 5.0, [e.to(device) for e in emb])
+    grads = torch.autograd.grad(loss, gd)
+    g64 = [x.to(F64).requires_grad_(True) for x in gs]
+    exp = ref.mtkd_feature_kd(g64, [f.to(F64) for f in fs], w, 5.0)
+    exp_grads = torch.autograd.grad(exp.loss, g64)
+    exp_cos = ref.pooled_cosine([x.detach() for x in g64], [e.to(acc).to(F64) for e in emb])
+    tol = STAT_TOL.get(dtype, 1e-4)
+    torch.testing.assert_close(loss.cpu().to(F64), exp.loss, rtol=tol, atol=tol)
+    torch.testing.assert_close(mse.cpu().to(F64), exp.mse, rtol=tol, atol=tol)
+    torch.testing.assert_close(cos.cpu().to(F64), exp_cos, rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
+    rtol = GRAD_RTOL[dtype]
+    for a, b, x in zip(grads, exp_grads, gd):
+        assert a.stride() == x.stride()
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("B", [1, 3, 129, 1000])
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_sample_loss_and_reward_on_device(device, B):
+    g = gen(B)
+    sce, kl, wl, mse, wf = (torch.rand(B, generator=g, dtype=F64),) + tuple(torch.rand(B, 3, generator=g, dtype=F64)
+                                                                            for _ in range(4))
+    out = ops.per_sample_loss_and_reward(*(t.to(device) for t in (sce, kl, wl, mse, wf)), alpha=0.5, beta=3.0)
+    exp = ref.per_sample_loss(sce, kl, wl, mse, wf, 0.5, 3.0)
+    torch.testing.assert_close(out.per_sample_loss.cpu(), exp)
+    torch.testing.assert_close(out.reward.cpu(), ref.normalized_reward(exp))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mtkd_loss_opcheck_and_module_on_device(device):
+    zs, zt, y, w = logit_inputs(3, 7, 2, seed=5, dtype=torch.float32)
+    z = zs.to(device).requires_grad_(True)
+    torch.library.opcheck(torch.ops.mtkd_fast.logit_kd.default, (z, list(zt.to(device)), y.to(device),
+                                                                 w.float().to(device), 4.0, 1.0))
+    gs = [torch.randn(3, 4, 2, 2, device=device, requires_grad=True),
+          torch.randn(3, 2, 3, 1, device=device, requires_grad=True)]
+    fs = [torch.randn_like(x) for x in gs]
+    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default, (gs, fs, w.float().to(device), 5.0))
+    emb = [torch.randn(3, 4, device=device, requires_grad=True), torch.randn(3, 2, device=device, requires_grad=True)]
+    torch.library.opcheck(torch.ops.mtkd_fast.pooled_cosine.default, (gs, emb, 1e-8))
+    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default,
+                          (gs, fs, w.float().to(device), 5.0, [e.detach() for e in emb], 1e-8))
+    gs_cl = [x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True) for x in gs]
+    fs_cl = [x.contiguous(memory_format=torch.channels_last) for x in fs]
+    torch.library.opcheck(torch.ops.mtkd_fast.feature_kd.default,
+                          (gs_cl, fs_cl, w.float().to(device), 5.0, [e.detach() for e in emb], 1e-8))
+    torch.library.opcheck(torch.ops.mtkd_fast.per_sample_loss_reward.default,
+                          (torch.rand(3, device=device), torch.rand(3, 2, device=device),
+                           w.float().to(device), None, None, 1.0, 5.0))
+    assert MTKDLoss().resolve_backend(torch.device(device)) == "fused"
+
+
+# ------------------------------------------------------------------ agent_stats and the reworked walks
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("B,K,shapes", DEVICE_STATS_CASES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_agent_stats_on_device_matches_reference(device, dtype, channels_last, B, K, shapes):
+    zs, zt, y, _ = logit_inputs(B, K, len(shapes), seed=B + K, dtype=dtype)
+    g = gen(B)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    acc = F64 if dtype == F64 else torch.float32
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).to(acc) for s in shapes]
+    out = ops.agent_stats(zs.to(device), zt.to(device), y.to(device), [x.to(device) for x in gs],
+                          [e.to(device) for e in emb])
+    exp = ref.agent_stats(zs.to(F64), zt.to(F64), y, [x.to(F64) for x in gs], [e.to(F64) for e in emb])
+    tol = 1e-10 if dtype == F64 else 1e-4  # float32 accumulation on the same rounded inputs
+    for name, a, b in zip(out._fields, out, exp):
+        assert a.dtype == acc and a.device.type == torch.device(device).type
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    none = ops.agent_stats(zs.to(device), zt.to(device), y.to(device), None, None)
+    assert torch.equal(none.cos.cpu(), torch.zeros(B, len(shapes), dtype=acc))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_agent_stats_opcheck_on_device(device):
+    zs, zt, y, _ = logit_inputs(3, 7, 2, seed=7, dtype=torch.float32)
+    gs = [torch.randn(3, 4, 2, 2, device=device),
+          torch.randn(3, 2, 3, 1, device=device).contiguous(memory_format=torch.channels_last)]
+    emb = [torch.randn(3, 4, device=device), torch.randn(3, 2, device=device)]
+    torch.library.opcheck(torch.ops.mtkd_fast.agent_stats.default,
+                          (zs.to(device), list(zt.to(device)), y.to(device), gs, emb, 4.0, 1e-8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_kd_channels_last_small_c_large_maps_on_device(device, dtype):
+    # the channels_last walk with the cosine: few channels over many pixels (rows of threads split the pixels)
+    B, shapes = 3, [(5, 40, 41), (64, 23, 19), (300, 3, 3)]
+    g = gen(8)
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last)
+          for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=torch.channels_last)
+          for s in shapes]
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).float() for s in shapes]
+    w = torch.rand(B, 3, generator=g, dtype=F64).float()
+    loss, mse, cos = ops.feature_kd_and_cosine([x.to(device) for x in gs], [f.to(device) for f in fs], w.to(device),
+                                               5.0, [e.to(device) for e in emb])
+    g64 = [x.double() for x in gs]
+    torch.testing.assert_close(mse.cpu().double(), ref.feature_mse_per_sample(g64, [f.double() for f in fs]),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cos.cpu().double(), ref.pooled_cosine(g64, [e.double() for e in emb]),
+                               rtol=1e-4, atol=1e-5)
+
+
+
+# ------------------------------------------------------------------ CUDA only: launch counts, shared memory, devices
+
+
+def _cuda_kernels(fn):
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "Memset" not in e.name and "Memcpy" not in e.name]
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_one_kernel_launch_per_op(device):
+    # the raw ops (the Python API adds argument checks, e.g. the target range, which launch reductions)
+    zs, zt, y, w = logit_inputs(64, 100, 4, seed=4, dtype=torch.float32)
+    gs = [torch.randn(64, c, 8, 8, device=device) for c in (384, 384, 256, 256)]
+    fs = [torch.randn_like(x) for x in gs]
+    emb = [torch.randn(64, c, device=device) for c in (384, 384, 256, 256)]
+    w = w.float().to(device)
+    op = torch.ops.mtkd_fast
+    calls = {
+        "logit_kd": lambda: op.logit_kd(zs.to(device), list(zt.to(device)), y.to(device), w, 4.0, 1.0),
+        "feature_kd": lambda: op.feature_kd(gs, fs, w, 5.0),
+        "feature_kd with the cosine": lambda: op.feature_kd(gs, fs, w, 5.0, emb, 1e-8),
+        "pooled_cosine": lambda: op.pooled_cosine(gs, emb, 1e-8),
+    }
+    for name, fn in calls.items():
+        fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels = [
+            e.name for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and "Memset" not in e.name and "Memcpy" not in e.name
+        ]
+        # the host-to-device copies of the logit inputs are memcpys; every computed value comes from one kernel
+        assert len(kernels) == 1 and "mtkd" in kernels[0], (name, kernels)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_agent_stats_cuda_one_launch_per_tensor_family(device):
+    zs, zt, y, _ = logit_inputs(64, 100, 4, seed=6, dtype=torch.float32)
+    zs, zt, y = zs.to(device), list(zt.to(device)), y.to(device)
+    gs = [torch.randn(64, c, 8, 8, device=device) for c in (384, 384, 256, 256)]
+    emb = [torch.randn(64, c, device=device) for c in (384, 384, 256, 256)]
+    op = torch.ops.mtkd_fast.agent_stats
+    assert len(_cuda_kernels(lambda: op(zs, zt, y, gs, emb, 4.0, 1e-8))) == 2
+    assert len(_cuda_kernels(lambda: op(zs, zt, y, [], [], 4.0, 1e-8))) == 1
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_pooled_cosine_backward_checks_the_device_of_grad(device):
+    gs = [torch.randn(2, 3, 2, 2, device=device)]
+    emb = [torch.randn(2, 3, device=device)]
+    with pytest.raises(RuntimeError, match="grad: expected device"):
+        torch.ops.mtkd_fast.pooled_cosine_backward(torch.ones(2, 1), gs, emb, 1e-8)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_pooled_cosine_channel_bound_counts_static_shared_memory(device):
+    # the forward keeps no channel means (any C); the backward keeps C of them next to its static arrays:
+    # a C just under the old bound (48 KiB / 4 bytes) is refused with a clear error instead of a failed launch
+    g = torch.randn(2, 12280, 1, 1, device=device, requires_grad=True)
+    e = torch.randn(2, 12280, device=device)
+    out = ops.pooled_cosine([g], [e])
+    torch.testing.assert_close(out.cpu().double(), ref.pooled_cosine([g.detach().cpu().double()], [e.cpu().double()]),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="channels for the CUDA pooled_cosine backward"):
+        out.sum().backward()
