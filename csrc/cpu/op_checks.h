@@ -34,10 +34,10 @@ struct LogitDims {
   int64_t B, K, M;
 };
 
-inline LogitDims check_logit_kd_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& targets,
-                                     const at::Tensor& weights, double temperature) {
-  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 2,
-              "student_logits: expected shape [B, K] with B >= 1 and K >= 2, got ", student.sizes());
+// The student logits [B, K], the M teachers' logits (each like the student's) and the targets [B]: the checks
+// logit_kd and agent_stats share (after each has checked the student's own shape).
+inline LogitDims check_logits_and_targets(const at::Tensor& student, at::TensorList teachers,
+                                          const at::Tensor& targets) {
   TORCH_CHECK(is_float_dtype(student.scalar_type()), "student_logits: expected a floating dtype, got ",
               student.scalar_type());
   TORCH_CHECK(student.is_contiguous(), "student_logits: expected a contiguous tensor");
@@ -58,6 +58,14 @@ inline LogitDims check_logit_kd_args(const at::Tensor& student, at::TensorList t
   TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected dtype int64, got ", targets.scalar_type());
   TORCH_CHECK(targets.is_contiguous() && targets.device() == student.device(),
               "targets: expected a contiguous tensor on ", student.device());
+  return {B, K, M};
+}
+
+inline LogitDims check_logit_kd_args(const at::Tensor& student, at::TensorList teachers, const at::Tensor& targets,
+                                     const at::Tensor& weights, double temperature) {
+  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 2,
+              "student_logits: expected shape [B, K] with B >= 1 and K >= 2, got ", student.sizes());
+  const auto [B, K, M] = check_logits_and_targets(student, teachers, targets);
   check_weights_arg("weights", weights, B, M, acc_dtype(student.scalar_type()), student.device());
   TORCH_CHECK(temperature > 0, "temperature: expected a positive number, got ", temperature);
   return {B, K, M};
@@ -163,26 +171,7 @@ inline LogitDims check_agent_stats_args(const at::Tensor& student, at::TensorLis
                                         double eps) {
   TORCH_CHECK(student.dim() == 2 && student.size(1) >= 2,
               "student_logits: expected shape [B, K] with K >= 2, got ", student.sizes());
-  TORCH_CHECK(is_float_dtype(student.scalar_type()), "student_logits: expected a floating dtype, got ",
-              student.scalar_type());
-  TORCH_CHECK(student.is_contiguous(), "student_logits: expected a contiguous tensor");
-  const int64_t B = student.size(0), K = student.size(1), M = static_cast<int64_t>(teachers.size());
-  TORCH_CHECK(M >= 1, "teacher_logits: expected at least one teacher");
-  for (int64_t m = 0; m < M; ++m) {
-    const auto& t = teachers[m];
-    TORCH_CHECK(t.sizes() == student.sizes(), "teacher_logits[", m, "]: expected shape ", student.sizes(),
-                " like student_logits, got ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == student.scalar_type(), "teacher_logits[", m, "]: expected dtype ",
-                student.scalar_type(), " like student_logits, got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "teacher_logits[", m, "]: expected a contiguous tensor");
-    TORCH_CHECK(t.device() == student.device(), "teacher_logits[", m, "]: expected device ", student.device(),
-                ", got ", t.device());
-  }
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == B, "targets: expected shape [", B, "], got ",
-              targets.sizes());
-  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets: expected dtype int64, got ", targets.scalar_type());
-  TORCH_CHECK(targets.is_contiguous() && targets.device() == student.device(),
-              "targets: expected a contiguous tensor on ", student.device());
+  const auto [B, K, M] = check_logits_and_targets(student, teachers, targets);
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite positive number, got ",
               temperature);
   TORCH_CHECK(eps >= 0, "eps: expected a non-negative number, got ", eps);
