@@ -24,7 +24,10 @@ def test_ctrl_c_is_one_line_with_resume_hint(tmp_path):
     args = BASE + ["--epochs", "1000", "--out-dir", str(out)]
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     env.pop("MTKD_FAST_DEBUG", None)
-    proc = subprocess.Popen(command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts jobs in the background (no job control) makes them ignore SIGINT, and Python keeps an
+    # ignored SIGINT ignored: give the child the default disposition, as a terminal's Ctrl-C would find it
+    proc = subprocess.Popen(command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "checkpoint_last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
