@@ -103,11 +103,7 @@ def mtkd_logit_kd(
     ``weights`` [B, M] carry no gradient. Same maths as :func:`mtkd_fast.reference.mtkd_logit_kd`.
     """
     _require_extension()
-    check_logits("student_logits", student_logits)
-    teachers = _teacher_list("teacher_logits", teacher_logits, student_logits)
-    B, K = student_logits.shape
-    M = len(teachers)
-    check_targets("targets", targets, B, K, student_logits.device)
+    teachers, B, K, M = _check_logit_args(student_logits, teacher_logits, targets)
     check_weights("weights", weights, B, M, student_logits.device)
     check_temperature(temperature), check_scale("alpha", alpha)
     dtype = _common_dtype([student_logits, *teachers])
@@ -204,13 +200,8 @@ def agent_stats(
     So the loss recomputes, and ``logit_kd`` stays usable on its own (:class:`mtkd_fast.MTKDLoss`).
     """
     _require_extension()
-    check_logits("student_logits", student_logits)
-    teachers = _teacher_list("teacher_logits", teacher_logits, student_logits)
-    B, K = student_logits.shape
-    M = len(teachers)
-    check_targets("targets", targets, B, K, student_logits.device)
-    if not (temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature: expected a finite positive number, got {temperature}")
+    teachers, B, K, M = _check_logit_args(student_logits, teacher_logits, targets)
+    check_temperature(temperature)
     if (student_maps is None) != (teacher_embeddings is None):
         raise ValueError("student_maps, teacher_embeddings: give both (the cosine) or neither")
     maps, embeddings = [], []
@@ -327,6 +318,16 @@ def _common_dtype(tensors) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def _check_logit_args(student_logits: Tensor, teacher_logits, targets: Tensor) -> tuple[list[Tensor], int, int, int]:
+    """The checks ``mtkd_logit_kd`` and ``agent_stats`` share: student logits [B, K], M teachers like them,
+    targets [B] in range. Returns (the teachers as a list, B, K, M)."""
+    check_logits("student_logits", student_logits)
+    teachers = _teacher_list("teacher_logits", teacher_logits, student_logits)
+    B, K = student_logits.shape
+    check_targets("targets", targets, B, K, student_logits.device)
+    return teachers, B, K, len(teachers)
 
 
 def _teacher_list(name: str, teacher_logits, student_logits: Tensor) -> list[Tensor]:
