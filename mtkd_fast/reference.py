@@ -29,6 +29,18 @@ from ._validation import (
     stack_teachers,
 )
 
+# The agent's maths (state layout, priors, action, reward, agent loss; sections 4-6) has no fused twin: it lives
+# in mtkd_fast.agent, which the trainer uses, and is re-exported here so this module covers sections 2-6.
+from .agent import (
+    action,
+    agent_bce_loss,
+    agent_state,
+    confidence_prior,
+    gap_prior,
+    normalized_reward,
+    similarity_prior,
+)
+
 __all__ = [
     "LogitKDOutput",
     "FeatureKDOutput",
@@ -328,114 +340,6 @@ def total_loss(
     return per_sample_loss(student_ce, kl, logit_weights, mse, feature_weights, alpha, beta).mean()
 
 
-# --------------------------------------------------------------------------------------------
-# Section 4: state, priors and action
-# --------------------------------------------------------------------------------------------
-
-
-def agent_state(
-    cos: Tensor, kl: Tensor, teacher_ce: Tensor, embeddings: Sequence[Tensor], teacher_logits
-) -> Tensor:
-    """Agent input [B, sum_m (D_m + K + 3)]: per teacher (COS, KL, TCE, e_m, z_m), concatenated over m.
-
-    Every input is detached: the state carries no gradient.
-    """
-    teachers = stack_teachers("teacher_logits", teacher_logits)
-    M, B, K = teachers.shape
-    for name, t in (("cos", cos), ("kl", kl), ("teacher_ce", teacher_ce)):
-        check_weights(name, t, B, M, teachers.device, what="statistic")
-    if len(embeddings) != M:
-        raise ValueError(f"embeddings: expected {M} tensors (one per teacher), got {len(embeddings)}")
-    parts = []
-    for m in range(M):
-        e = embeddings[m]
-        if e.dim() != 2 or e.shape[0] != B:
-            raise ValueError(f"embeddings[{m}]: expected shape [{B}, D_{m}], got {tuple(e.shape)}")
-        parts += [cos[:, m : m + 1], kl[:, m : m + 1], teacher_ce[:, m : m + 1], e, teachers[m]]
-    dtype = torch.promote_types(teachers.dtype, cos.dtype)
-    return torch.cat([p.detach().to(dtype) for p in parts], dim=1)
-
-
-def confidence_prior(teacher_ce: Tensor) -> Tensor:
-    """c_m = (1 - softmax_m(TCE_{i,.})_m) / (M - 1), rows sum to 1 (the CA-MKD weights)."""
-    M = _check_bm("teacher_ce", teacher_ce)
-    return (1.0 - F.softmax(teacher_ce, dim=1)) / (M - 1)
-
-
-def gap_prior(kl: Tensor) -> Tensor:
-    """gl_m = softmax_m(KL_{i,.})_m: a larger teacher-student gap gets a larger weight."""
-    _check_bm("kl", kl)
-    return F.softmax(kl, dim=1)
-
-
-def similarity_prior(cos: Tensor) -> Tensor:
-    """gf_m = softmax_m(COS_{i,.})_m: more similar features get a larger weight."""
-    _check_bm("cos", cos)
-    return F.softmax(cos, dim=1)
-
-
-def action(
-    pi_l: Tensor,
-    pi_f: Tensor,
-    teacher_ce: Tensor,
-    kl: Tensor,
-    cos: Tensor,
-    lambda_l: Tensor | None = None,
-    lambda_f: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Teacher weights (wl, wf), each [B, M] with rows summing to 1.
-
-    Default: wl = (pi_l + c + gl) / 3, wf = (pi_f + c + gf) / 3. Dynamic (``lambda_l``/``lambda_f`` given,
-    3-vectors): wl = sum_j softmax(lambda_l)_j [pi_l, c, gl]_j, and likewise wf.
-    """
-    B, M = pi_l.shape if pi_l.dim() == 2 else (None, None)
-    if B is None:
-        raise ValueError(f"pi_l: expected shape [B, M], got {tuple(pi_l.shape)}")
-    for name, t in (("pi_f", pi_f), ("teacher_ce", teacher_ce), ("kl", kl), ("cos", cos)):
-        check_weights(name, t, B, M, pi_l.device, what="tensor")
-    if (lambda_l is None) != (lambda_f is None):
-        raise ValueError("lambda_l, lambda_f: give both (dynamic action) or neither (default action)")
-    c, gl, gf = confidence_prior(teacher_ce), gap_prior(kl), similarity_prior(cos)
-    if lambda_l is None:
-        return (pi_l + c + gl) / 3.0, (pi_f + c + gf) / 3.0
-    for name, lam in (("lambda_l", lambda_l), ("lambda_f", lambda_f)):
-        if lam.shape != (3,):
-            raise ValueError(f"{name}: expected shape (3,), got {tuple(lam.shape)}")
-    a_l, a_f = F.softmax(lambda_l, dim=0), F.softmax(lambda_f, dim=0)
-    wl = a_l[0] * pi_l + a_l[1] * c + a_l[2] * gl
-    wf = a_f[0] * pi_f + a_f[1] * c + a_f[2] * gf
-    return wl, wf
-
-
-# --------------------------------------------------------------------------------------------
-# Sections 5-6: reward and agent loss
-# --------------------------------------------------------------------------------------------
-
-
-def normalized_reward(per_sample: Tensor) -> Tensor:
-    """r_hat = clamp((r - mean r) / std r, 0, 1) with r = -per_sample loss and Bessel's std.
-
-    A batch of one sample, or one whose losses are all equal (std 0), gets reward 0 instead of NaN. A NaN/Inf
-    loss gets reward 0 and is left out of the mean and std, so it does not zero the other samples' rewards
-    (``MTKDLoss(check_finite=True)`` raises on it instead).
-    """
-    if per_sample.dim() != 1:
-        raise ValueError(f"per_sample: expected a [B] vector of per-sample losses, got {tuple(per_sample.shape)}")
-    r = -per_sample.detach()
-    if r.numel() < 2:
-        return torch.zeros_like(r)
-    # selects instead of branches: a training step never reads a statistic back to the host
-    finite = torch.isfinite(r)
-    n = finite.sum().to(r.dtype)
-    zero = torch.zeros_like(r)
-    mean = torch.where(finite, r, zero).sum() / n.clamp(min=1)
-    dev = torch.where(finite, r - mean, zero)
-    std = (dev.pow(2).sum() / (n - 1).clamp(min=1)).sqrt()
-    ok = (n >= 2) & (std > 0)
-    z = (dev / torch.where(ok, std, torch.ones_like(std))).clamp(0.0, 1.0)
-    return torch.where(ok & finite, z, zero)
-
-
 def per_sample_loss_and_reward(
     student_ce: Tensor,
     kl: Tensor,
@@ -454,24 +358,6 @@ def per_sample_loss_and_reward(
     return RewardOutput(loss, normalized_reward(loss))
 
 
-def agent_bce_loss(logit_weights: Tensor, feature_weights: Tensor, reward: Tensor) -> Tensor:
-    """Parity agent loss: BCE(wl, 1; weight=r_hat) + BCE(wf, 1; weight=r_hat)
-    = mean_{i,m}(-r_hat_i log wl_im) + mean_{i,m}(-r_hat_i log wf_im).
-
-    ``torch.nn.functional.binary_cross_entropy`` clamps the log at -100, so a zero weight gives a finite loss.
-    """
-    if logit_weights.dim() != 2:
-        raise ValueError(f"logit_weights: expected shape [B, M], got {tuple(logit_weights.shape)}")
-    B, M = logit_weights.shape
-    check_weights("feature_weights", feature_weights, B, M, logit_weights.device)
-    check_per_sample("reward", reward, B, logit_weights.device)
-    w = reward.detach().to(logit_weights.dtype).unsqueeze(1).expand(B, M)
-    ones = torch.ones_like(logit_weights)
-    return F.binary_cross_entropy(logit_weights, ones, weight=w) + F.binary_cross_entropy(
-        feature_weights, ones, weight=w.to(feature_weights.dtype)
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
@@ -479,12 +365,6 @@ def agent_bce_loss(logit_weights: Tensor, feature_weights: Tensor, reward: Tenso
 
 def _check_temperature(temperature: float) -> None:
     check_temperature(temperature)
-
-
-def _check_bm(name: str, t: Tensor) -> int:
-    if t.dim() != 2 or t.shape[1] < 2:
-        raise ValueError(f"{name}: expected shape [B, M] with M >= 2 teachers, got {tuple(t.shape)}")
-    return t.shape[1]
 
 
 def _check_stats(student_ce, kl, logit_weights, mse, feature_weights):

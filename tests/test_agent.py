@@ -4,7 +4,6 @@
 import pytest
 import torch
 
-from mtkd_fast import reference as ref
 from mtkd_fast.agent import (
     AgentReplayBuffer,
     AgentState,
@@ -33,7 +32,10 @@ def test_state_layout_matches_reference():
     emb = [torch.randn(B, 4 + m, generator=g) for m in range(M)]
     kl, tce, cos = (torch.rand(B, M, generator=g) for _ in range(3))
     st = make_state(cos, kl, tce, emb, zt)
-    assert torch.equal(st.features, ref.agent_state(cos, kl, tce, emb, zt))
+    # per teacher m the block (cos, kl, tce, e_m, z_m), written out from docs/method.md section 4
+    expect = torch.cat([torch.cat([cos[:, m:m + 1], kl[:, m:m + 1], tce[:, m:m + 1], emb[m], zt[m]], 1)
+                        for m in range(M)], 1)
+    assert torch.equal(st.features, expect)
     # teacher 1's block starts after teacher 0's (D_0 + K + 3) columns: (cos, kl, tce, e_1, z_1)
     o = 4 + K + 3
     assert torch.equal(st.features[:, o], cos[:, 1]) and torch.equal(st.features[:, o + 1], kl[:, 1])
@@ -42,7 +44,7 @@ def test_state_layout_matches_reference():
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_agent_matches_reference_action(dynamic):
+def test_agent_action_blends_policy_and_priors(dynamic):
     torch.manual_seed(0)
     state, sizes = random_state()
     agent = MTKDAgent(sizes, 3, dynamic=dynamic).double()
@@ -54,16 +56,17 @@ def test_agent_matches_reference_action(dynamic):
     h = torch.relu(state.features @ agent.steam[0].weight.T)
     pi_l = torch.softmax(h @ agent.logit_head.weight.T + agent.logit_head.bias, 1)
     pi_f = torch.softmax(h @ agent.feature_head.weight.T + agent.feature_head.bias, 1)
-    lam = (agent.logit_weight_factor, agent.feature_weight_factor) if dynamic else (None, None)
-    el, ef = ref.action(pi_l, pi_f, state.teacher_ce, state.kl, state.cos, *lam)
-    torch.testing.assert_close(wl, el, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(wf, ef, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(wl.sum(1), torch.ones(7, dtype=torch.float64))
-    # the priors themselves, written out from docs/method.md section 4
+    # the blend and the priors, written out from docs/method.md section 4
     c = (1 - torch.softmax(state.teacher_ce, 1)) / 2
-    if not dynamic:
-        torch.testing.assert_close(wl, (pi_l + c + torch.softmax(state.kl, 1)) / 3)
-        torch.testing.assert_close(wf, (pi_f + c + torch.softmax(state.cos, 1)) / 3)
+    gl, gf = torch.softmax(state.kl, 1), torch.softmax(state.cos, 1)
+    if dynamic:
+        a_l = torch.softmax(agent.logit_weight_factor.detach(), 0)
+        a_f = torch.softmax(agent.feature_weight_factor.detach(), 0)
+    else:
+        a_l = a_f = torch.full((3,), 1 / 3, dtype=torch.float64)
+    torch.testing.assert_close(wl, a_l[0] * pi_l + a_l[1] * c + a_l[2] * gl, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(wf, a_f[0] * pi_f + a_f[1] * c + a_f[2] * gf, rtol=1e-12, atol=1e-12)
 
 
 def test_parameter_names_load_authors_checkpoint():
@@ -96,7 +99,10 @@ def test_bce_loss_and_gradient_match_reference(dynamic):
     r = reward.unsqueeze(1)
     expected = (-r * wl.log()).mean() + (-r * wf.log()).mean()
     torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(loss, ref.agent_bce_loss(wl, wf, reward))
+    # torch's BCE toward 1 with per-sample weights r_hat, as the authors' agent loss
+    ones = torch.ones_like(wl)
+    torch.testing.assert_close(loss, torch.nn.functional.binary_cross_entropy(wl, ones, weight=r.expand_as(wl))
+                               + torch.nn.functional.binary_cross_entropy(wf, ones, weight=r.expand_as(wf)))
     g1 = torch.autograd.grad(loss, list(agent.parameters()))
     g2 = torch.autograd.grad(expected, list(agent.parameters()))
     for a, b in zip(g1, g2):

@@ -105,3 +105,49 @@ def test_trainer_fused_step_takes_the_reward_from_the_loss_op():
     assert len(calls) == 1
     assert out["reward"] is calls[0].reward  # no second normalisation of the per-sample loss
     assert len(trainer.buffer) == 1
+
+
+def test_trainer_fused_path_calls_nothing_in_reference(monkeypatch):
+    # every function of mtkd_fast.reference refuses to run; the trainer's fused MTKD-RL steps, the agent update
+    # and the epoch's diagnostics still run (the agent's maths lives in mtkd_fast.agent)
+    import inspect
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mtkd_fast.reference was called on the fused path")
+
+    for name in ref.__all__:
+        if inspect.isfunction(getattr(ref, name)):
+            monkeypatch.setattr(ref, name, refuse)
+    student, teachers, transfer, sizes = make_setup(seed=30)
+    cfg = TrainConfig(student="tiny", teachers=["t0", "t1", "t2"], strategy="mtkd_rl", loss_backend="fused",
+                      progress=False, agent_step=2)
+    trainer = Trainer(cfg, student, LiveTeachers(teachers), transfer, MTKDAgent(sizes, 3))
+    trainer.begin_epoch(1, steps=3)
+    for b, (x, y, idx) in enumerate(make_batches(3, 8, seed=31)):
+        trainer.train_step(x, y, idx, b + 1)
+    metrics = trainer.end_epoch()
+    assert metrics["agent_loss"] == metrics["agent_loss"] and metrics["diag_policy_wl"] >= 0  # updated, diagnosed
+    with pytest.raises(AssertionError, match="reference was called"):
+        ref.agent_stats()
+
+
+def test_train_package_imports_reference_only_for_its_reference_backend():
+    # static check of the same: the one import of mtkd_fast.reference under mtkd_fast/train/ (and in
+    # mtkd_fast/agent.py) is distill_step's backend="reference" branch
+    import ast
+    import pathlib
+
+    import mtkd_fast
+
+    root = pathlib.Path(mtkd_fast.__file__).parent
+    found = []
+    for path in sorted((root / "train").glob("*.py")) + [root / "agent.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "reference" or n.endswith(".reference") for n in names):
+                found.append((path.name, node.col_offset > 0))
+    assert found == [("step.py", True)], found

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import reference
+from ..agent import confidence_prior, gap_prior, similarity_prior
 
 __all__ = ["WeightDiagnostics", "DIAGNOSTICS_PNG", "DIAGNOSTICS_CSV", "diagnostic_columns", "plot_diagnostics",
            "write_diagnostics"]
@@ -88,12 +88,12 @@ class WeightDiagnostics:
         pi_l, pi_f = agent.policy(state)
         dt = torch.float64
         tce, kl, cos = state.teacher_ce.to(dt), state.kl.to(dt), state.cos.to(dt)
-        c = reference.confidence_prior(tce)
+        c = confidence_prior(tce)
         M = tce.shape[1]
         u = torch.full_like(c, 1.0 / M)
         out = []
-        for pi, g, lam in ((pi_l, reference.gap_prior(kl), getattr(agent, "logit_weight_factor", None)),
-                           (pi_f, reference.similarity_prior(cos), getattr(agent, "feature_weight_factor", None))):
+        for pi, g, lam in ((pi_l, gap_prior(kl), getattr(agent, "logit_weight_factor", None)),
+                           (pi_f, similarity_prior(cos), getattr(agent, "feature_weight_factor", None))):
             coef = torch.softmax(lam.detach().to(dt), 0) if (agent.dynamic and lam is not None) \
                 else torch.full((3,), 1.0 / 3, dtype=dt, device=c.device)
             pi = pi.to(dt)
