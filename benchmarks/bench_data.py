@@ -57,8 +57,11 @@ def test_image_folder_epoch(benchmark, jpeg_train, backend):
         pytest.skip("NVIDIA DALI is not installed")
     benchmark.group = f"image folder epoch, CPU, {len(jpeg_train)} JPEGs {SIZE[0]}x{SIZE[1]} -> 224, {THREADS} threads"
     cpu_log = []
+    benchmark.extra_info.update(case=f"{len(jpeg_train)} JPEGs", variant=backend, baseline="torchvision")
     n = benchmark.pedantic(_epoch, args=(jpeg_train, backend, cpu_log), rounds=3, warmup_rounds=1)
     assert n == len(jpeg_train)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
     median = benchmark.stats.stats.median
     cpu_ms = 1000 * sorted(cpu_log)[len(cpu_log) // 2]
     _medians[backend] = (median, cpu_ms)

@@ -108,11 +108,11 @@ def test_bench_epoch_cli_writes_table_csv_png(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "MTKD-RL, authors' way" in text and "teacher cache build" in text and "targets:" in text
     rows = _read_csv(out / "epoch_bench.csv")
-    assert [r["config"] for r in rows] == ["student_only", "aver", "ebkd", "camkd", "mtkd_rl_authors", "mtkd_rl_live",
+    assert [r["variant"] for r in rows] == ["student_only", "aver", "ebkd", "camkd", "mtkd_rl_authors", "mtkd_rl_live",
                                            "mtkd_rl_cached"]
     for r in rows:
         for key in ("median_s", "images_per_s", "time_x_student_only", "time_x_aver"):
-            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["config"], key, r[key])
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["variant"], key, r[key])
         assert int(r["images"]) == 5 and r["torch"] == torch.__version__ and r["commit"]
         assert len(r["times_s"].split()) == 2
     assert float(rows[0]["time_x_student_only"]) == 1.0 and float(rows[1]["time_x_aver"]) == 1.0
