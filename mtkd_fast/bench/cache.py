@@ -184,6 +184,7 @@ def replay_experiment(out: str, views=(1, 2, 4), seeds=(0, 1, 2), per_class: int
     (live teachers). Same seeds, same everything else; CPU-sized, so small models and few epochs. Models and
     caches go under ``out``; one row per run (benchmark ``cache_replay``: its seconds, ``val_top1`` in extra)."""
     from ..train import train, train_teacher
+    from ..train.run import live_teacher_precision
 
     record = record or Record("cpu", harness="mtkd-fast bench cache --replay-experiment")
     os.makedirs(out, exist_ok=True)
@@ -209,7 +210,9 @@ def replay_experiment(out: str, views=(1, 2, 4), seeds=(0, 1, 2), per_class: int
                 tms = [models.create_model(n, ds.num_classes) for n in teachers]
                 for t, c in zip(tms, ckpts):
                     models.load_checkpoint(t, c)
-                build_cache(cache, ds, tms, views=V, teacher_names=list(teachers), checkpoints=ckpts, progress=False)
+                # the teachers' precision MTKD-RL's training asks of the cache (``--teacher-precision auto``)
+                build_cache(cache, ds, tms, views=V, teacher_names=list(teachers), checkpoints=ckpts, progress=False,
+                            teacher_precision=live_teacher_precision("auto", "mtkd_rl"))
             t0 = time.perf_counter()
             r = train(TrainConfig(**common, seed=seed, teacher_cache=cache,
                                   out_dir=os.path.join(out, f"student_s{seed}_v{V}")))
@@ -258,7 +261,7 @@ def run_cache_bench(rounds: int = 7, reads: int = 20, encodings: bool = True, st
                    extra=setting)
     read_times = interleave({"read": s.read_cache}, reads, warmup=2)["read"]
     record.add("cache", case, "cache_read_one_batch", read_times, batch_size=s.batch_size, images=s.batch_size,
-               label="cache read of one batch (logits, embeddings, maps; float16 -> float32)", extra=setting)
+               label="cache read of one batch", extra=setting)
     log(record.format())
     log(f"cache build of {len(s.ds)} samples x 1 view: {s.build_s:.1f} s")
     if encodings:

@@ -408,7 +408,7 @@ def run_epoch_bench(spec: BenchSpec) -> dict:
                              "images_per_s": images / stats["median_s"],
                              "peak_rss_mib": mem["peak_rss_bytes"] / 2**20,
                              "peak_device_mib": mem["peak_device_bytes"] / 2**20,
-                             "times_s": " ".join(f"{t:.6g}" for t in times[c])})
+                             "times_s": " ".join(repr(t) for t in times[c])})
         add_ratios(rows, device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

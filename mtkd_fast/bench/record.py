@@ -253,7 +253,7 @@ def plot_medians(record: Record, path: str, title: str) -> Optional[str]:
         return None
     record._ratios()
     cases = list(dict.fromkeys((r["case"], r["threads"]) for r in rows))
-    fig, axes = plt.subplots(1, len(cases), figsize=(4.8 * len(cases), 0.9 + 0.38 * max(
+    fig, axes = plt.subplots(1, len(cases), figsize=(max(7.0, 4.8 * len(cases)), 1.3 + 0.38 * max(
         sum(1 for r in rows if (r["case"], r["threads"]) == c) for c in cases)), squeeze=False)
     for ax, (case, threads) in zip(axes[0], cases):
         mine = [r for r in rows if (r["case"], r["threads"]) == (case, threads)]
@@ -269,8 +269,8 @@ def plot_medians(record: Record, path: str, title: str) -> Optional[str]:
         ax.set_xlabel("median ms per round")
         ax.set_title(f"{case}, {threads} thread(s)", fontsize=9)
     m = record.meta
-    fig.suptitle(f"{title}: {m['device']} ({m['gpu'] or m['cpu']}), torch {m['torch']}, commit {m['commit']}; "
-                 f"ratios to the baseline (red)", fontsize=8)
+    fig.suptitle(f"{title}: {m['device']} ({m['gpu'] or m['cpu']}), torch {m['torch']}, commit {m['commit']}\n"
+                 f"median of interleaved rounds, ratio to the baseline (red)", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

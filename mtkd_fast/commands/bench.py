@@ -117,8 +117,7 @@ def _finish(record, out: str, name: str, title: str) -> int:
 
     csv_path = record.write(os.path.join(out, f"{name}_bench.csv"))
     png = plot_medians(record, os.path.join(out, f"{name}_bench.png"), title)
-    m = record.meta
-    print(f"load average at the start {m['load_start']}, at the end {m['load_end']}")
+    print(f"{record.header()}, at the end {record.meta['load_end']}")
     print("wrote " + ", ".join(p for p in (csv_path, png) if p))
     return 0
 
@@ -238,7 +237,8 @@ def run_cache(args):
         raise ValueError(f"--per-class: expected a positive integer, got {args.per_class}")
     valid = models.list_models()
     teachers = _names(args.teachers, valid, "teachers")
-    _names(args.student, valid, "student")
+    if args.student not in valid:
+        raise ValueError(f"--student: unknown model {args.student!r}; valid names: {', '.join(valid)}")
     if args.replay_experiment:
         try:
             views = [int(v) for v in args.views.split(",") if v.strip()]
