@@ -18,10 +18,6 @@ def register(sub):
 
     from ..bench.epoch import CONFIGS, SETTINGS
 
-    _register_ops(verbs)
-    _register_teachers(verbs)
-    _register_cache(verbs)
-
     e = verbs.add_parser(
         "epoch", help="wall time, images/s and peak memory of an epoch (or N steps) of: student only, AVER, EB-KD, "
                       "CA-MKD, MTKD-RL the authors' way, mtkd_fast MTKD-RL with live teachers and with the teacher "
@@ -55,6 +51,9 @@ def register(sub):
     e.add_argument("--out", default="bench_results", help="output directory for epoch_bench.csv/.png/.json/.md")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_epoch)
+    _register_ops(verbs)
+    _register_teachers(verbs)
+    _register_cache(verbs)
 
 
 def run_epoch(args):
