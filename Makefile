@@ -52,7 +52,8 @@ demo: build
 	$(VENV)/bin/mtkd-fast demo
 
 bench: build
-	$(PY) -m pytest benchmarks -q -s --benchmark-only --benchmark-autosave --benchmark-columns=min,median,mean,stddev,rounds
+	$(PY) -m pytest benchmarks -q -s --benchmark-only --benchmark-autosave --benchmark-storage=bench_results/pytest-benchmark \
+		--benchmark-columns=min,median,mean,stddev,rounds
 
 clean:
 	rm -rf build build-cmake mtkd_fast/_C*.so

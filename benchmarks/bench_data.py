@@ -57,12 +57,15 @@ def test_image_folder_epoch(benchmark, jpeg_train, backend):
         pytest.skip("NVIDIA DALI is not installed")
     benchmark.group = f"image folder epoch, CPU, {len(jpeg_train)} JPEGs {SIZE[0]}x{SIZE[1]} -> 224, {THREADS} threads"
     cpu_log = []
+    benchmark.extra_info.update(case=f"{len(jpeg_train)} JPEGs", variant=backend, baseline="torchvision")
     n = benchmark.pedantic(_epoch, args=(jpeg_train, backend, cpu_log), rounds=3, warmup_rounds=1)
     assert n == len(jpeg_train)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
     median = benchmark.stats.stats.median
     cpu_ms = 1000 * sorted(cpu_log)[len(cpu_log) // 2]
     _medians[backend] = (median, cpu_ms)
-    benchmark.extra_info.update(threads=THREADS, images=n, images_per_s=round(n / median, 1),
+    benchmark.extra_info.update(loader_threads=THREADS, images=n, images_per_s=round(n / median, 1),
                                 cpu_ms_per_image=round(cpu_ms, 3))
     print(f"\n{backend}: {n / median:.0f} images/s, {cpu_ms:.2f} CPU ms/image ({THREADS} threads)")
     if backend == "dali" and "torchvision" in _medians:
@@ -112,11 +115,14 @@ def test_in_memory_epoch(benchmark, path):
         baseline = _PerSampleTorchvision(ds)
         make = lambda: torch.utils.data.DataLoader(baseline, batch_size=64, shuffle=True)  # noqa: E731
     benchmark.group = "in-memory epoch, CPU, bundled train (10000 images), batch 64, 1 process"
+    benchmark.extra_info.update(case="bundled train", variant=path, baseline="torchvision_per_sample",
+                                batch_size=64, images=len(ds))
     n = benchmark.pedantic(lambda: _array_epoch(make()), rounds=3, warmup_rounds=1)
     assert n == len(ds)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
     median = benchmark.stats.stats.median
     _array_medians[path] = median
-    benchmark.extra_info.update(images_per_s=round(n / median, 1))
     print(f"\n{path}: {n / median:.0f} images/s")
     if path == "batched" and "torchvision_per_sample" in _array_medians:
         speedup = _array_medians["torchvision_per_sample"] / median

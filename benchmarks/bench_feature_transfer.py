@@ -56,9 +56,12 @@ def test_feature_transfer_forward_backward(benchmark, setting, order):
     benchmark.group = "feature transfer, CPU, B=64, ShuffleV2 -> 4 teachers, forward+backward"
     benchmark.extra_info.update(
         student_shape=list(transfer.student_shape), teacher_shapes=[list(s) for s in transfer.teacher_shapes],
-        threads=torch.get_num_threads(),
+        threads=torch.get_num_threads(), case=f"{STUDENT} B={BATCH}", variant=order, baseline="authors",
+        batch_size=BATCH, images=BATCH,
     )
     benchmark.pedantic(_step, args=(forward, student_map, upstream), rounds=15, warmup_rounds=2)
+    if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
+        return
     _medians[order] = benchmark.stats.stats.median
     if order == "fast" and "authors" in _medians:
         ratio = _medians["fast"] / _medians["authors"]

@@ -73,5 +73,7 @@ def setting():
 def test_train_step(benchmark, setting, config):
     setting.step(config)  # warm-up: builds the configuration, allocator and kernels
     benchmark.group = f"train-step cifar {setting.spec.students[0]} B={setting.spec.batch_size}"
-    benchmark.extra_info["cache_build_s"] = setting.cache_build_s
+    benchmark.extra_info.update(case=f"cifar {setting.spec.students[0]}", variant=config, baseline="student_only",
+                                batch_size=setting.spec.batch_size, images=setting.spec.batch_size,
+                                cache_build_s=setting.cache_build_s)
     benchmark.pedantic(setting.step, args=(config,), rounds=ROUNDS, iterations=1)

@@ -13,7 +13,8 @@
 #             channels_last, pipeline reuse; they skip (and the summary says so) where NVIDIA DALI is not installed
 #   memcheck  compute-sanitizer --tool memcheck over the fused ops' CUDA tests
 #   ops       the op benchmarks on the GPU (benchmarks/bench_ops.py, MTKD_BENCH_DEVICE=cuda: fused vs the authors'
-#             way vs the eager and compiled reference; bytes, bandwidth and time over the memory floor per op)
+#             way vs the eager and compiled reference; bytes, bandwidth and time over the memory floor per op;
+#             rows in the benchmarks' one CSV schema, mtkd_fast/bench/record.py)
 #   epoch     `mtkd-fast bench epoch` on the GPU: the CIFAR-like setting (ShuffleV2, B=64) and the ImageNet-like
 #             setting (ResNet-18 student, ResNet-34/50/101 teachers, B=128), sized to a couple of minutes each
 # STAGES names a subset (names: build selftest tests dali memcheck ops epoch-cifar epoch-imagenet); after an earlier
@@ -21,7 +22,7 @@
 #
 # Everything lands in $OUT (default ./gpu_check_out): gpu_check.log (all output), gpu_check.md (the summary:
 # device, stage results, both epoch tables -- paste into benchmarks/RESULTS.md), epoch_cifar.csv/.png,
-# epoch_imagenet.csv/.png, bench_ops.json, and everything else in gpu_check_files.tar.gz.
+# epoch_imagenet.csv/.png, bench_ops.csv, and everything else in gpu_check_files.tar.gz.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_check_out}
@@ -77,7 +78,7 @@ stage tests 100 $PY -m pytest -q -rs -p no:cacheprovider $CUDA_TESTS -k "cuda or
 stage dali 120 $PY -m pytest -q -rs -p no:cacheprovider tests/test_data_dali.py tests/test_data_folder.py -k "gpu"
 stage memcheck 110 "$SANITIZER" --tool memcheck --error-exitcode 3 --print-limit 20 \
   $PY -m pytest -q -x -p no:cacheprovider tests/test_ops.py -k cuda
-stage ops 150 env MTKD_BENCH_DEVICE=cuda $PY -m pytest -q -s -p no:cacheprovider benchmarks/bench_ops.py \
+stage ops 150 env MTKD_BENCH_DEVICE=cuda MTKD_BENCH_OUT="$WORK/ops" $PY -m pytest -q -s -p no:cacheprovider benchmarks/bench_ops.py \
   -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,rounds
 stage epoch-cifar 100 $PY -m mtkd_fast.cli bench epoch --setting cifar --students ShuffleV2 --steps 40 --repetitions 3 \
   --memory-steps 3 --no-progress --out "$WORK/epoch_cifar"
@@ -91,8 +92,7 @@ for s in cifar imagenet; do
     cp "$WORK/epoch_$s/epoch_bench.png" "$OUT/epoch_$s.png"
   fi
 done
-[ -f benchmarks/results/bench_ops_cuda.json ] && cp benchmarks/results/bench_ops_cuda.json "$OUT/bench_ops.json"
-cp -r benchmarks/results "$WORK/bench_ops_results" 2>/dev/null
+[ -f "$WORK/ops/pytest_bench.csv" ] && cp "$WORK/ops/pytest_bench.csv" "$OUT/bench_ops.csv"
 tar -czf "$OUT/gpu_check_files.tar.gz" -C "$WORK" .
 rm -rf "$WORK"
 cat "$SUMMARY"

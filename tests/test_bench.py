@@ -5,13 +5,14 @@
   ``Trainer.train_step`` on the same models and batch,
   and its agent update the same agent; its loss must also equal ``authors_step``'s for the same
   weights (the phases it shares with that function).
-- A tiny run of the CLI writes the table, CSV, JSON and PNG with finite numbers.
+- A tiny run of the CLI writes the table, CSV (in the benchmarks' one schema), JSON and PNG with finite numbers.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import os
 
@@ -20,6 +21,7 @@ import torch
 from mtkd_fast import models
 from mtkd_fast.agent import MTKDAgent
 from mtkd_fast.bench.authors import AuthorsMTKDRL, authors_step
+from mtkd_fast.bench.record import COLUMNS
 from mtkd_fast.cli import main
 from mtkd_fast.teachers import LiveTeachers
 from mtkd_fast.train import TrainConfig, Trainer
@@ -108,13 +110,19 @@ def test_bench_epoch_cli_writes_table_csv_png(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "MTKD-RL, authors' way" in text and "teacher cache build" in text and "targets:" in text
     rows = _read_csv(out / "epoch_bench.csv")
-    assert [r["config"] for r in rows] == ["student_only", "aver", "ebkd", "camkd", "mtkd_rl_authors", "mtkd_rl_live",
+    assert [r["variant"] for r in rows] == ["student_only", "aver", "ebkd", "camkd", "mtkd_rl_authors", "mtkd_rl_live",
                                            "mtkd_rl_cached"]
     for r in rows:
         for key in ("median_s", "images_per_s", "time_x_student_only", "time_x_aver"):
-            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["config"], key, r[key])
+            assert math.isfinite(float(r[key])) and float(r[key]) > 0, (r["variant"], key, r[key])
         assert int(r["images"]) == 5 and r["torch"] == torch.__version__ and r["commit"]
-        assert len(r["times_s"].split()) == 2
+        assert len(r["times_s"].split()) == 2 and r["harness"] == "mtkd-fast bench epoch"
+        assert float(r["min_s"]) <= float(r["p25_s"]) <= float(r["median_s"]) <= float(r["p75_s"]) <= float(r["max_s"])
+        assert r["benchmark"] == "epoch" and r["case"] == "cifar resnet8" and r["baseline"] == "student_only"
+        assert r["median_x_baseline"] == r["time_x_student_only"]
+        assert json.loads(r["extra"])["student"] == "resnet8"
+    with open(out / "epoch_bench.csv") as f:  # the benchmarks' one schema (mtkd_fast.bench.record)
+        assert f.readline().strip().split(",") == list(COLUMNS)
     assert float(rows[0]["time_x_student_only"]) == 1.0 and float(rows[1]["time_x_aver"]) == 1.0
     with open(out / "epoch_bench.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,7 @@ Two levels, written from docs/method.md sections 2-7:
   per-teacher Python loop of small PyTorch operations that recomputes each teacher's KL three times (state, loss,
   reward), each feature MSE and the student cross-entropy twice, and each teacher's cross-entropy twice (state,
   confidence prior). The agent is not included: its weights are inputs; ``loss`` is differentiable w.r.t. the
-  student logits and maps. ``benchmarks/bench_ops.py`` times it against the fused step.
+  student logits and maps. ``mtkd-fast bench ops`` (``mtkd_fast/bench/ops.py``) times it against the fused step.
 - :class:`AuthorsMTKDRL`: a whole training step as their loop runs it (the ``mtkd_rl_authors`` row of
   ``mtkd-fast bench epoch``): float32 teachers one after the other under ``torch.no_grad``; the feature transfer
   teacher by teacher (``FeatureTransfer.forward_plain``); the state phase, the agent, then the loss and reward

@@ -16,16 +16,16 @@ import copy
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .record import interleave, load_average, run_info, summarize
 
 CONFIGS = ("student_only", "aver", "ebkd", "camkd", "mtkd_rl_authors", "mtkd_rl_live", "mtkd_rl_cached")
 CONFIG_LABELS = {
@@ -360,7 +360,7 @@ def run_epoch_bench(spec: BenchSpec) -> dict:
     spec = spec.resolved()
     spec.extra.setdefault("threads", torch.get_num_threads())
     device = spec.device
-    load_before = os.getloadavg()
+    meta = run_info(device, harness="mtkd-fast bench epoch")
     ds = random_dataset(spec)
     ds.set_view(0)
     needs_teachers = any(c not in ("student_only",) for c in spec.configs)
@@ -378,41 +378,42 @@ def run_epoch_bench(spec: BenchSpec) -> dict:
             teacher_precision = {c: r.teacher_precision for c, r in runs.items()}
             for run in runs.values():  # warm-up: one step each (allocator, kernels, lazy checksum checks)
                 run.epoch(ds, 1, max_steps=1)
-            times = {c: [] for c in spec.configs}
-            order = list(spec.configs)
-            blocks = spec.repetitions * len(order)
-            bar = tqdm(total=blocks, desc=f"bench {spec.setting} {student_name}", unit="run",
-                       disable=not spec.progress, leave=False)
-            for rep in range(spec.repetitions):
-                shift = rep % len(order)
-                for c in order[shift:] + order[:shift]:
-                    t0 = time.perf_counter()
-                    images = runs[c].epoch(ds, rep + 1)
-                    times[c].append(time.perf_counter() - t0)
-                    bar.set_postfix_str(f"{c} {times[c][-1]:.1f}s")
-                    bar.update(1)
+            epochs = {c: iter(range(1, spec.repetitions + 1)) for c in spec.configs}
+            seen = {}
+
+            def one_epoch(c, runs=runs):
+                seen[c] = runs[c].epoch(ds, next(epochs[c]))
+
+            bar = tqdm(total=spec.repetitions * len(spec.configs), desc=f"bench {spec.setting} {student_name}",
+                       unit="run", disable=not spec.progress, leave=False)
+
+            def after(c, seconds):
+                bar.set_postfix_str(f"{c} {seconds:.1f}s")
+                bar.update(1)
+
+            # run.epoch waits for the device itself
+            times = interleave({c: (lambda c=c: one_epoch(c)) for c in spec.configs}, spec.repetitions, warmup=0,
+                               after=after)
+            images = seen[spec.configs[-1]]
             bar.close()
             del runs
             for c in spec.configs:
                 mem = (measure_memory(spec, c, student_name, cache_dir) if spec.memory_steps > 0
                        else {"peak_rss_bytes": float("nan"), "peak_device_bytes": float("nan")})
-                med = statistics.median(times[c])
+                stats = summarize(times[c])
                 rows.append({"setting": spec.setting, "student": student_name, "config": c,
                              "label": CONFIG_LABELS[c], "teacher_precision": teacher_precision[c],
                              "steps": spec.steps, "batch_size": spec.batch_size,
-                             "images": images, "repetitions": spec.repetitions, "median_s": med,
-                             "min_s": min(times[c]), "max_s": max(times[c]), "images_per_s": images / med,
+                             "images": images, "repetitions": spec.repetitions, **stats,
+                             "images_per_s": images / stats["median_s"],
                              "peak_rss_mib": mem["peak_rss_bytes"] / 2**20,
                              "peak_device_mib": mem["peak_device_bytes"] / 2**20,
-                             "times_s": " ".join(f"{t:.4f}" for t in times[c])})
+                             "times_s": " ".join(repr(t) for t in times[c])})
         add_ratios(rows, device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    meta = machine_info(device)
-    meta.update(load_before=" ".join(f"{x:.2f}" for x in load_before),
-                load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
-                cache_build_s=cache_build_s, cache_build_fp32_s=cache_build_fp32_s, cache_samples=len(ds),
-                memory_steps=spec.memory_steps,
+    meta.update(threads=torch.get_num_threads(), load_end=load_average(), cache_build_s=cache_build_s,
+                cache_build_fp32_s=cache_build_fp32_s, cache_samples=len(ds), memory_steps=spec.memory_steps,
                 teachers=" ".join(spec.teachers), amp=spec.amp or "none", channels_last=spec.channels_last,
                 teacher_precision=spec.teacher_precision, fold_bn=spec.fold_bn, teacher_compile=spec.teacher_compile)
     return {"rows": rows, "meta": meta, "targets": check_targets(rows, device)}
@@ -459,24 +460,5 @@ def check_targets(rows: list, device: str) -> list:
 
 
 def machine_info(device: str) -> dict:
-    import platform
-    import subprocess
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=Path(__file__).resolve().parents[2]).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    gpu = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else ""
-    return {"device": device, "gpu": gpu, "cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "platform": platform.platform(), "hostname": platform.node(), "commit": commit}
+    """The run's metadata (:func:`mtkd_fast.bench.record.run_info`) with the thread count."""
+    return {**run_info(device), "threads": torch.get_num_threads()}

@@ -1,19 +1,19 @@
-"""Outputs of the epoch benchmark: a text table, a CSV (with the machine, versions and commit on every row) and a
-PNG bar chart. Files are written atomically."""
+"""Outputs of the epoch benchmark: a text table, a CSV in the benchmarks' one schema (:mod:`mtkd_fast.bench.record`:
+the machine, versions, commit and load on every row) and a PNG bar chart. Files are written atomically."""
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 
 from .._io import write_bytes_atomic
 from .epoch import memory_key
+from .record import Record
 
-_COLUMNS = ("setting", "student", "config", "label", "teacher_precision", "steps", "batch_size",
-            "images", "repetitions", "median_s",
-            "min_s", "max_s", "images_per_s", "time_x_student_only", "time_x_aver", "peak_rss_mib", "peak_device_mib",
-            "mem_x_student_only", "mem_x_aver", "times_s")
+# what only the epoch benchmark records: the CSV's ``extra`` field
+_ROW_EXTRA = ("setting", "student", "teacher_precision", "steps")
+_META_EXTRA = ("cache_build_s", "cache_build_fp32_s", "cache_samples", "memory_steps", "teachers", "amp",
+               "channels_last", "teacher_precision", "fold_bn", "teacher_compile")
 
 
 def _fmt(x, spec=".2f"):
@@ -50,16 +50,29 @@ def format_table(result: dict) -> str:
     return out
 
 
-def write_csv(result: dict, path: str) -> None:
-    """One row per (student, configuration) with the run's metadata (machine, torch/CUDA, commit) as columns."""
+def to_record(result: dict) -> Record:
+    """The rows in the benchmarks' one CSV schema (:mod:`mtkd_fast.bench.record`): benchmark ``epoch``, case
+    ``<setting> <student>``, the ratios to student-only (and to AVER, and the memory ratios, as their own columns);
+    the run's options in ``extra``."""
     meta = result["meta"]
-    columns = list(_COLUMNS) + [k for k in meta]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
+    record = Record(meta=meta)
+    run_extra = {k: meta[k] for k in _META_EXTRA if k in meta}
     for r in result["rows"]:
-        w.writerow({**{k: r.get(k, "") for k in _COLUMNS}, **meta})
-    write_bytes_atomic(path, buf.getvalue().encode())
+        times = [float(t) for t in r["times_s"].split()]
+        extra = {**run_extra, **{k: r[k] for k in _ROW_EXTRA}}
+        record.add("epoch", f"{r['setting']} {r['student']}", r["config"], times, baseline="student_only",
+                   extra=extra, label=r["label"], threads=meta.get("threads", ""), batch_size=r["batch_size"],
+                   images=r["images"], **{k: r[k] for k in _EPOCH_COLUMNS})
+    return record
+
+
+_EPOCH_COLUMNS = ("peak_rss_mib", "peak_device_mib", "time_x_student_only", "time_x_aver", "mem_x_student_only",
+                  "mem_x_aver")
+
+
+def write_csv(result: dict, path: str) -> None:
+    """One row per (student, configuration) in the benchmarks' one CSV schema, written atomically."""
+    to_record(result).write(path)
 
 
 def plot(result: dict, path: str) -> None:
