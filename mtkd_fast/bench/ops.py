@@ -11,7 +11,7 @@ and, labelled apart, ``mtkdloss_cos_in_loss``: ``MTKDLoss(backend="fused")`` giv
 pools the cosine in the loss's own read of the maps -- for users of ``MTKDLoss`` outside MTKD-RL, whose weights do
 not depend on the state (MTKD-RL cannot take its state from the weighted loss).
 
-The weights come from the state as the agent's action blends them (``reference.action``: fixed policy outputs
+The weights come from the state as the agent's action blends them (``mtkd_fast.agent.action``: fixed policy outputs
 plus the confidence, gap and similarity priors of the state); the agent's two-layer network itself is left out,
 as in the authors' baseline, which takes its weights as inputs.
 
@@ -25,8 +25,7 @@ import time
 
 import torch
 
-from .. import MTKDLoss, ops
-from .. import reference as ref
+from .. import MTKDLoss, agent, ops
 from ..train.step import distill_step
 from .authors import authors_step
 from .record import Record, device_sync, interleave
@@ -72,7 +71,7 @@ def _distill_step(backend):
 
     def step(zs, zt, y, gs, fs, emb, wl, wf):
         def weights(tce, state):  # the agent's action for fixed policy outputs (wl, wf): priors of the state
-            a_l, a_f = ref.action(wl, wf, state.teacher_ce, state.kl, state.cos)
+            a_l, a_f = agent.action(wl, wf, state.teacher_ce, state.kl, state.cos)
             return a_l, a_f, None
 
         return distill_step(zs, gs, y, zt, emb, fs, weights, temperature=T, alpha=ALPHA, beta=BETA, backend=backend)
@@ -83,8 +82,8 @@ def _distill_step(backend):
 def _cos_in_loss_step(zs, zt, y, gs, fs, emb, wl, wf):
     """``MTKDLoss`` with fixed weights and the cosine from the loss's read of the maps (outside MTKD-RL)."""
     out = MTKDLoss(T, ALPHA, BETA, backend="fused")(zs, zt, y, wl, gs, fs, wf, emb)
-    state = ref.agent_state(out.cos, out.kl, out.teacher_ce, emb, zt)
-    priors = (ref.confidence_prior(out.teacher_ce), ref.gap_prior(out.kl), ref.similarity_prior(out.cos))
+    state = agent.agent_state(out.cos, out.kl, out.teacher_ce, emb, zt)
+    priors = (agent.confidence_prior(out.teacher_ce), agent.gap_prior(out.kl), agent.similarity_prior(out.cos))
     reward = ops.per_sample_loss_and_reward(out.student_ce, out.kl, wl, out.mse, wf, ALPHA, BETA).reward
     return out.loss, state, priors, reward
 
