@@ -641,7 +641,13 @@ def test_recycled_gradient_buffers_never_overwrite_a_live_gradient():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,K,M", [(1, 2, 2), (3, 1001, 3), (64, 100, 5), (129, 1000, 8), (256, 10, 2)])
+# On CUDA a row is split over chunks of >= 64 classes when B is small (a few per row up to ~2 blocks per SM):
+# B = 1 and 8 with K = 1000 take many chunks, K = 1001 a short last chunk, K = 40 (B = 5) and K = 2 one chunk
+# shorter than the minimum, K = 50000 and M = 32 many chunks, and B = 300 (which alone fills the GPU) with
+# K = 3000, M = 8 chunks bounded by the shared memory the staged rows take.
+@pytest.mark.parametrize("B,K,M", [(1, 2, 2), (3, 1001, 3), (64, 100, 5), (129, 1000, 8), (256, 10, 2),
+                                   (1, 1000, 8), (8, 1000, 4), (5, 40, 2), (2, 50000, 3), (2, 4000, 32),
+                                   (300, 3000, 8)])
 @pytest.mark.parametrize("device", DEVICES)
 def test_logit_kd_on_device_matches_reference(device, dtype, B, K, M):
     zs, zt, y, w = logit_inputs(B, K, M, seed=B + K + M, dtype=dtype)
@@ -655,6 +661,31 @@ def test_logit_kd_on_device_matches_reference(device, dtype, B, K, M):
     tol = STAT_TOL.get(dtype, 1e-4)
     for a, b in zip(out, exp):
         torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol)
+    rtol = GRAD_RTOL[dtype]
+    torch.testing.assert_close(grad.cpu().to(F64), exp_grad, rtol=rtol, atol=rtol * exp_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_kd_on_device_masked_classes(device, dtype):
+    # classes masked with -inf: a run of 300 in every row (whole CUDA chunks of -inf), one of 300 in teacher 1
+    # only (its probability 0 there: no KL term); the statistics stay finite and match the reference
+    zs, zt, y, w = logit_inputs(4, 1000, 3, seed=23, dtype=dtype)
+    zs[:, 100:400] = float("-inf")
+    zt[:, :, 100:400] = float("-inf")
+    zt[1, :, 600:900] = float("-inf")
+    y = torch.tensor([0, 450, 999, 550])  # classes no row masks (a masked target has an infinite cross-entropy)
+    acc = F64 if dtype == F64 else torch.float32
+    z = zs.to(device).requires_grad_(True)
+    out = ops.mtkd_logit_kd(z, zt.to(device), y.to(device), w.to(device, acc), 3.0, 0.8)
+    (grad,) = torch.autograd.grad(out.loss, z)
+    exp = ref.mtkd_logit_kd(zs.to(F64), zt.to(F64), y, w, 3.0, 0.8)
+    exp_grad = ref.logit_kd_grad(zs.to(F64), zt.to(F64), y, w, 3.0, 0.8)
+    assert all(bool(torch.isfinite(t).all()) for t in (*out, grad))
+    tol = STAT_TOL.get(dtype, 1e-4)
+    for a, b in zip(out, exp):
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol)
+    assert bool((grad[:, 100:400] == 0).all())  # p^1 = p^T = 0 for the student and every teacher there
     rtol = GRAD_RTOL[dtype]
     torch.testing.assert_close(grad.cpu().to(F64), exp_grad, rtol=rtol, atol=rtol * exp_grad.abs().max().item())
 
@@ -885,6 +916,18 @@ def test_one_kernel_launch_per_op(device):
         ]
         # the host-to-device copies of the logit inputs are memcpys; every computed value comes from one kernel
         assert len(kernels) == 1 and "mtkd" in kernels[0], (name, kernels)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_logit_kd_cuda_repeated_calls_are_bitwise_equal(device):
+    # B = 8, K = 1000: each row split over several blocks whose records the row's last block merges; fresh
+    # arrival counters per call and fixed reduction orders give the same bits whichever block finishes last
+    zs, zt, y, w = logit_inputs(8, 1000, 4, seed=24, dtype=torch.float32)
+    args = (zs.to(device), list(zt.to(device)), y.to(device), w.float().to(device), 4.0, 1.0)
+    first = torch.ops.mtkd_fast.logit_kd(*args)
+    for _ in range(3):
+        for a, b in zip(torch.ops.mtkd_fast.logit_kd(*args), first):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", CUDA_ONLY)
