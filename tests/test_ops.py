@@ -207,6 +207,31 @@ def test_feature_kd_and_cosine_reduced_precision_and_mixed_layouts(dtype):
         torch.testing.assert_close(a.to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
 
 
+@pytest.mark.parametrize("stream", ["1", "0"])
+def test_feature_kd_float32_streaming_and_cached_gradient_stores(monkeypatch, stream):
+    # float32 gradients larger than the last-level cache are written with streaming stores (csrc/cpu/simd.h);
+    # MTKD_FAST_STREAM_STORES forces either path here, at odd sizes: every sample's run starts unaligned, ends
+    # in a tail shorter than a vector, spans several 2048-value blocks (2 x 33 x 35), or is a single value
+    monkeypatch.setenv("MTKD_FAST_STREAM_STORES", stream)
+    B, shapes = 5, [(5, 7, 9), (3, 1, 3), (2, 33, 35), (1, 1, 1)]
+    gs, fs, w = feature_inputs(B, shapes, seed=41, dtype=torch.float32)
+    g = gen(42)
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).float() for s in shapes]
+    gs = [x.requires_grad_(True) for x in gs]
+    exp, exp_grads = ref_feature(gs, fs, w.float(), 2.5)
+    for embeddings in (None, emb):  # the plain walk and the one that also pools the maps for the cosine
+        loss, mse, cos = ops.feature_kd_and_cosine(gs, fs, w.float(), 2.5, embeddings)
+        grads = torch.autograd.grad(loss, gs)
+        torch.testing.assert_close(loss.double(), exp.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mse.double(), exp.mse, rtol=1e-5, atol=1e-6)
+        if embeddings is not None:
+            exp_cos = ref.pooled_cosine([x.detach().double() for x in gs], [e.double() for e in emb])
+            torch.testing.assert_close(cos.double(), exp_cos, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, exp_grads):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_feature_kd_and_cosine_bad_embeddings_name_the_argument():
     gs, fs, w = feature_inputs(4, [(3, 2, 2), (2, 2, 2)], seed=25)
     emb = [torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)]
