@@ -18,7 +18,9 @@
 #define MTKD_SSE2 1
 #endif
 
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace mtkd {
 
@@ -92,6 +94,63 @@ inline SqDiffSums sq_diff_grad_stream_run(const float* __restrict g, const float
 // Streaming stores are weakly ordered: fence them before the written values are handed to another thread.
 inline void stream_fence() { _mm_sfence(); }
 
+// e^x for four floats x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r, and
+// 2^n from the exponent bits): within 2 ulp of expf. x below ln(FLT_MIN) ~ -87.3 gives 0 (where expf returns
+// a subnormal), so a probability that underflows is exactly 0 as the kernels' p > 0 tests expect; NaN stays NaN.
+inline __m128 exp_nonpositive(__m128 x) {
+  const __m128 underflow = _mm_cmplt_ps(x, _mm_set1_ps(-87.3365478515625f));
+  x = _mm_max_ps(_mm_set1_ps(-88.0f), x);  // max(c, x) returns x when x is NaN
+  x = _mm_min_ps(_mm_set1_ps(0.0f), x);
+  // n = round(x log2 e): floor(x log2 e + 0.5) by truncation, corrected for negative values
+  __m128 fx = _mm_add_ps(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)), _mm_set1_ps(0.5f));
+  __m128 t = _mm_cvtepi32_ps(_mm_cvttps_epi32(fx));
+  fx = _mm_sub_ps(t, _mm_and_ps(_mm_cmpgt_ps(t, fx), _mm_set1_ps(1.0f)));
+  // r = x - n ln2, with ln2 split in two for exactness
+  x = _mm_sub_ps(x, _mm_mul_ps(fx, _mm_set1_ps(0.693359375f)));
+  x = _mm_sub_ps(x, _mm_mul_ps(fx, _mm_set1_ps(-2.12194440e-4f)));
+  const __m128 z = _mm_mul_ps(x, x);
+  __m128 y = _mm_set1_ps(1.9875691500e-4f);
+  y = _mm_add_ps(_mm_mul_ps(y, x), _mm_set1_ps(1.3981999507e-3f));
+  y = _mm_add_ps(_mm_mul_ps(y, x), _mm_set1_ps(8.3334519073e-3f));
+  y = _mm_add_ps(_mm_mul_ps(y, x), _mm_set1_ps(4.1665795894e-2f));
+  y = _mm_add_ps(_mm_mul_ps(y, x), _mm_set1_ps(1.6666665459e-1f));
+  y = _mm_add_ps(_mm_mul_ps(y, x), _mm_set1_ps(5.0000001201e-1f));
+  y = _mm_add_ps(_mm_add_ps(_mm_mul_ps(y, z), x), _mm_set1_ps(1.0f));
+  const __m128i n = _mm_cvttps_epi32(fx);  // n in [-127, 0]: 2^n as the float with exponent bits n + 127
+  const __m128 pow2n = _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(n, _mm_set1_epi32(127)), 23));
+  return _mm_andnot_ps(underflow, _mm_mul_ps(y, pow2n));
+}
+
 #endif  // MTKD_SSE2
+
+// out[k] = e^{(z_k - shift) * scale} for k < n, with shift >= max_k z_k and scale > 0 (a softmax's shifted
+// logits, so every exponent is <= 0): the exps of the logit kernels. float32 takes four at a time with SSE2.
+template <typename scalar_t, typename acc_t>
+inline void exp_shifted(const scalar_t* z, acc_t shift, acc_t scale, acc_t* out, int64_t n) {
+  int64_t k = 0;
+#ifdef MTKD_SSE2
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    const __m128 vs = _mm_set1_ps(shift), vk = _mm_set1_ps(scale);
+    for (; k + 4 <= n; k += 4)
+      _mm_storeu_ps(out + k, exp_nonpositive(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(z + k), vs), vk)));
+    if (k < n) {  // the tail through the same function (padded with exponent 0), so every value is alike
+      float tail[4] = {shift, shift, shift, shift};
+      for (int64_t j = k; j < n; ++j) tail[j - k] = z[j];
+      _mm_storeu_ps(tail, exp_nonpositive(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(tail), vs), vk)));
+      for (int64_t j = k; j < n; ++j) out[j] = tail[j - k];
+    }
+    return;
+  }
+#endif
+  for (; k < n; ++k) out[k] = std::exp((static_cast<acc_t>(z[k]) - shift) * scale);
+}
+
+// e^{x T} from e^x for a small integer T >= 1, by multiplication (the logit kernels need both e^{x/T} and e^x)
+template <typename acc_t>
+inline acc_t int_power(acc_t e, int T) {
+  acc_t r = e;
+  for (int q = 1; q < T; ++q) r *= e;
+  return r;
+}
 
 }  // namespace mtkd
