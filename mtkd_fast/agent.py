@@ -42,14 +42,19 @@ def agent_state(
         check_weights(name, t, B, M, teachers.device, what="statistic")
     if len(embeddings) != M:
         raise ValueError(f"embeddings: expected {M} tensors (one per teacher), got {len(embeddings)}")
-    parts = []
-    for m in range(M):
-        e = embeddings[m]
+    for m, e in enumerate(embeddings):
         if e.dim() != 2 or e.shape[0] != B:
             raise ValueError(f"embeddings[{m}]: expected shape [{B}, D_{m}], got {tuple(e.shape)}")
-        parts += [cos[:, m : m + 1], kl[:, m : m + 1], teacher_ce[:, m : m + 1], e, teachers[m]]
     dtype = torch.promote_types(teachers.dtype, cos.dtype)
-    return torch.cat([p.detach().to(dtype) for p in parts], dim=1)
+    # one cat of 3 M parts: the three statistics interleaved once into [B, M, 3] (teacher m's (COS, KL, TCE)
+    # is stats[:, m]); under no_grad instead of a detach per part (every op here costs more than its bytes)
+    with torch.no_grad():
+        stats = torch.stack([cos.to(dtype), kl.to(dtype), teacher_ce.to(dtype)], dim=2)
+        teachers = teachers.to(dtype)
+        parts = []
+        for m in range(M):
+            parts += [stats[:, m], embeddings[m].to(dtype), teachers[m]]
+        return torch.cat(parts, dim=1)
 
 
 def confidence_prior(teacher_ce: Tensor) -> Tensor:

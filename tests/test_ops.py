@@ -90,6 +90,27 @@ def test_logit_kd_is_stable_for_logits_of_magnitude_1e4(dtype):
                                atol=1e-3 if dtype == torch.float16 else 1e-6)
 
 
+@pytest.mark.parametrize("T", [4.0, 2.5])
+def test_logit_kernels_float32_exps_over_the_whole_range(T):
+    # the float32 exps of logit_kd and agent_stats run four at a time (csrc/cpu/simd.h): shifted exponents from 0
+    # down past float32's underflow at ~-87 (probabilities exactly 0), K = 103 (groups of four and a tail of
+    # three), the integer-T path (e^x from e^{x/T}) and the plain one
+    B, K, M = 6, 103, 3
+    zs, zt, y, w = logit_inputs(B, K, M, seed=52, scale=1.0, dtype=F64)
+    spread = torch.linspace(0.01, 300.0, K, dtype=F64)  # logits from ~0.01 to ~1000 in size
+    zs, zt = (zs * spread).float(), (zt * spread).float()
+    out, grad = fused_logit(zs, zt, y, w.float(), T, 1.0)
+    exp, exp_grad = ref_logit(zs, zt, y, w, T, 1.0)
+    assert all(bool(torch.isfinite(t).all()) for t in (*out, grad))
+    scale = max(float(exp.kl.detach().abs().max()), float(exp.teacher_ce.detach().abs().max()))
+    assert_stats_close(out, exp, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(grad.double(), exp_grad, rtol=1e-5, atol=1e-6)
+    stats = ops.agent_stats(zs, zt, y, None, None, T)
+    exp_stats = ref_stats(zs, zt, y, None, None, T)
+    torch.testing.assert_close(stats.kl.double(), exp_stats.kl, rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(stats.teacher_ce.double(), exp_stats.teacher_ce, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_logit_kd_zero_weights_leave_the_cross_entropy_only():
     zs, zt, y, _ = logit_inputs(5, 17, 3, seed=2)
     w = torch.zeros(5, 3, dtype=F64)
@@ -205,6 +226,31 @@ def test_feature_kd_and_cosine_reduced_precision_and_mixed_layouts(dtype):
     for a, b in zip(grads, exp_grads):
         assert a.dtype == dtype
         torch.testing.assert_close(a.to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("stream", ["1", "0"])
+def test_feature_kd_float32_streaming_and_cached_gradient_stores(monkeypatch, stream):
+    # float32 gradients larger than the last-level cache are written with streaming stores (csrc/cpu/simd.h);
+    # MTKD_FAST_STREAM_STORES forces either path here, at odd sizes: every sample's run starts unaligned, ends
+    # in a tail shorter than a vector, spans several 2048-value blocks (2 x 33 x 35), or is a single value
+    monkeypatch.setenv("MTKD_FAST_STREAM_STORES", stream)
+    B, shapes = 5, [(5, 7, 9), (3, 1, 3), (2, 33, 35), (1, 1, 1)]
+    gs, fs, w = feature_inputs(B, shapes, seed=41, dtype=torch.float32)
+    g = gen(42)
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).float() for s in shapes]
+    gs = [x.requires_grad_(True) for x in gs]
+    exp, exp_grads = ref_feature(gs, fs, w.float(), 2.5)
+    for embeddings in (None, emb):  # the plain walk and the one that also pools the maps for the cosine
+        loss, mse, cos = ops.feature_kd_and_cosine(gs, fs, w.float(), 2.5, embeddings)
+        grads = torch.autograd.grad(loss, gs)
+        torch.testing.assert_close(loss.double(), exp.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mse.double(), exp.mse, rtol=1e-5, atol=1e-6)
+        if embeddings is not None:
+            exp_cos = ref.pooled_cosine([x.detach().double() for x in gs], [e.double() for e in emb])
+            torch.testing.assert_close(cos.double(), exp_cos, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, exp_grads):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 def test_feature_kd_and_cosine_bad_embeddings_name_the_argument():

@@ -19,6 +19,7 @@
 
 #include "cpu/cosine.h"
 #include "cpu/op_checks.h"
+#include "cpu/simd.h"
 
 namespace mtkd {
 namespace {
@@ -46,18 +47,12 @@ void agent_stats_tasks(const at::Tensor& student, at::TensorList teachers, const
   // e^x = (e^{x/T})^T by multiplication for a small integer T (as in logit_kd): one exp per teacher logit
   const int int_T = (temperature == std::floor(temperature) && temperature >= 1 && temperature <= 8)
                         ? static_cast<int>(temperature) : 0;
-  const auto exp_from_T = [int_T](acc_t e_T, acc_t x) {
-    if (int_T == 0) return std::exp(x);
-    acc_t r = e_T;
-    for (int q = 1; q < int_T; ++q) r *= e_T;
-    return r;
-  };
   // a task is one teacher row (~K exps, ~5 ns each) plus one pooled sample (~1 ns a value): chunks of
   // ~20 us of work, well above a parallel region's cost
   const int64_t per_task = 5 * K + (B * M > 0 ? map_values / (B * M) : 0);
   const int64_t grain = std::max<int64_t>(1, 20000 / std::max<int64_t>(per_task, 1));
   at::parallel_for(0, B * M, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> e(K), x(max_c);
+    std::vector<acc_t> e(K), e1(int_T ? 0 : K), x(max_c);
     int64_t row = -1;
     acc_t smax = 0, lseT = 0;
     for (int64_t task = begin; task < end; ++task) {
@@ -68,32 +63,37 @@ void agent_stats_tasks(const at::Tensor& student, at::TensorList teachers, const
       if (i != row) {  // the student's max and log-sum-exp at T, once per sample
         row = i;
         smax = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : smax)
         for (int64_t k = 0; k < K; ++k) smax = std::max(smax, static_cast<acc_t>(zs[k]));
+        exp_shifted<scalar_t, acc_t>(zs, smax, invT, e.data(), K);
         acc_t sT = 0;
-        for (int64_t k = 0; k < K; ++k) sT += std::exp((static_cast<acc_t>(zs[k]) - smax) * invT);
+#pragma omp simd reduction(+ : sT)
+        for (int64_t k = 0; k < K; ++k) sT += e[k];
         lseT = std::log(sT);
       }
       const scalar_t* zt = zt_all[m] + i * K;
       acc_t tmax = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : tmax)
       for (int64_t k = 0; k < K; ++k) tmax = std::max(tmax, static_cast<acc_t>(zt[k]));
+      exp_shifted<scalar_t, acc_t>(zt, tmax, invT, e.data(), K);
+      if (!int_T) exp_shifted<scalar_t, acc_t>(zt, tmax, acc_t(1), e1.data(), K);
       acc_t t1 = 0, tT = 0;
+#pragma omp simd reduction(+ : t1, tT)
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t xk = static_cast<acc_t>(zt[k]) - tmax;
-        e[k] = std::exp(xk * invT);
-        t1 += exp_from_T(e[k], xk);
+        t1 += int_T ? int_power(e[k], int_T) : e1[k];
         tT += e[k];
       }
       const acc_t tlseT = std::log(tT), inv_tT = acc_t(1) / tT;
       tce_out[task] = std::log(t1) - (static_cast<acc_t>(zt[y]) - tmax);
       // KL = sum_k p_t (log p_t - log p_s) from the shifted logits; p_t == 0 contributes 0 (xlogy)
       acc_t kl_sum = 0;
+      // a select, not a branch, so the loop vectorises (the unused product may be NaN for an infinite logit)
+#pragma omp simd reduction(+ : kl_sum)
       for (int64_t k = 0; k < K; ++k) {
         const acc_t p = e[k] * inv_tT;
-        if (p > 0) {
-          const acc_t log_pt = (static_cast<acc_t>(zt[k]) - tmax) * invT - tlseT;
-          const acc_t log_ps = (static_cast<acc_t>(zs[k]) - smax) * invT - lseT;
-          kl_sum += p * (log_pt - log_ps);
-        }
+        const acc_t log_pt = (static_cast<acc_t>(zt[k]) - tmax) * invT - tlseT;
+        const acc_t log_ps = (static_cast<acc_t>(zs[k]) - smax) * invT - lseT;
+        kl_sum += p > 0 ? p * (log_pt - log_ps) : acc_t(0);
       }
       kl_out[task] = T * T * kl_sum;
       if (with_maps) {

@@ -7,8 +7,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/op_checks.h"
+#include "cpu/simd.h"
 
 namespace mtkd {
 
@@ -45,6 +47,12 @@ void pool_sample(const at::Tensor& g, int64_t i, acc_t* x) {
       for (int64_t c = 0; c < C; ++c) x[c] += static_cast<acc_t>(base[p * C + c]);
     for (int64_t c = 0; c < C; ++c) x[c] *= inv_hw;
   } else {
+#ifdef MTKD_SSE2
+    if constexpr (std::is_same_v<scalar_t, float>) {  // four accumulators a row (csrc/cpu/simd.h)
+      for (int64_t c = 0; c < C; ++c) x[c] = row_sum(base + c * HW, HW) * inv_hw;
+      return;
+    }
+#endif
     for (int64_t c = 0; c < C; ++c) {
       acc_t s = 0;
       const scalar_t* row = base + c * HW;

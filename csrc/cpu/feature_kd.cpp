@@ -3,7 +3,8 @@
 // MSE and the gradient come from one read of the inputs (docs/method.md sections 2-3); given the teacher embeddings,
 // the same read also pools G for the agent state's cosine COS_{i,m} (docs/method.md section 2), sparing the pooled
 // cosine its own pass over the maps. Tasks are ordered sample-major so every thread gets a mix of the
-// teachers' (differently sized) maps.
+// teachers' (differently sized) maps. float32 gradients larger than the cache are written with streaming
+// stores on x86-64 (csrc/cpu/simd.h, stream_gradient_stores below).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,13 +14,24 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <unistd.h>
+#endif
 
 #include "cpu/cosine.h"
 #include "cpu/op_checks.h"
+#include "cpu/simd.h"
 
 namespace mtkd {
 namespace {
@@ -116,6 +128,87 @@ double sq_diff_grad_and_pool_nchw(const scalar_t* __restrict g, const scalar_t* 
   return total;
 }
 
+// The last-level cache a core sees, in bytes. Linux's sysfs gives the cache instance of cpu0 (32 MiB on an
+// AMD EPYC here), where sysconf(_SC_LEVEL3_CACHE_SIZE) reports every instance of the package together
+// (384 MiB on the same machine); 32 MiB when neither is known.
+int64_t last_level_cache_bytes() {
+  int64_t bytes = 0;
+#if defined(__linux__)
+  for (const char* index : {"index3", "index2"}) {  // the highest level first
+    const std::string path = std::string("/sys/devices/system/cpu/cpu0/cache/") + index + "/size";
+    if (FILE* f = std::fopen(path.c_str(), "r")) {
+      long long value = 0;
+      char unit = 0;
+      const int got = std::fscanf(f, "%lld%c", &value, &unit);
+      std::fclose(f);
+      if (got >= 1 && value > 0) {
+        bytes = value * (unit == 'K' ? 1024LL : unit == 'M' ? 1024LL * 1024 : unit == 'G' ? 1024LL << 20 : 1LL);
+        break;
+      }
+    }
+  }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  if (bytes <= 0) bytes = static_cast<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+#endif
+  return bytes > 0 ? bytes : int64_t(32) << 20;
+}
+
+// Whether this call streams its float32 gradient stores (csrc/cpu/simd.h). MTKD_FAST_STREAM_STORES=1 / 0
+// forces it on / off (tests cover both paths at small sizes); otherwise the gradients stream when the op's
+// traffic (read G and F, write the gradient: 3x the gradients' bytes) exceeds the last-level cache, where
+// cached stores would only evict the maps, and stay cached below (the student's backward reads them next).
+bool stream_gradient_stores(int64_t grad_bytes) {
+#ifdef MTKD_SSE2
+  const char* env = std::getenv("MTKD_FAST_STREAM_STORES");
+  if (env && std::strcmp(env, "1") == 0) return true;
+  if (env && std::strcmp(env, "0") == 0) return false;
+  static const int64_t cache_bytes = last_level_cache_bytes();
+  return 3 * grad_bytes > cache_bytes;
+#else
+  (void)grad_bytes;
+  return false;
+#endif
+}
+
+#ifdef MTKD_SSE2
+// feature_kd's two float32 walks with streaming gradient stores: a whole sample, and an NCHW sample with its
+// channel means (the pooled map). float32 partial sums over short runs, added into a double, as above.
+inline double sq_diff_and_grad_stream(const float* g, const float* f, float* out, int64_t n, float coef) {
+  constexpr int64_t kBlock = 2048;
+  double total = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t len = std::min(kBlock, n - start);
+    total += static_cast<double>(sq_diff_grad_stream_run<false>(g + start, f + start, out + start, len, coef).sq);
+  }
+  return total;
+}
+
+inline double sq_diff_grad_and_pool_nchw_stream(const float* g, const float* f, float* out, int64_t C, int64_t HW,
+                                                float coef, float* x) {
+  const float inv_hw = 1.0f / static_cast<float>(HW);
+  double total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const SqDiffSums r = sq_diff_grad_stream_run<true>(g + c * HW, f + c * HW, out + c * HW, HW, coef);
+    total += static_cast<double>(r.sq);
+    x[c] = r.sum * inv_hw;
+  }
+  return total;
+}
+#endif
+
+// Other dtypes (and builds without SSE2) never stream: these stubs only let every dispatched dtype compile.
+template <typename T, typename A>
+double sq_diff_and_grad_stream(const T*, const T*, T*, int64_t, A) {
+  TORCH_INTERNAL_ASSERT(false, "feature_kd: streaming stores are float32 only");
+  return 0;
+}
+template <typename T, typename A>
+double sq_diff_grad_and_pool_nchw_stream(const T*, const T*, T*, int64_t, int64_t, A, A*) {
+  TORCH_INTERNAL_ASSERT(false, "feature_kd: streaming stores are float32 only");
+  return 0;
+}
+
 // ... and for a channels_last sample [H*W, C].
 template <typename scalar_t>
 double sq_diff_grad_and_pool_nhwc(const scalar_t* __restrict g, const scalar_t* __restrict f, scalar_t* __restrict out,
@@ -178,6 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_
     const acc_t* w = weights.const_data_ptr<acc_t>();
     acc_t* mse_out = mse.data_ptr<acc_t>();
     acc_t* cos_out = with_cos ? cos.data_ptr<acc_t>() : nullptr;
+    int64_t grad_bytes = 0;
+    for (const auto& t : grads) grad_bytes += static_cast<int64_t>(t.nbytes());
+    const bool stream = std::is_same_v<scalar_t, float> && stream_gradient_stores(grad_bytes);
     // one parallel region over all (sample, teacher) tasks; a sample's values start at i * numel (dense)
     at::parallel_for(0, B * M, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> x(with_cos ? max_c : 0);
@@ -188,18 +284,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> feature_
         double s = 0.0;
         if (with_cos && n) {
           const int64_t C = channels[m], HW = spatial[m];
-          s = channels_last[m]
-                  ? sq_diff_grad_and_pool_nhwc<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, C, HW, coef, x.data())
-                  : sq_diff_grad_and_pool_nchw<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, C, HW, coef, x.data());
+          if (channels_last[m])
+            s = sq_diff_grad_and_pool_nhwc<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, C, HW, coef, x.data());
+          else if (stream)
+            s = sq_diff_grad_and_pool_nchw_stream(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, C, HW, coef, x.data());
+          else
+            s = sq_diff_grad_and_pool_nchw<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, C, HW, coef, x.data());
           cos_out[task] = cosine_parts<acc_t, acc_t>(x.data(), e_ptr[m] + i * C, C, eps).cos;
         } else if (n) {
-          s = sq_diff_and_grad<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, n, coef);
+          s = stream ? sq_diff_and_grad_stream(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, n, coef)
+                     : sq_diff_and_grad<scalar_t>(g_ptr[m] + off, f_ptr[m] + off, out_ptr[m] + off, n, coef);
         } else if (with_cos) {
           // as pooled_cosine and the reference: H*W = 0 has no mean (NaN), C = 0 pools to an empty vector (0)
           cos_out[task] = spatial[m] == 0 && channels[m] > 0 ? std::numeric_limits<acc_t>::quiet_NaN() : acc_t(0);
         }
         mse_out[task] = static_cast<acc_t>(n ? s / double(n) : 0.0);
       }
+#ifdef MTKD_SSE2
+      if (stream) stream_fence();
+#endif
     });
     double total = 0;
     for (int64_t i = 0; i < B; ++i)

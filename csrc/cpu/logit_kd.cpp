@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/op_checks.h"
+#include "cpu/simd.h"
 
 namespace mtkd {
 namespace {
@@ -41,19 +42,13 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
   // so each logit needs one exp (at T) instead of two (T = 1 and T)
   const int int_T = (temperature == std::floor(temperature) && temperature >= 1 && temperature <= 8)
                         ? static_cast<int>(temperature) : 0;
-  const auto exp_from_T = [int_T](acc_t e_T, acc_t x) {
-    if (int_T == 0) return std::exp(x);
-    acc_t r = e_T;
-    for (int q = 1; q < int_T; ++q) r *= e_T;
-    return r;
-  };
 
   // Rows are independent; a chunk of rows shares its scratch buffers. The op is exp-bound (~5 ns a logit),
   // so ~4096 logits a chunk is ~20 us of work, well above a parallel region's cost: the CIFAR shape
   // (B = 64, K = 100, M = 4) splits over the threads rather than running on one.
   const int64_t grain = std::max<int64_t>(1, 4096 / (K * (M + 1)));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ps(K), e(K), teach_sum(K), p1(K);
+    std::vector<acc_t> ps(K), e(K), teach_sum(K), p1(K), e1(int_T ? 0 : K);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* zs = zs_all + i * K;
       const int64_t y = y_all[i];
@@ -62,11 +57,12 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
       acc_t smax = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : smax)
       for (int64_t k = 0; k < K; ++k) smax = std::max(smax, static_cast<acc_t>(zs[k]));
+      exp_shifted<scalar_t, acc_t>(zs, smax, invT, ps.data(), K);  // csrc/cpu/simd.h
+      if (!int_T) exp_shifted<scalar_t, acc_t>(zs, smax, acc_t(1), p1.data(), K);
       acc_t s1 = 0, sT = 0;
+#pragma omp simd reduction(+ : s1, sT)
       for (int64_t k = 0; k < K; ++k) {
-        const acc_t x = static_cast<acc_t>(zs[k]) - smax;
-        ps[k] = std::exp(x * invT);
-        p1[k] = exp_from_T(ps[k], x);
+        if (int_T) p1[k] = int_power(ps[k], int_T);
         s1 += p1[k];
         sT += ps[k];
       }
@@ -84,11 +80,12 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
         acc_t tmax = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : tmax)
         for (int64_t k = 0; k < K; ++k) tmax = std::max(tmax, static_cast<acc_t>(zt[k]));
+        exp_shifted<scalar_t, acc_t>(zt, tmax, invT, e.data(), K);
+        if (!int_T) exp_shifted<scalar_t, acc_t>(zt, tmax, acc_t(1), e1.data(), K);
         acc_t t1 = 0, tT = 0;
+#pragma omp simd reduction(+ : t1, tT)
         for (int64_t k = 0; k < K; ++k) {
-          const acc_t x = static_cast<acc_t>(zt[k]) - tmax;
-          e[k] = std::exp(x * invT);
-          t1 += exp_from_T(e[k], x);
+          t1 += int_T ? int_power(e[k], int_T) : e1[k];
           tT += e[k];
         }
         const acc_t tlseT = std::log(tT), inv_tT = acc_t(1) / tT;
@@ -96,13 +93,13 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
         // KL = sum_k p_t (log p_t - log p_s), with the log-probabilities formed from the shifted logits so
         // nothing cancels for logits of large magnitude; p_t == 0 contributes 0 (xlogy).
         acc_t kl_sum = 0;
+        // a select, not a branch, so the loop vectorises (the unused product may be NaN for an infinite logit)
+#pragma omp simd reduction(+ : kl_sum)
         for (int64_t k = 0; k < K; ++k) {
           const acc_t p = e[k] * inv_tT;
-          if (p > 0) {
-            const acc_t log_pt = (static_cast<acc_t>(zt[k]) - tmax) * invT - tlseT;
-            const acc_t log_ps = (static_cast<acc_t>(zs[k]) - smax) * invT - lseT;
-            kl_sum += p * (log_pt - log_ps);
-          }
+          const acc_t log_pt = (static_cast<acc_t>(zt[k]) - tmax) * invT - tlseT;
+          const acc_t log_ps = (static_cast<acc_t>(zs[k]) - smax) * invT - lseT;
+          kl_sum += p > 0 ? p * (log_pt - log_ps) : acc_t(0);
           teach_sum[k] += w * p;
         }
         kl_out[i * M + m] = T * T * kl_sum;
