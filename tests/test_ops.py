@@ -232,9 +232,11 @@ def test_feature_kd_and_cosine_reduced_precision_and_mixed_layouts(dtype):
 def test_feature_kd_float32_streaming_and_cached_gradient_stores(monkeypatch, stream):
     # float32 gradients larger than the last-level cache are written with streaming stores (csrc/cpu/simd.h);
     # MTKD_FAST_STREAM_STORES forces either path here, at odd sizes: every sample's run starts unaligned, ends
-    # in a tail shorter than a vector, spans several 2048-value blocks (2 x 33 x 35), or is a single value
+    # in a tail shorter than a vector, spans several 2048-value blocks (2 x 33 x 35), or is a single value; with
+    # the cosine, NCHW maps are walked in blocks of channels (2 blocks of 80 + 70 channels at 7 x 7, 28 + 12 at
+    # 12 x 11)
     monkeypatch.setenv("MTKD_FAST_STREAM_STORES", stream)
-    B, shapes = 5, [(5, 7, 9), (3, 1, 3), (2, 33, 35), (1, 1, 1)]
+    B, shapes = 5, [(5, 7, 9), (3, 1, 3), (2, 33, 35), (1, 1, 1), (150, 7, 7), (40, 12, 11)]
     gs, fs, w = feature_inputs(B, shapes, seed=41, dtype=torch.float32)
     g = gen(42)
     emb = [torch.randn(B, s[0], generator=g, dtype=F64).float() for s in shapes]
