@@ -83,6 +83,26 @@ def test_record_csv_schema_on_a_tiny_real_run(tmp_path):
     assert float(rows[0]["median_x_baseline"]) == 1.0 and float(rows[0]["min_x_baseline"]) == 1.0
 
 
+def test_record_ratios_use_the_baseline_of_the_same_thread_count(tmp_path):
+    # a run that times two thread counts (bench teachers --threads 1,2): each row is divided by its own
+    # thread count's baseline, not by whichever baseline row came last
+    record = rec.Record("cpu", harness="test")
+    g = torch.Generator().manual_seed(3)
+    times = {}
+    for threads in (1, 2):
+        for variant in ("base", "fast"):
+            times[threads, variant] = (torch.rand(7, generator=g, dtype=torch.float64) + threads).tolist()
+            record.add("tiny", "case", variant, times[threads, variant], baseline="base", threads=threads)
+    rows = rec.read_csv(record.write(str(tmp_path / "threads.csv")))
+    assert [(r["threads"], r["variant"]) for r in rows] == [("1", "base"), ("1", "fast"), ("2", "base"), ("2", "fast")]
+    for r in rows:
+        base = rec.summarize(times[int(r["threads"]), "base"])
+        mine = rec.summarize(times[int(r["threads"]), r["variant"]])
+        assert float(r["median_x_baseline"]) == pytest.approx(mine["median_s"] / base["median_s"], rel=1e-9)
+        assert float(r["min_x_baseline"]) == pytest.approx(mine["min_s"] / base["min_s"], rel=1e-9)
+    assert [float(r["median_x_baseline"]) for r in rows if r["variant"] == "base"] == [1.0, 1.0]
+
+
 def _check_csv(path, benchmark, variants, baseline):
     with open(path) as f:
         assert f.readline().strip().split(",") == list(rec.COLUMNS)

@@ -9,7 +9,7 @@ One row per (benchmark, case, variant); :data:`COLUMNS` in order:
   ``images`` (images per timed round);
 - timing, seconds per round: ``rounds``, ``median_s``, ``mean_s``, ``min_s``, ``p25_s``, ``p75_s``, ``max_s``
   (percentiles by linear interpolation, so min <= p25 <= median <= p75 <= max), ``images_per_s`` (images / median);
-- ratios to the baseline measured in the same run and case: ``baseline`` (the variant divided by),
+- ratios to the baseline measured in the same run, case and thread count: ``baseline`` (the variant divided by),
   ``median_x_baseline`` and ``min_x_baseline`` (this variant's time over the baseline's: above 1 is slower);
 - byte floor (the ops benchmark): ``bytes_mb`` (what the fused code must move), ``copy_bandwidth_gbps`` (a large
   tensor copy on this device, measured in the same run), ``floor_s`` (``bytes_mb`` at that bandwidth),
@@ -192,9 +192,10 @@ class Record:
         return row
 
     def _ratios(self) -> None:
-        by_key = {(r["benchmark"], r["case"], r["variant"]): r for r in self.rows}
+        # the baseline of the same benchmark, case and thread count (a run may time several thread counts)
+        by_key = {(r["benchmark"], r["case"], r["threads"], r["variant"]): r for r in self.rows}
         for r in self.rows:
-            base = by_key.get((r["benchmark"], r["case"], r["baseline"])) if r["baseline"] else None
+            base = by_key.get((r["benchmark"], r["case"], r["threads"], r["baseline"])) if r["baseline"] else None
             if base is None or not r.get("median_s") or not base.get("median_s"):
                 continue
             r["median_x_baseline"] = r["median_s"] / base["median_s"]
