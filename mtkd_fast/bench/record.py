@@ -69,9 +69,14 @@ def load_average() -> str:
 
 
 def _commit() -> str:
+    """The commit of the mtkd_fast checkout this module runs from; "unknown" for an installed package (whose
+    parent folder may sit inside some other git repository)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or not (root / "setup.py").exists():
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parents[2])
+                             cwd=root)
         return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
