@@ -175,8 +175,8 @@ class Record:
     def add(self, benchmark: str, case: str, variant: str, times: Optional[Iterable[float]] = None, *,
             baseline: Optional[str] = None, extra: Optional[Mapping] = None, **columns) -> dict:
         """One row. ``times``: the per-round seconds (their statistics fill the timing columns); ``baseline``: the
-        variant of the same benchmark and case whose times the ratio columns divide by; ``columns``: any of
-        :data:`ROW_COLUMNS`; ``extra``: anything else (written as JSON)."""
+        variant of the same benchmark, case and thread count whose times the ratio columns divide by; ``columns``:
+        any of :data:`ROW_COLUMNS`; ``extra``: anything else (written as JSON)."""
         unknown = sorted(set(columns) - set(ROW_COLUMNS))
         if unknown:
             raise ValueError(f"columns: unknown {unknown}; expected names from {ROW_COLUMNS}")
