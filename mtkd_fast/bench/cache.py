@@ -22,6 +22,7 @@ from ..cache import build_cache, open_teacher_source, storage
 from ..data import build_dataset, build_loader
 from ..teachers import LiveTeachers
 from ..train import TrainConfig, Trainer
+from ..train.run import live_teacher_precision
 from .record import Record, interleave
 
 __all__ = ["TEACHERS", "STUDENT", "NUM_CLASSES", "BATCH", "KINDS", "BASELINE", "Setting", "make_trainer",
@@ -87,7 +88,10 @@ class Setting:
         common = dict(student=student, teachers=self.teachers, batch_size=self.batch_size)
         self.trainers = {
             "student_only": make_trainer("student", **common),
-            "mtkd_rl_live": make_trainer("mtkd_rl", LiveTeachers(_teachers(self.teachers)), self.ds, **common),
+            # live teachers in the precision MTKD-RL's training picks (``--teacher-precision auto``)
+            "mtkd_rl_live": make_trainer("mtkd_rl", LiveTeachers(_teachers(self.teachers),
+                                                                 precision=live_teacher_precision("auto", "mtkd_rl")),
+                                         self.ds, **common),
             "mtkd_rl_cached": make_trainer("mtkd_rl", self.cache, self.ds, **common),
         }
         self.ds.set_view(0)
@@ -115,7 +119,7 @@ def int8_error(ds, teachers, names=TEACHERS) -> list[dict]:
     10% of F's RMS: the regime late in training, where quantisation error matters most)."""
     ds.set_view(0)
     x = torch.stack([ds[i][0] for i in range(min(128, len(ds)))])
-    out = LiveTeachers(teachers)(x)
+    out = LiveTeachers(teachers, precision="fp32")(x)  # the reference the encodings are measured against
     rows = []
     g = torch.Generator().manual_seed(0)
     for name, f in zip(names, out.feature_maps):
@@ -184,7 +188,6 @@ def replay_experiment(out: str, views=(1, 2, 4), seeds=(0, 1, 2), per_class: int
     (live teachers). Same seeds, same everything else; CPU-sized, so small models and few epochs. Models and
     caches go under ``out``; one row per run (benchmark ``cache_replay``: its seconds, ``val_top1`` in extra)."""
     from ..train import train, train_teacher
-    from ..train.run import live_teacher_precision
 
     record = record or Record("cpu", harness="mtkd-fast bench cache --replay-experiment")
     os.makedirs(out, exist_ok=True)
