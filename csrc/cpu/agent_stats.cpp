@@ -20,6 +20,7 @@
 #include "cpu/cosine.h"
 #include "cpu/op_checks.h"
 #include "cpu/simd.h"
+#include "cpu/teacher_row.h"
 
 namespace mtkd {
 namespace {
@@ -44,9 +45,7 @@ void agent_stats_tasks(const at::Tensor& student, at::TensorList teachers, const
     map_values += g.numel();
   }
   const acc_t T = static_cast<acc_t>(temperature), invT = acc_t(1) / T;
-  // e^x = (e^{x/T})^T by multiplication for a small integer T (as in logit_kd): one exp per teacher logit
-  const int int_T = (temperature == std::floor(temperature) && temperature >= 1 && temperature <= 8)
-                        ? static_cast<int>(temperature) : 0;
+  const int int_T = small_integer_temperature(temperature);  // csrc/cpu/teacher_row.h
   // a task is one teacher row (~K exps, ~5 ns each) plus one pooled sample (~1 ns a value): chunks of
   // ~20 us of work, well above a parallel region's cost
   const int64_t per_task = 5 * K + (B * M > 0 ? map_values / (B * M) : 0);
@@ -72,30 +71,10 @@ void agent_stats_tasks(const at::Tensor& student, at::TensorList teachers, const
         lseT = std::log(sT);
       }
       const scalar_t* zt = zt_all[m] + i * K;
-      acc_t tmax = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : tmax)
-      for (int64_t k = 0; k < K; ++k) tmax = std::max(tmax, static_cast<acc_t>(zt[k]));
-      exp_shifted<scalar_t, acc_t>(zt, tmax, invT, e.data(), K);
-      if (!int_T) exp_shifted<scalar_t, acc_t>(zt, tmax, acc_t(1), e1.data(), K);
-      acc_t t1 = 0, tT = 0;
-#pragma omp simd reduction(+ : t1, tT)
-      for (int64_t k = 0; k < K; ++k) {
-        t1 += int_T ? int_power(e[k], int_T) : e1[k];
-        tT += e[k];
-      }
-      const acc_t tlseT = std::log(tT), inv_tT = acc_t(1) / tT;
-      tce_out[task] = std::log(t1) - (static_cast<acc_t>(zt[y]) - tmax);
-      // KL = sum_k p_t (log p_t - log p_s) from the shifted logits; p_t == 0 contributes 0 (xlogy)
-      acc_t kl_sum = 0;
-      // a select, not a branch, so the loop vectorises (the unused product may be NaN for an infinite logit)
-#pragma omp simd reduction(+ : kl_sum)
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t p = e[k] * inv_tT;
-        const acc_t log_pt = (static_cast<acc_t>(zt[k]) - tmax) * invT - tlseT;
-        const acc_t log_ps = (static_cast<acc_t>(zs[k]) - smax) * invT - lseT;
-        kl_sum += p > 0 ? p * (log_pt - log_ps) : acc_t(0);
-      }
-      kl_out[task] = T * T * kl_sum;
+      const TeacherRowStats<acc_t> r = teacher_row_stats<scalar_t, acc_t>(
+          zt, zs, smax, lseT, y, K, invT, int_T, e.data(), e1.data(), [](int64_t, acc_t) {});
+      tce_out[task] = r.tce;
+      kl_out[task] = T * T * r.kl_sum;
       if (with_maps) {
         const int64_t C = maps[m].size(1);
         pool_sample<scalar_t, acc_t>(maps[m], i, x.data());  // H*W = 0: NaN means, as the reference

@@ -16,6 +16,7 @@
 
 #include "cpu/op_checks.h"
 #include "cpu/simd.h"
+#include "cpu/teacher_row.h"
 
 namespace mtkd {
 namespace {
@@ -38,10 +39,7 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
   const acc_t T = static_cast<acc_t>(temperature), invT = acc_t(1) / T;
   const acc_t inv_B = acc_t(1) / static_cast<acc_t>(B);
   const acc_t kd_scale = static_cast<acc_t>(alpha) * T * inv_B;
-  // exp is this kernel's cost: for a small integer T (the usual 4), e^x = (e^{x/T})^T by multiplication,
-  // so each logit needs one exp (at T) instead of two (T = 1 and T)
-  const int int_T = (temperature == std::floor(temperature) && temperature >= 1 && temperature <= 8)
-                        ? static_cast<int>(temperature) : 0;
+  const int int_T = small_integer_temperature(temperature);  // csrc/cpu/teacher_row.h
 
   // Rows are independent; a chunk of rows shares its scratch buffers. The op is exp-bound (~5 ns a logit),
   // so ~4096 logits a chunk is ~20 us of work, well above a parallel region's cost: the CIFAR shape
@@ -77,32 +75,12 @@ void logit_kd_rows(const at::Tensor& student, at::TensorList teachers, const at:
         const scalar_t* zt = zt_all[m] + i * K;
         const acc_t w = w_all[i * M + m];
         w_total += w;
-        acc_t tmax = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : tmax)
-        for (int64_t k = 0; k < K; ++k) tmax = std::max(tmax, static_cast<acc_t>(zt[k]));
-        exp_shifted<scalar_t, acc_t>(zt, tmax, invT, e.data(), K);
-        if (!int_T) exp_shifted<scalar_t, acc_t>(zt, tmax, acc_t(1), e1.data(), K);
-        acc_t t1 = 0, tT = 0;
-#pragma omp simd reduction(+ : t1, tT)
-        for (int64_t k = 0; k < K; ++k) {
-          t1 += int_T ? int_power(e[k], int_T) : e1[k];
-          tT += e[k];
-        }
-        const acc_t tlseT = std::log(tT), inv_tT = acc_t(1) / tT;
-        tce_out[i * M + m] = std::log(t1) - (static_cast<acc_t>(zt[y]) - tmax);
-        // KL = sum_k p_t (log p_t - log p_s), with the log-probabilities formed from the shifted logits so
-        // nothing cancels for logits of large magnitude; p_t == 0 contributes 0 (xlogy).
-        acc_t kl_sum = 0;
-        // a select, not a branch, so the loop vectorises (the unused product may be NaN for an infinite logit)
-#pragma omp simd reduction(+ : kl_sum)
-        for (int64_t k = 0; k < K; ++k) {
-          const acc_t p = e[k] * inv_tT;
-          const acc_t log_pt = (static_cast<acc_t>(zt[k]) - tmax) * invT - tlseT;
-          const acc_t log_ps = (static_cast<acc_t>(zs[k]) - smax) * invT - lseT;
-          kl_sum += p > 0 ? p * (log_pt - log_ps) : acc_t(0);
-          teach_sum[k] += w * p;
-        }
-        kl_out[i * M + m] = T * T * kl_sum;
+        acc_t* acc = teach_sum.data();  // sum_m w_m p^T(z_m), for the gradient below
+        const TeacherRowStats<acc_t> r = teacher_row_stats<scalar_t, acc_t>(
+            zt, zs, smax, lseT, y, K, invT, int_T, e.data(), e1.data(),
+            [acc, w](int64_t k, acc_t p) { acc[k] += w * p; });
+        tce_out[i * M + m] = r.tce;
+        kl_out[i * M + m] = T * T * r.kl_sum;
       }
       // dL/dz_s = (p^1(z_s) - onehot(y)) / B + alpha T / B * sum_m w_m (p^T(z_s) - p^T(z_m))
       scalar_t* g = grad_out + i * K;
