@@ -68,6 +68,9 @@ class DemoSettings:
     test_per_class: Optional[int] = None  # None: the whole bundled test split (200 per class)
     max_steps_per_epoch: Optional[int] = None  # cut every epoch short (the quick demo)
     data_seed: int = 0  # the augmentation seed of the student's views (the cache is built for it)
+    # the teachers' precision in the cache every method reads; "auto" resolves as `mtkd-fast cache build` does
+    # (mtkd_fast.teachers.resolve_precision): what a training run's auto accepts for every method
+    teacher_precision: str = "auto"
     device: str = "auto"
 
     @classmethod
@@ -97,6 +100,10 @@ class DemoSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        from .teachers import PRECISIONS
+
+        if self.teacher_precision not in PRECISIONS:
+            raise ValueError(f"teacher_precision: expected one of {list(PRECISIONS)}, got {self.teacher_precision!r}")
         for name in ("test_per_class", "max_steps_per_epoch"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -418,8 +425,10 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
     V = settings.views
     _say(f"[2/4] teacher-output cache: {len(settings.teachers)} teachers x {len(student_train)} images x {V} views "
          f"-> {cache_dir}")
-    build_cache(cache_dir, student_train, teacher_models, views=V, teacher_names=list(settings.teachers),
-                checkpoints=teacher_ckpts, device=device, progress=True, teacher_precision="fp32")  # MTKD-RL's auto
+    manifest = build_cache(cache_dir, student_train, teacher_models, views=V, teacher_names=list(settings.teachers),
+                           checkpoints=teacher_ckpts, device=device, progress=True,
+                           teacher_precision=settings.teacher_precision)
+    _say(f"  teachers ran in {manifest['teacher_precision']} (--teacher-precision {settings.teacher_precision})")
     stage_times["cache"] = time.perf_counter() - t0
 
     # 3. students

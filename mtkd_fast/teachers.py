@@ -18,8 +18,8 @@ from typing import NamedTuple, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TeacherOutputs", "TeacherSource", "LiveTeachers", "PRECISIONS", "resolve_precision", "cpu_has_fast_bf16",
-           "fold_batchnorm"]
+__all__ = ["TeacherOutputs", "TeacherSource", "LiveTeachers", "PRECISIONS", "AUTO_FP32_STRATEGIES", "resolve_precision",
+           "cpu_has_fast_bf16", "fold_batchnorm"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,11 +66,21 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str, device) -> str:
-    """The compute precision ``precision`` means on ``device``: "fp32", "bf16" or "fp16".
+# Strategies for which "auto" keeps float32 teachers: only those a paired non-inferiority study showed bf16 teachers
+# to harm (mean paired difference below zero by more than two standard errors; docs/training.md "Teacher
+# precision", tools/precision_study.py). None has been: every strategy gets the device's fast precision.
+AUTO_FP32_STRATEGIES: tuple[str, ...] = ()
 
-    "auto" is "bf16" on a CPU with AVX512-BF16 or AMX and on a CUDA device of compute capability 8.0 or newer
-    (native bf16 tensor cores), "fp32" elsewhere. "fp16" on a CPU is an error (no fast fp16 convolutions there).
+
+def resolve_precision(precision: str, device, strategy: str | None = None) -> str:
+    """The teachers' compute precision, "fp32", "bf16" or "fp16": the one policy train, cache build, the
+    benchmarks and the demo share.
+
+    ``precision`` is the user's choice: "fp32" / "bf16" / "fp16" are taken as given ("fp16" on a CPU is an error:
+    no fast fp16 convolutions there). "auto" is "fp32" for a ``strategy`` in :data:`AUTO_FP32_STRATEGIES`;
+    otherwise "bf16" on a CPU with AVX512-BF16 or AMX and on a CUDA device of compute capability 8.0 or newer
+    (native bf16), "fp32" elsewhere. ``strategy=None`` (a teacher cache, which serves every strategy) gets the
+    precision every strategy accepts: "fp32" while any strategy keeps it, else the device's.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
@@ -80,6 +90,8 @@ def resolve_precision(precision: str, device) -> str:
                          "use 'bf16' or 'fp32'")
     if precision != "auto":
         return precision
+    if strategy in AUTO_FP32_STRATEGIES or (strategy is None and AUTO_FP32_STRATEGIES):
+        return "fp32"
     if device.type == "cpu":
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if device.type == "cuda":
@@ -87,9 +99,12 @@ def resolve_precision(precision: str, device) -> str:
     return "fp32"
 
 
-def _precision_reason(precision: str, used: str, device: torch.device) -> str:
+def _precision_reason(precision: str, used: str, device: torch.device, strategy: str | None = None) -> str:
     if precision != "auto":
         return "requested"
+    if strategy in AUTO_FP32_STRATEGIES or (strategy is None and AUTO_FP32_STRATEGIES):
+        return (f"auto: fp32 for strategy {strategy!r} (docs/training.md, 'Teacher precision')" if strategy else
+                f"auto: fp32, which strategies {list(AUTO_FP32_STRATEGIES)} keep")
     if device.type == "cpu":
         return "auto: CPU has native bf16 (AVX512-BF16/AMX)" if used == "bf16" else "auto: CPU has no native bf16"
     if device.type == "cuda":
@@ -249,6 +264,8 @@ class LiveTeachers(nn.Module):
         precision: compute precision, "fp32" | "bf16" | "fp16" | "auto" (see :func:`resolve_precision`); bf16 and
             fp16 run the teachers under autocast. The outputs are float32 whatever the compute precision.
             ``precision_used`` says what was picked.
+        strategy: the distillation strategy the teachers serve, for ``precision="auto"``
+            (:func:`resolve_precision`); None: any.
         fold_bn: fold every BatchNorm that directly follows a convolution into that convolution (exact up to
             rounding). ``folded_bn`` counts the folded layers.
         compile: ``torch.compile`` the teachers for inference: inductor with freezing on a CPU, CUDA graphs
@@ -266,7 +283,7 @@ class LiveTeachers(nn.Module):
 
     def __init__(self, teachers: Sequence[nn.Module], precision: str = "auto", fold_bn: bool = True,
                  compile: bool = False, channels_last: bool | None = None, overlap: bool = True, *,
-                 autocast_dtype: torch.dtype | None | str = "unset"):
+                 autocast_dtype: torch.dtype | None | str = "unset", strategy: str | None = None):
         super().__init__()
         if len(teachers) < 2:
             raise ValueError(f"teachers: expected at least 2 teacher models, got {len(teachers)}")
@@ -284,9 +301,9 @@ class LiveTeachers(nn.Module):
             t.requires_grad_(False)
         p = next((p for t in self.teachers for p in t.parameters()), None)
         device = p.device if p is not None else torch.device("cpu")
-        self.precision = precision
-        self.precision_used = resolve_precision(precision, device)
-        self.precision_reason = _precision_reason(precision, self.precision_used, device)
+        self.precision, self.strategy = precision, strategy
+        self.precision_used = resolve_precision(precision, device, strategy)
+        self.precision_reason = _precision_reason(precision, self.precision_used, device, strategy)
         if channels_last is None:
             channels_last = True
         self.channels_last = bool(channels_last)

@@ -22,7 +22,6 @@ from ..cache import build_cache, open_teacher_source, storage
 from ..data import build_dataset, build_loader
 from ..teachers import LiveTeachers
 from ..train import TrainConfig, Trainer
-from ..train.run import live_teacher_precision
 from .record import Record, interleave
 
 __all__ = ["TEACHERS", "STUDENT", "NUM_CLASSES", "BATCH", "KINDS", "BASELINE", "Setting", "make_trainer",
@@ -89,9 +88,8 @@ class Setting:
         self.trainers = {
             "student_only": make_trainer("student", **common),
             # live teachers in the precision MTKD-RL's training picks (``--teacher-precision auto``)
-            "mtkd_rl_live": make_trainer("mtkd_rl", LiveTeachers(_teachers(self.teachers),
-                                                                 precision=live_teacher_precision("auto", "mtkd_rl")),
-                                         self.ds, **common),
+            "mtkd_rl_live": make_trainer("mtkd_rl", LiveTeachers(_teachers(self.teachers), precision="auto",
+                                                                 strategy="mtkd_rl"), self.ds, **common),
             "mtkd_rl_cached": make_trainer("mtkd_rl", self.cache, self.ds, **common),
         }
         self.ds.set_view(0)
@@ -213,9 +211,8 @@ def replay_experiment(out: str, views=(1, 2, 4), seeds=(0, 1, 2), per_class: int
                 tms = [models.create_model(n, ds.num_classes) for n in teachers]
                 for t, c in zip(tms, ckpts):
                     models.load_checkpoint(t, c)
-                # the teachers' precision MTKD-RL's training asks of the cache (``--teacher-precision auto``)
-                build_cache(cache, ds, tms, views=V, teacher_names=list(teachers), checkpoints=ckpts, progress=False,
-                            teacher_precision=live_teacher_precision("auto", "mtkd_rl"))
+                # the default build, which a default MTKD-RL run accepts (``--teacher-precision auto``)
+                build_cache(cache, ds, tms, views=V, teacher_names=list(teachers), checkpoints=ckpts, progress=False)
             t0 = time.perf_counter()
             r = train(TrainConfig(**common, seed=seed, teacher_cache=cache,
                                   out_dir=os.path.join(out, f"student_s{seed}_v{V}")))

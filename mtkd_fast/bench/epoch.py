@@ -206,12 +206,10 @@ class Run:
             # no teacher models: the cache holds every field
             source = open_teacher_source(cache_dir, device=device, verify="lazy")
         else:
-            from ..train.run import live_teacher_precision
-
-            # the precision `mtkd-fast train` would run this strategy's teachers in
+            # the precision `mtkd-fast train` would run this strategy's teachers in (the shared resolver)
             strategy = "mtkd_rl" if name.startswith("mtkd_rl") else name
-            source = LiveTeachers(teachers, precision=live_teacher_precision(spec.teacher_precision, strategy),
-                                  fold_bn=spec.fold_bn, compile=spec.teacher_compile)
+            source = LiveTeachers(teachers, precision=spec.teacher_precision, fold_bn=spec.fold_bn,
+                                  compile=spec.teacher_compile, strategy=strategy)
         # what the teachers computed in, for the table
         self.teacher_precision = ("fp32 eager" if name == "mtkd_rl_authors" else
                                   f"cache ({source.teacher_precision})" if name == "mtkd_rl_cached" else

@@ -285,7 +285,9 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
             views in each cycle of V epochs); see ``view_for_epoch``.
         rank, world_size: this process's share of the work (default: torch.distributed's, else 0 and 1).
         teacher_precision, fold_bn, teacher_compile: how the teachers run (``LiveTeachers``; ignored when
-            ``teachers`` is a LiveTeachers, whose own settings are used). The manifest records the precision used.
+            ``teachers`` is a LiveTeachers, whose own settings are used). ``teacher_precision="auto"`` resolves
+            with no strategy (``mtkd_fast.teachers.resolve_precision``): the precision a training run's "auto"
+            accepts for every strategy. The manifest records the precision used.
 
     Returns the manifest (on the rank that finished the build; None on the others).
     """

@@ -98,11 +98,14 @@ class CachedTeachers:
             when the cache leaves fields out.
         device: where outputs go.
         dataset: the training set; checked against the cache (fingerprint, size, augmentation recipe, seed).
+        precision, strategy: the run's teacher-precision choice and strategy, checked against the precision the
+            cache's teachers ran in (:meth:`check_precision`); default: those of ``teachers`` (a LiveTeachers).
         verify: "lazy" (check each chunk's checksum the first time a batch reads it; default), "full" (check
             everything now) or "none" (sizes only).
     """
 
-    def __init__(self, path: str, teachers=None, device="cpu", dataset=None, verify: str = "lazy"):
+    def __init__(self, path: str, teachers=None, device="cpu", dataset=None, verify: str = "lazy", *,
+                 precision: str | None = None, strategy: str | None = None):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify: expected one of {VERIFY_MODES}, got {verify!r}")
         self.path = path
@@ -118,9 +121,11 @@ class CachedTeachers:
         self._live = None
         self._live_index: list[int] = []  # teachers run live (those with fields left out)
         missing = [(i, f) for i, t in enumerate(m["teachers"]) for f in storage.FIELDS if f not in t["stored"]]
+        # the run's teacher-precision choice (default: the LiveTeachers'), checked with or without teachers
+        self.check_precision(precision if precision is not None else getattr(teachers, "precision", "auto"),
+                             strategy if strategy is not None else getattr(teachers, "strategy", None))
         if teachers is not None:
             self.check_teachers(teachers)
-            self.check_precision(getattr(teachers, "precision", "auto"))
             models = unwrap_teachers(teachers)
             self._live_index = sorted({i for i, _ in missing})
             if self._live_index:
@@ -157,10 +162,48 @@ class CachedTeachers:
         """The precision the cache's teachers ran in (caches from before it was recorded: fp32)."""
         return self.manifest.get("teacher_precision", "fp32")
 
-    def check_precision(self, precision: str) -> None:
-        """A run asking a teacher precision ("fp32", "bf16", "fp16") gets only a cache built in it; "auto" any."""
+    def check_precision(self, precision: str, strategy: str | None = None) -> None:
+        """A run asking a teacher precision ("fp32", "bf16", "fp16") gets only a cache built in it. "auto" gets any
+        cache, unless the precision policy keeps float32 teachers for ``strategy``
+        (``mtkd_fast.teachers.AUTO_FP32_STRATEGIES``): then a float32 one."""
+        from ..teachers import AUTO_FP32_STRATEGIES, PRECISIONS  # read at call time: the policy is one table
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"teacher_precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+        if precision == "auto" and strategy in AUTO_FP32_STRATEGIES and self.teacher_precision != "fp32":
+            raise CacheMismatchError(
+                f"teacher_precision: auto keeps float32 teachers for strategy {strategy!r}, but the teacher cache was "
+                f"made with teacher_precision {self.teacher_precision!r}; rebuild it with --teacher-precision fp32 "
+                f"or ask --teacher-precision {self.teacher_precision} explicitly")
         if precision != "auto":
             require_match(self.teacher_precision, precision, "teacher_precision", "teacher_precision")
+
+    def describe(self) -> str:
+        """One line for logs: where the outputs come from and the precision they were computed in."""
+        m = self.manifest
+        text = (f"teachers: cache {self.path} ({m['views']} views), outputs computed in {self.teacher_precision} "
+                f"(BatchNorm {'folded' if m.get('fold_bn') else 'unfolded'})")
+        if self._live_index:
+            left = sorted({f for i in self._live_index for f in storage.FIELDS
+                           if f not in m["teachers"][i]["stored"]})
+            text += (f"; {' and '.join(left)} of teachers {self._live_index} left out of it, computed live in "
+                     f"{self.live_precision}")
+        return text
+
+    @property
+    def live_teachers(self) -> list[int]:
+        """The teachers some of whose fields the cache left out, computed live."""
+        return list(self._live_index)
+
+    @property
+    def live_precision(self) -> str | None:
+        """The precision the left-out fields are computed in (None: nothing is computed live)."""
+        if not self._live_index:
+            return None
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            return engine.precision_used
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._live_autocast]
 
     def check_dataset(self, dataset) -> None:
         require_match(self.manifest["dataset"], dataset_identity(dataset), "dataset", "dataset")
@@ -248,11 +291,14 @@ class _LiveFields:
         self.embeddings, self.feature_maps = embeddings, feature_maps
 
 
-def open_teacher_source(path: str, teachers=None, device="cpu",
-                        *, dataset=None, verify: str = "lazy") -> CachedTeachers:
+def open_teacher_source(path: str, teachers=None, device="cpu", *, dataset=None, verify: str = "lazy",
+                        precision: str | None = None, strategy: str | None = None) -> CachedTeachers:
     """Open the teacher-output cache at ``path`` as a TeacherSource (see :class:`CachedTeachers`).
 
     Pass ``teachers`` to check the cache was made with them (and to compute any field the cache left out) and
-    ``dataset`` to check it was made from the same data, augmentation recipe and seed.
+    ``dataset`` to check it was made from the same data, augmentation recipe and seed. ``precision`` / ``strategy``:
+    the run's teacher-precision choice, checked against the cache's (:meth:`CachedTeachers.check_precision`;
+    default: those of ``teachers`` when it is a LiveTeachers, else "auto").
     """
-    return CachedTeachers(path, teachers=teachers, device=device, dataset=dataset, verify=verify)
+    return CachedTeachers(path, teachers=teachers, device=device, dataset=dataset, verify=verify, precision=precision,
+                          strategy=strategy)

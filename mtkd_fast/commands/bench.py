@@ -41,7 +41,8 @@ def register(sub):
                    help="autocast for the mtkd_fast configurations (the authors' way stays float32)")
     e.add_argument("--channels-last", action="store_true", help="channels_last for the mtkd_fast configurations")
     e.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute precision of the live teachers in the mtkd_fast configurations (default auto)")
+                   help="compute precision of the live teachers in the mtkd_fast configurations (default auto: "
+                        "what `mtkd-fast train` picks for the strategy on this device)")
     e.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the live teachers")
     e.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,

@@ -45,8 +45,9 @@ def register(sub):
     b.add_argument("--workers", type=int, default=0)
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     b.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="the teachers' compute precision, recorded in the manifest (default auto: bf16 where the "
-                        "device computes it fast); a training run asking another precision refuses the cache")
+                   help="the teachers' compute precision, recorded in the manifest (default auto: what a "
+                        "training run's auto picks for every strategy, bf16 where the device computes it fast); a "
+                        "training run asking another precision explicitly refuses the cache")
     b.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the teachers")
     b.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
@@ -136,7 +137,8 @@ def run_build(args):
             dist.destroy_process_group()
     if manifest is not None:
         print(f"teacher cache written to {args.out}: {manifest['views']} view(s) x "
-              f"{manifest['dataset']['num_samples']} samples, {format_bytes(manifest['total_bytes'])}")
+              f"{manifest['dataset']['num_samples']} samples, {format_bytes(manifest['total_bytes'])}; teachers ran "
+              f"in {manifest['teacher_precision']}")
         _print_left_out(manifest)
     return 0
 

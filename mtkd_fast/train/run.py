@@ -22,7 +22,7 @@ from .checkpoint import write_bytes_atomic
 from .config import TrainConfig, teacher_config
 from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
 
-__all__ = ["train", "train_teacher", "live_teacher_precision", "seed_everything", "checkpoint_num_classes",
+__all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes",
            "build_teachers"]
 
 
@@ -89,25 +89,11 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
     return teachers
 
 
-# strategies whose accuracy with bf16 teachers differed from fp32 teachers by more than one seed standard deviation
-# in the demo's 3-seed comparison (docs/training.md, "Teacher precision"): "auto" keeps them in fp32
-AUTO_FP32_STRATEGIES = ("mtkd_rl",)
-
-
-def live_teacher_precision(precision: str, strategy: str) -> str:
-    """The ``LiveTeachers`` precision a run of ``strategy`` asks for: ``precision``, except that "auto" is "fp32"
-    for the strategies in ``AUTO_FP32_STRATEGIES``."""
-    return "fp32" if precision == "auto" and strategy in AUTO_FP32_STRATEGIES else precision
-
-
 def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torch.device, dataset=None):
-    # the teachers' precision is their own option, independent of the student's --amp
-    precision = live_teacher_precision(config.teacher_precision, config.strategy)
-    if precision != config.teacher_precision and teachers:
-        print(f"teachers: auto precision is fp32 for strategy {config.strategy!r} (bf16 teachers moved its demo "
-              "accuracy by more than one seed std; --teacher-precision bf16 to choose it)", flush=True)
-    live = LiveTeachers(teachers, precision=precision, fold_bn=config.fold_bn,
-                        compile=config.teacher_compile) if teachers else None
+    # the teachers' precision is their own option, independent of the student's --amp; resolved (with the
+    # strategy) by mtkd_fast.teachers.resolve_precision, the policy every command shares
+    live = LiveTeachers(teachers, precision=config.teacher_precision, fold_bn=config.fold_bn,
+                        compile=config.teacher_compile, strategy=config.strategy) if teachers else None
     if config.teacher_cache:
         try:
             from ..cache import open_teacher_source
@@ -115,8 +101,25 @@ def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torc
             raise ImportError(f"teacher_cache: mtkd_fast.cache is not available ({exc})") from exc
         if not os.path.exists(config.teacher_cache):
             raise FileNotFoundError(f"teacher_cache: no such directory {config.teacher_cache!r}")
-        return open_teacher_source(config.teacher_cache, teachers=live, device=device, dataset=dataset)
+        return open_teacher_source(config.teacher_cache, teachers=live, device=device, dataset=dataset,
+                                   precision=config.teacher_precision, strategy=config.strategy)
     return live
+
+
+TEACHERS_JSON = "teachers.json"  # what the run's teachers ran in (config.json holds the choice, "auto" say)
+
+
+def teacher_precision_record(config: TrainConfig, source) -> dict:
+    """The run's metadata on its teachers' precision: the choice, and what the outputs were computed in."""
+    record = {"teacher_precision": config.teacher_precision, "strategy": config.strategy}
+    if isinstance(source, LiveTeachers):
+        record.update(source="live", precision_used=source.precision_used, fold_bn=source.fold_bn)
+    else:
+        record.update(source="cache", cache=config.teacher_cache, precision_used=source.teacher_precision,
+                      fold_bn=bool(source.manifest.get("fold_bn", False)))
+        if source.live_teachers:  # fields the cache left out, computed live
+            record.update(live_teachers=source.live_teachers, live_precision_used=source.live_precision)
+    return record
 
 
 def _check_model_names(config: TrainConfig) -> None:
@@ -206,7 +209,7 @@ def _train(config: TrainConfig) -> dict:
     teachers = build_teachers(config, num_classes, device) if config.strategy != "none" else []
     source = _teacher_source(config, teachers, device, train_set) if config.strategy != "none" else None
     if source is not None and dist_info.is_main:
-        print(getattr(source, "describe", lambda: f"teachers: cache {config.teacher_cache}")(), flush=True)
+        print(source.describe(), flush=True)
 
     feature_transfer = agent = None
     if source is not None:
@@ -244,6 +247,9 @@ def _train(config: TrainConfig) -> dict:
     if dist_info.is_main:
         os.makedirs(config.out_dir, exist_ok=True)
         write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(config.to_dict(), indent=2).encode())
+        if source is not None:
+            write_bytes_atomic(os.path.join(config.out_dir, TEACHERS_JSON),
+                               json.dumps(teacher_precision_record(config, source), indent=2).encode())
 
     def make_train_loader(epoch: int):
         train_set.set_view(trainer.view_for_epoch(epoch))

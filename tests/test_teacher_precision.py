@@ -1,0 +1,207 @@
+"""One teacher-precision policy (issue 22; docs/training.md "Teacher precision"): ``resolve_precision(choice, device,
+strategy)`` decides for train, cache build, the benchmarks and the demo; a cache built with default settings is
+accepted by every strategy's default run; an explicit mismatch is refused naming ``teacher_precision``; runs
+and caches record what was used."""
+
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("mtkd_fast.cache")
+
+from mtkd_fast import models  # noqa: E402
+from mtkd_fast import teachers as T  # noqa: E402
+from mtkd_fast.cache import CacheMismatchError, build_cache, open_teacher_source  # noqa: E402
+from mtkd_fast.teachers import LiveTeachers, resolve_precision  # noqa: E402
+from mtkd_fast.train import TrainConfig, train  # noqa: E402
+from mtkd_fast.train.config import STRATEGIES  # noqa: E402
+
+DISTILLING = [s for s in STRATEGIES if s != "none"]
+
+
+@pytest.fixture(params=[True, False], ids=["native_bf16", "no_native_bf16"])
+def fast_bf16(request, monkeypatch):
+    """Both kinds of CPU: the policy must agree with itself on each."""
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: request.param)
+    return request.param
+
+
+def _nets(seed=0):
+    torch.manual_seed(seed)
+    return [models.create_model("resnet8", 10).eval(), models.create_model("resnet14", 10).eval()]
+
+
+def _dataset():
+    from mtkd_fast.data import build_dataset
+
+    return build_dataset("bundled", split="train", augment=True, seed=0, limit_per_class=1)
+
+
+def _cache(tmp_path, precision, nets, **options):
+    path = str(tmp_path / f"cache_{precision}_{'_'.join(options)}")
+    m = build_cache(path, _dataset(), nets, views=1, teacher_names=["resnet8", "resnet14"], batch_size=16,
+                    progress=False, teacher_precision=precision, **options)
+    return path, m
+
+
+# ---- the resolver ---------------------------------------------------------------------------------------------------
+
+def test_auto_is_the_fast_precision_for_every_strategy(fast_bf16):
+    want = "bf16" if fast_bf16 else "fp32"
+    assert T.AUTO_FP32_STRATEGIES == ()  # the paired study showed no harm (docs/training.md)
+    for strategy in DISTILLING + [None]:
+        assert resolve_precision("auto", "cpu", strategy) == want, strategy
+        for explicit in ("fp32", "bf16"):
+            assert resolve_precision(explicit, "cpu", strategy) == explicit
+        live = LiveTeachers(_nets(), strategy=strategy)
+        assert live.precision_used == want and live.precision_reason.startswith("auto: CPU has")
+
+
+def test_a_strategy_kept_in_fp32_is_kept_everywhere(monkeypatch, fast_bf16):
+    """Were harm shown for a strategy, "auto" gives it fp32, and a cache (which serves every strategy) too."""
+    monkeypatch.setattr(T, "AUTO_FP32_STRATEGIES", ("mtkd_rl",))
+    assert resolve_precision("auto", "cpu", "mtkd_rl") == "fp32"
+    assert resolve_precision("auto", "cpu", "aver") == ("bf16" if fast_bf16 else "fp32")
+    assert resolve_precision("auto", "cpu", None) == "fp32"
+    assert resolve_precision("bf16", "cpu", "mtkd_rl") == "bf16"  # an explicit choice is the user's
+    live = LiveTeachers(_nets(), strategy="mtkd_rl")
+    assert live.precision_used == "fp32" and "strategy 'mtkd_rl'" in live.describe()
+
+
+def test_bad_choices_name_the_argument():
+    with pytest.raises(ValueError, match=r"^precision: expected one of"):
+        resolve_precision("fp64", "cpu", "mtkd_rl")
+    with pytest.raises(ValueError, match=r"^precision: 'fp16' is not supported for teachers on a CPU"):
+        resolve_precision("fp16", "cpu", "aver")
+
+
+# ---- every command gives the same answer ----------------------------------------------------------------------------
+
+def test_train_cache_build_bench_and_demo_agree(tmp_path, fast_bf16):
+    from mtkd_fast.bench.epoch import BenchSpec, Run, build_teachers
+    from mtkd_fast.demo import DemoSettings
+    from mtkd_fast.train.run import _teacher_source
+
+    want = "bf16" if fast_bf16 else "fp32"
+    nets = _nets()
+    for strategy in DISTILLING:
+        cfg = TrainConfig(teachers=["resnet8", "resnet14"], strategy=strategy)
+        assert _teacher_source(cfg, nets, torch.device("cpu")).precision_used == want, strategy
+    _, m = _cache(tmp_path, "auto", nets)
+    assert m["teacher_precision"] == want
+    spec = BenchSpec(students=("resnet8",), teachers=("resnet8", "resnet14"), steps=1, batch_size=4,
+                     configs=("mtkd_rl_live",), device="cpu", memory_steps=0, progress=False).resolved()
+    run = Run("mtkd_rl_live", spec, "resnet8", _bench_data(spec), build_teachers(spec, "cpu"))
+    assert run.teacher_precision.split()[0] == want
+    assert DemoSettings().teacher_precision == "auto"
+    with pytest.raises(ValueError, match=r"^teacher_precision: expected one of"):
+        DemoSettings(teacher_precision="int8").validate()
+
+
+def _bench_data(spec):
+    from mtkd_fast.bench.epoch import random_dataset
+
+    return random_dataset(spec)
+
+
+# ---- (cache built with X, train asks Y) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("built", ["auto", "fp32", "bf16"])
+def test_every_cache_and_run_precision_pair(tmp_path, built, fast_bf16):
+    """Accepted when the run asks "auto" (a default run takes a default cache, for every strategy) or exactly the
+    precision the cache's teachers ran in; refused, naming teacher_precision, otherwise. With the teachers given
+    (LiveTeachers) and without (a run with only --teacher-cache)."""
+    nets = _nets()
+    path, m = _cache(tmp_path, built, nets)
+    cached = resolve_precision(built, "cpu")
+    assert m["teacher_precision"] == cached
+    for asked in ("auto", "fp32", "bf16"):
+        for strategy in DISTILLING:
+            ok = asked == "auto" or asked == cached
+            for teachers in (None, LiveTeachers(nets, precision=asked, strategy=strategy)):
+                opts = {} if teachers is not None else {"precision": asked, "strategy": strategy}
+                if ok:
+                    src = open_teacher_source(path, teachers=teachers, **opts)
+                    assert src.teacher_precision == cached
+                else:
+                    with pytest.raises(CacheMismatchError,
+                                       match=rf"^teacher_precision: .*cache has '{cached}', given '{asked}'"):
+                        open_teacher_source(path, teachers=teachers, **opts)
+
+
+def test_auto_run_of_a_strategy_kept_in_fp32_refuses_a_bf16_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "AUTO_FP32_STRATEGIES", ("mtkd_rl",))
+    nets = _nets()
+    default_path, m = _cache(tmp_path, "auto", nets)
+    assert m["teacher_precision"] == "fp32"  # the default build serves every strategy
+    for strategy in DISTILLING:
+        open_teacher_source(default_path, precision="auto", strategy=strategy)
+    bf16_path, _ = _cache(tmp_path, "bf16", nets)
+    with pytest.raises(CacheMismatchError, match=r"^teacher_precision: auto keeps float32 teachers for strategy "
+                                                 r"'mtkd_rl'.*'bf16'; rebuild it with --teacher-precision fp32"):
+        open_teacher_source(bf16_path, precision="auto", strategy="mtkd_rl")
+    open_teacher_source(bf16_path, precision="auto", strategy="aver")
+    open_teacher_source(bf16_path, precision="bf16", strategy="mtkd_rl")
+
+
+# ---- what runs log and record -------------------------------------------------------------------------------------
+
+def _checkpoints(tmp_path, nets):
+    paths = []
+    for i, net in enumerate(nets):
+        paths.append(str(tmp_path / f"t{i}.pth"))
+        torch.save({"model": net.state_dict()}, paths[-1])
+    return paths
+
+
+def _run(tmp_path, name, **changes):
+    cfg = TrainConfig(student="resnet8", dataset="bundled", limit_per_class=1, batch_size=5, epochs=1,
+                      max_steps_per_epoch=1, progress=False, out_dir=str(tmp_path / name), **changes)
+    train(cfg)
+    with open(os.path.join(cfg.out_dir, "teachers.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_runs_log_and_record_the_precision(tmp_path, capsys):
+    nets = _nets()
+    ckpts = _checkpoints(tmp_path, nets)
+    cached = resolve_precision("auto", "cpu")
+    path, _ = _cache(tmp_path, "auto", nets)
+    # a cache and no teachers: the log says what the cached outputs were computed in
+    rec = _run(tmp_path, "cache_only", teacher_cache=path)
+    out = capsys.readouterr().out
+    assert f"outputs computed in {cached}" in out and "computed live" not in out
+    assert rec == {"teacher_precision": "auto", "strategy": "mtkd_rl", "source": "cache", "cache": path,
+                   "precision_used": cached, "fold_bn": True}
+    # a logits-only cache: the maps and embeddings are computed live, and the log and the record say in what
+    lpath, _ = _cache(tmp_path, "fp32", nets, fields=("logits",))
+    rec = _run(tmp_path, "logits_only", teacher_cache=lpath, teachers=["resnet8", "resnet14"],
+               teacher_checkpoints=ckpts, teacher_precision="fp32")
+    out = capsys.readouterr().out
+    assert "outputs computed in fp32" in out
+    assert "embeddings and feature_maps of teachers [0, 1] left out of it, computed live in fp32" in out
+    assert rec["live_teachers"] == [0, 1] and rec["live_precision_used"] == "fp32" and rec["precision_used"] == "fp32"
+    # live teachers: the record has the resolved precision next to the choice
+    rec = _run(tmp_path, "live", teachers=["resnet8", "resnet14"], teacher_checkpoints=ckpts, strategy="aver")
+    assert rec["source"] == "live" and rec["teacher_precision"] == "auto"
+    assert rec["precision_used"] == resolve_precision("auto", "cpu", "aver")
+    # an explicit mismatch is refused before training, naming the option
+    other = "fp32" if cached == "bf16" else "bf16"
+    with pytest.raises(CacheMismatchError, match=r"^teacher_precision: "):
+        _run(tmp_path, "mismatch", teacher_cache=path, teacher_precision=other)
+
+
+def test_cache_build_cli_prints_the_precision(tmp_path, capsys):
+    from mtkd_fast import cli
+
+    ckpts = _checkpoints(tmp_path, _nets())
+    rc = cli.main(["cache", "build", "--out", str(tmp_path / "c"), "--dataset", "bundled", "--limit-per-class", "1",
+                   "--teachers", "resnet8", "resnet14", "--checkpoints", *ckpts, "--no-progress",
+                   "--batch-size", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"teachers ran in {resolve_precision('auto', 'cpu')}" in out
+    with open(tmp_path / "c" / "manifest.json") as f:
+        assert json.load(f)["teacher_precision"] == resolve_precision("auto", "cpu")
