@@ -271,8 +271,10 @@ class LiveTeachers(nn.Module):
         compile: ``torch.compile`` the teachers for inference: inductor with freezing on a CPU, CUDA graphs
             ("reduce-overhead") on CUDA. Where compile is unavailable or fails, the teachers run eagerly and a
             RuntimeWarning says why.
-        channels_last: run the teachers on channels_last (NHWC) tensors. Default (None): on, for every device
-            and precision. Measured with the CIFAR teacher pool at B=64 on an AVX512-BF16 CPU (one thread):
+        channels_last: run the teachers on channels_last (NHWC) tensors. Default (None): on, except for
+            float32 with ``fold_bn=False``, which runs the teachers exactly as given (bit for bit the float32
+            eager outputs: NHWC convolutions sum in another order).
+            Measured with the CIFAR teacher pool at B=64 on an AVX512-BF16 CPU (one thread):
             NHWC is 1.65x faster than NCHW in float32 and 1.03-1.18x in bf16 (benchmarks/RESULTS.md); on CUDA,
             NHWC is what tensor-core convolutions take (not measured here). Folding, channels_last and compile
             run on copies of the teachers: their weights are held twice.
@@ -304,8 +306,8 @@ class LiveTeachers(nn.Module):
         self.precision, self.strategy = precision, strategy
         self.precision_used = resolve_precision(precision, device, strategy)
         self.precision_reason = _precision_reason(precision, self.precision_used, device, strategy)
-        if channels_last is None:
-            channels_last = True
+        if channels_last is None:  # fp32 unfolded is the exact mode: the teachers run as given (eager NCHW)
+            channels_last = not (self.precision_used == "fp32" and not fold_bn)
         self.channels_last = bool(channels_last)
         self.fold_bn = bool(fold_bn)
         self.overlap = bool(overlap)
