@@ -13,6 +13,7 @@ Resumable: rows already in ``runs.csv`` are skipped, so a killed study continues
     OMP_NUM_THREADS=1 python tools/precision_study.py --out results/precision_study            # mtkd_rl, 5 seeds
     OMP_NUM_THREADS=1 python tools/precision_study.py --strategies mtkd_rl aver camkd --seeds 0 1 2 3 4
     python tools/precision_study.py --summarise-only --out results/precision_study               # the table only
+    python tools/precision_study.py --summarise-only --out A --merge B      # two studies run side by side
 """
 
 from __future__ import annotations
@@ -89,12 +90,21 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-dir", default=None, help="where the demo's teachers are kept (default: the demo's)")
     p.add_argument("--quick", action="store_true", help="the demo's quick settings (a smoke test; means nothing)")
     p.add_argument("--summarise-only", action="store_true", help="print the table of the runs so far")
+    p.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                   help="with --summarise-only: also the runs of these study folders (studies run side by side); "
+                        "a (strategy, seed, precision) already read is not read again")
     args = p.parse_args(argv)
     if any(s < 0 for s in args.seeds):
         p.error("--seeds: expected non-negative integers")
     out = args.out
     if args.summarise_only:
-        print(_write_summary(out, _read_rows(os.path.join(out, "runs.csv"))))
+        rows, seen = [], set()
+        for folder in [out] + args.merge:
+            for r in _read_rows(os.path.join(folder, "runs.csv")):
+                if (r["strategy"], r["seed"], r["precision"]) not in seen:
+                    seen.add((r["strategy"], r["seed"], r["precision"]))
+                    rows.append(r)
+        print(_write_summary(out, rows))
         return 0
 
     import torch
