@@ -205,3 +205,37 @@ def test_cache_build_cli_prints_the_precision(tmp_path, capsys):
     assert rc == 0 and f"teachers ran in {resolve_precision('auto', 'cpu')}" in out
     with open(tmp_path / "c" / "manifest.json") as f:
         assert json.load(f)["teacher_precision"] == resolve_precision("auto", "cpu")
+
+
+def test_precision_study_verdict_is_the_paired_two_standard_error_rule():
+    import importlib.util
+    import math
+    import statistics
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "precision_study.py")
+    spec = importlib.util.spec_from_file_location("precision_study", path)
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    g = torch.Generator().manual_seed(3)
+    base = (70 + 5 * torch.rand(7, generator=g)).tolist()  # seeds differ far more than the pairs do
+
+    def rows(strategy, diffs):
+        return [r for s, (b, d) in enumerate(zip(base, diffs)) for r in (
+            {"strategy": strategy, "seed": s, "precision": "fp32", "test_top1": b},
+            {"strategy": strategy, "seed": s, "precision": "bf16", "test_top1": b + d})]
+
+    harm = [-0.9, -1.2, -0.7, -1.1, -1.0]
+    noise = [0.8, -1.3, 0.4, -0.2, 0.6, -0.9, 0.1]
+    unpaired = rows("camkd", [0.5])[:1]  # an fp32 run whose bf16 partner is missing: left out
+    out = {r["strategy"]: r for r in study.summarise(rows("mtkd_rl", harm) + rows("aver", noise) + unpaired)}
+    assert set(out) == {"mtkd_rl", "aver"}
+    for name, diffs in (("mtkd_rl", harm), ("aver", noise)):
+        r = out[name]
+        assert r["seeds"] == len(diffs)
+        assert math.isclose(r["diff_mean"], statistics.fmean(diffs), abs_tol=1e-9)
+        assert math.isclose(r["diff_se"], statistics.stdev(diffs) / math.sqrt(len(diffs)), abs_tol=1e-9)
+    assert out["mtkd_rl"]["verdict"].startswith("harm") and out["aver"]["verdict"].startswith("no harm")
+    # just inside two standard errors is not harm
+    d = [-1.0, 0.0, -1.0, 0.0]  # mean -0.5, SE 0.2887: -0.5 > -0.577
+    assert study.summarise(rows("ebkd", d))[0]["verdict"].startswith("no harm")
+    assert "| mtkd_rl | 5 |" in study.format_table(list(out.values()))
