@@ -48,26 +48,37 @@ def _cache(tmp_path, precision, nets, **options):
 
 # ---- the resolver ---------------------------------------------------------------------------------------------------
 
-def test_auto_is_the_fast_precision_for_every_strategy(fast_bf16):
-    want = "bf16" if fast_bf16 else "fp32"
-    assert T.AUTO_FP32_STRATEGIES == ()  # the paired study showed no harm (docs/training.md)
-    for strategy in DISTILLING + [None]:
+@pytest.fixture(params=["decided", "none_kept"])
+def table(request, monkeypatch):
+    """The policy as decided (MTKD-RL kept in fp32 by the paired study) and as it would be with no strategy kept:
+    both code paths of every check below."""
+    if request.param == "none_kept":
+        monkeypatch.setattr(T, "AUTO_FP32_STRATEGIES", ())
+    return T.AUTO_FP32_STRATEGIES
+
+
+def _auto(strategy, fast):
+    """What "auto" must give, written out from docs/training.md "Teacher precision"."""
+    if strategy in T.AUTO_FP32_STRATEGIES or (strategy == T.EVERY_STRATEGY and T.AUTO_FP32_STRATEGIES):
+        return "fp32"
+    return "bf16" if fast else "fp32"
+
+
+def test_the_decided_policy():
+    assert T.AUTO_FP32_STRATEGIES == ("mtkd_rl",)  # the paired study (docs/training.md): harm for MTKD-RL
+
+
+def test_auto_follows_the_table_and_the_device(table, fast_bf16):
+    for strategy in DISTILLING + [None, T.EVERY_STRATEGY]:
+        want = _auto(strategy, fast_bf16)
         assert resolve_precision("auto", "cpu", strategy) == want, strategy
-        for explicit in ("fp32", "bf16"):
+        for explicit in ("fp32", "bf16"):  # an explicit choice is the user's, whatever the table says
             assert resolve_precision(explicit, "cpu", strategy) == explicit
         live = LiveTeachers(_nets(), strategy=strategy)
-        assert live.precision_used == want and live.precision_reason.startswith("auto: CPU has")
-
-
-def test_a_strategy_kept_in_fp32_is_kept_everywhere(monkeypatch, fast_bf16):
-    """Were harm shown for a strategy, "auto" gives it fp32, and a cache (which serves every strategy) too."""
-    monkeypatch.setattr(T, "AUTO_FP32_STRATEGIES", ("mtkd_rl",))
-    assert resolve_precision("auto", "cpu", "mtkd_rl") == "fp32"
-    assert resolve_precision("auto", "cpu", "aver") == ("bf16" if fast_bf16 else "fp32")
-    assert resolve_precision("auto", "cpu", None) == "fp32"
-    assert resolve_precision("bf16", "cpu", "mtkd_rl") == "bf16"  # an explicit choice is the user's
-    live = LiveTeachers(_nets(), strategy="mtkd_rl")
-    assert live.precision_used == "fp32" and "strategy 'mtkd_rl'" in live.describe()
+        assert live.precision_used == want and live.precision_reason.startswith("auto: ")
+        if strategy in table:
+            assert f"strategy {strategy!r}" in live.describe()
+    assert resolve_precision("auto", "cpu", None) == ("bf16" if fast_bf16 else "fp32")  # the engine on its own
 
 
 def test_bad_choices_name_the_argument():
@@ -79,71 +90,55 @@ def test_bad_choices_name_the_argument():
 
 # ---- every command gives the same answer ----------------------------------------------------------------------------
 
-def test_train_cache_build_bench_and_demo_agree(tmp_path, fast_bf16):
-    from mtkd_fast.bench.epoch import BenchSpec, Run, build_teachers
+def test_train_cache_build_bench_and_demo_agree(tmp_path, table, fast_bf16):
+    from mtkd_fast.bench.epoch import BenchSpec, Run, build_teachers, random_dataset
     from mtkd_fast.demo import DemoSettings
     from mtkd_fast.train.run import _teacher_source
 
-    want = "bf16" if fast_bf16 else "fp32"
     nets = _nets()
     for strategy in DISTILLING:
         cfg = TrainConfig(teachers=["resnet8", "resnet14"], strategy=strategy)
-        assert _teacher_source(cfg, nets, torch.device("cpu")).precision_used == want, strategy
-    _, m = _cache(tmp_path, "auto", nets)
-    assert m["teacher_precision"] == want
+        assert _teacher_source(cfg, nets, torch.device("cpu")).precision_used == _auto(strategy, fast_bf16)
+    _, m = _cache(tmp_path, "auto", nets)  # the demo builds its cache this way too (DemoSettings' "auto")
+    assert m["teacher_precision"] == _auto(T.EVERY_STRATEGY, fast_bf16)
     spec = BenchSpec(students=("resnet8",), teachers=("resnet8", "resnet14"), steps=1, batch_size=4,
                      configs=("mtkd_rl_live",), device="cpu", memory_steps=0, progress=False).resolved()
-    run = Run("mtkd_rl_live", spec, "resnet8", _bench_data(spec), build_teachers(spec, "cpu"))
-    assert run.teacher_precision.split()[0] == want
+    run = Run("mtkd_rl_live", spec, "resnet8", random_dataset(spec), build_teachers(spec, "cpu"))
+    assert run.teacher_precision.split()[0] == _auto("mtkd_rl", fast_bf16)
     assert DemoSettings().teacher_precision == "auto"
     with pytest.raises(ValueError, match=r"^teacher_precision: expected one of"):
         DemoSettings(teacher_precision="int8").validate()
 
 
-def _bench_data(spec):
-    from mtkd_fast.bench.epoch import random_dataset
-
-    return random_dataset(spec)
-
-
 # ---- (cache built with X, train asks Y) ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("built", ["auto", "fp32", "bf16"])
-def test_every_cache_and_run_precision_pair(tmp_path, built, fast_bf16):
-    """Accepted when the run asks "auto" (a default run takes a default cache, for every strategy) or exactly the
-    precision the cache's teachers ran in; refused, naming teacher_precision, otherwise. With the teachers given
-    (LiveTeachers) and without (a run with only --teacher-cache)."""
+def test_every_cache_and_run_precision_pair(tmp_path, built, table, fast_bf16):
+    """Accepted when the run asks exactly the precision the cache's teachers ran in, or "auto" (any cache, except
+    that a strategy kept in fp32 takes only an fp32 one); refused, naming teacher_precision, otherwise. A default
+    cache is accepted by every strategy's default run. With the teachers given (LiveTeachers) and without (a
+    run with only --teacher-cache)."""
     nets = _nets()
     path, m = _cache(tmp_path, built, nets)
-    cached = resolve_precision(built, "cpu")
+    cached = resolve_precision(built, "cpu", T.EVERY_STRATEGY)
     assert m["teacher_precision"] == cached
     for asked in ("auto", "fp32", "bf16"):
         for strategy in DISTILLING:
-            ok = asked == "auto" or asked == cached
+            ok = asked == cached or (asked == "auto" and (strategy not in table or cached == "fp32"))
+            if built == asked == "auto":
+                assert ok, strategy
             for teachers in (None, LiveTeachers(nets, precision=asked, strategy=strategy)):
                 opts = {} if teachers is not None else {"precision": asked, "strategy": strategy}
                 if ok:
-                    src = open_teacher_source(path, teachers=teachers, **opts)
-                    assert src.teacher_precision == cached
+                    assert open_teacher_source(path, teachers=teachers, **opts).teacher_precision == cached
+                elif asked == "auto":
+                    with pytest.raises(CacheMismatchError, match=rf"^teacher_precision: auto keeps float32 teachers "
+                                                                 rf"for strategy '{strategy}'.*'{cached}'"):
+                        open_teacher_source(path, teachers=teachers, **opts)
                 else:
                     with pytest.raises(CacheMismatchError,
                                        match=rf"^teacher_precision: .*cache has '{cached}', given '{asked}'"):
                         open_teacher_source(path, teachers=teachers, **opts)
-
-
-def test_auto_run_of_a_strategy_kept_in_fp32_refuses_a_bf16_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(T, "AUTO_FP32_STRATEGIES", ("mtkd_rl",))
-    nets = _nets()
-    default_path, m = _cache(tmp_path, "auto", nets)
-    assert m["teacher_precision"] == "fp32"  # the default build serves every strategy
-    for strategy in DISTILLING:
-        open_teacher_source(default_path, precision="auto", strategy=strategy)
-    bf16_path, _ = _cache(tmp_path, "bf16", nets)
-    with pytest.raises(CacheMismatchError, match=r"^teacher_precision: auto keeps float32 teachers for strategy "
-                                                 r"'mtkd_rl'.*'bf16'; rebuild it with --teacher-precision fp32"):
-        open_teacher_source(bf16_path, precision="auto", strategy="mtkd_rl")
-    open_teacher_source(bf16_path, precision="auto", strategy="aver")
-    open_teacher_source(bf16_path, precision="bf16", strategy="mtkd_rl")
 
 
 # ---- what runs log and record -------------------------------------------------------------------------------------
@@ -168,7 +163,7 @@ def _run(tmp_path, name, **changes):
 def test_runs_log_and_record_the_precision(tmp_path, capsys):
     nets = _nets()
     ckpts = _checkpoints(tmp_path, nets)
-    cached = resolve_precision("auto", "cpu")
+    cached = resolve_precision("auto", "cpu", T.EVERY_STRATEGY)
     path, _ = _cache(tmp_path, "auto", nets)
     # a cache and no teachers: the log says what the cached outputs were computed in
     rec = _run(tmp_path, "cache_only", teacher_cache=path)
@@ -202,9 +197,10 @@ def test_cache_build_cli_prints_the_precision(tmp_path, capsys):
                    "--teachers", "resnet8", "resnet14", "--checkpoints", *ckpts, "--no-progress",
                    "--batch-size", "16"])
     out = capsys.readouterr().out
-    assert rc == 0 and f"teachers ran in {resolve_precision('auto', 'cpu')}" in out
+    want = resolve_precision("auto", "cpu", T.EVERY_STRATEGY)
+    assert rc == 0 and f"teachers ran in {want}" in out
     with open(tmp_path / "c" / "manifest.json") as f:
-        assert json.load(f)["teacher_precision"] == resolve_precision("auto", "cpu")
+        assert json.load(f)["teacher_precision"] == want
 
 
 def test_precision_study_verdict_is_the_paired_two_standard_error_rule():

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._io import clean_temp_files, write_json_atomic
 from .._lock import DirLock
-from ..teachers import LiveTeachers
+from ..teachers import EVERY_STRATEGY, LiveTeachers
 from . import storage
 from .manifest import (
     DIGEST_KEY,
@@ -285,9 +285,9 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
             views in each cycle of V epochs); see ``view_for_epoch``.
         rank, world_size: this process's share of the work (default: torch.distributed's, else 0 and 1).
         teacher_precision, fold_bn, teacher_compile: how the teachers run (``LiveTeachers``; ignored when
-            ``teachers`` is a LiveTeachers, whose own settings are used). ``teacher_precision="auto"`` resolves
-            with no strategy (``mtkd_fast.teachers.resolve_precision``): the precision a training run's "auto"
-            accepts for every strategy. The manifest records the precision used.
+            ``teachers`` is a LiveTeachers, whose own settings are used). ``teacher_precision="auto"`` is the
+            precision a training run's "auto" accepts for every strategy (``mtkd_fast.teachers.resolve_precision``
+            with ``EVERY_STRATEGY``). The manifest records the precision used.
 
     Returns the manifest (on the rank that finished the build; None on the others).
     """
@@ -305,7 +305,8 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
     for model in models:
         model.to(device)
     live = teachers.to(device) if isinstance(teachers, LiveTeachers) else \
-        LiveTeachers(models, precision=teacher_precision, fold_bn=fold_bn, compile=teacher_compile)
+        LiveTeachers(models, precision=teacher_precision, fold_bn=fold_bn, compile=teacher_compile,
+                     strategy=EVERY_STRATEGY)  # a cache serves every strategy
     layout = plan_cache(dataset, models, views=views, teacher_names=teacher_names, checkpoints=checkpoints,
                         dtype=dtype, feature_dtype=feature_dtype, topk=topk, topk_temperature=topk_temperature,
                         fields=fields, budget_bytes=budget_bytes, chunk_size=chunk_size,
