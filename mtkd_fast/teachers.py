@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TeacherOutputs", "TeacherSource", "LiveTeachers", "PRECISIONS", "AUTO_FP32_STRATEGIES", "EVERY_STRATEGY",
+__all__ = ["TeacherOutputs", "TeacherSource", "LiveTeachers", "PRECISIONS", "AUTO_FP32_STRATEGIES",
            "resolve_precision", "cpu_has_fast_bf16", "fold_batchnorm"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -70,8 +70,6 @@ def cpu_has_fast_bf16() -> bool:
 # to harm (mean paired difference below zero by more than two standard errors; docs/training.md "Teacher
 # precision", tools/precision_study.py). MTKD-RL: -0.68 +- 0.31 points over 5 paired seeds on the demo's setting.
 AUTO_FP32_STRATEGIES: tuple[str, ...] = ("mtkd_rl",)
-# the ``strategy`` of a teacher cache, which serves every strategy: "auto" is the precision they all accept
-EVERY_STRATEGY = "*"
 
 
 def resolve_precision(precision: str, device, strategy: str | None = None) -> str:
@@ -81,9 +79,9 @@ def resolve_precision(precision: str, device, strategy: str | None = None) -> st
     ``precision`` is the user's choice: "fp32" / "bf16" / "fp16" are taken as given ("fp16" on a CPU is an error:
     no fast fp16 convolutions there). "auto" is "fp32" for a ``strategy`` in :data:`AUTO_FP32_STRATEGIES`;
     otherwise "bf16" on a CPU with AVX512-BF16 or AMX and on a CUDA device of compute capability 8.0 or newer
-    (native bf16), "fp32" elsewhere. ``strategy=None`` (no strategy: the engine on its own) gets the device's;
-    ``strategy=EVERY_STRATEGY`` (a teacher cache, which serves every strategy) the precision every strategy's
-    "auto" accepts: "fp32" while any strategy keeps it, else the device's.
+    (native bf16), "fp32" elsewhere. ``strategy=None`` (not known: a teacher cache, which serves every strategy,
+    or the engine used on its own) gets the precision every strategy's "auto" accepts: "fp32" while any strategy
+    keeps it, else the device's.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
@@ -103,15 +101,15 @@ def resolve_precision(precision: str, device, strategy: str | None = None) -> st
 
 
 def _keeps_fp32(strategy: str | None) -> bool:
-    return strategy in AUTO_FP32_STRATEGIES or (strategy == EVERY_STRATEGY and bool(AUTO_FP32_STRATEGIES))
+    return strategy in AUTO_FP32_STRATEGIES or (strategy is None and bool(AUTO_FP32_STRATEGIES))
 
 
 def _precision_reason(precision: str, used: str, device: torch.device, strategy: str | None = None) -> str:
     if precision != "auto":
         return "requested"
     if _keeps_fp32(strategy):
-        return (f"auto: fp32 for every strategy, as {list(AUTO_FP32_STRATEGIES)} keep it" if strategy == EVERY_STRATEGY
-                else f"auto: fp32 for strategy {strategy!r}: bf16 teachers cost it accuracy (docs/training.md)")
+        return (f"auto: fp32 for strategy {strategy!r}: bf16 teachers cost it accuracy (docs/training.md)" if strategy
+                else f"auto, no strategy given: fp32, which {list(AUTO_FP32_STRATEGIES)} keep")
     if device.type == "cpu":
         return "auto: CPU has native bf16 (AVX512-BF16/AMX)" if used == "bf16" else "auto: CPU has no native bf16"
     if device.type == "cuda":
@@ -272,7 +270,7 @@ class LiveTeachers(nn.Module):
             fp16 run the teachers under autocast. The outputs are float32 whatever the compute precision.
             ``precision_used`` says what was picked.
         strategy: the distillation strategy the teachers serve, for ``precision="auto"``
-            (:func:`resolve_precision`); None: any.
+            (:func:`resolve_precision`); None: not known, the precision every strategy accepts.
         fold_bn: fold every BatchNorm that directly follows a convolution into that convolution (exact up to
             rounding). ``folded_bn`` counts the folded layers.
         compile: ``torch.compile`` the teachers for inference: inductor with freezing on a CPU, CUDA graphs

@@ -54,9 +54,10 @@ def test_precision_errors_name_the_option():
 @pytest.mark.parametrize("fast", [True, False])
 def test_auto_follows_the_cpu(monkeypatch, fast):
     monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: fast)
-    assert resolve_precision("auto", "cpu") == ("bf16" if fast else "fp32")
+    # a strategy auto does not keep in fp32 (tests/test_teacher_precision.py: the policy table)
+    assert resolve_precision("auto", "cpu", "aver") == ("bf16" if fast else "fp32")
     nets = [models.create_model("resnet8", 10) for _ in range(2)]
-    live = LiveTeachers(nets)
+    live = LiveTeachers(nets, strategy="aver")
     assert live.precision_used == ("bf16" if fast else "fp32")
     assert live.precision_used in live.describe() and "auto" in live.describe()
     assert live.channels_last  # the measured default (see the class docstring)
@@ -243,7 +244,7 @@ def test_cuda_side_stream_images_not_reused_early():
 @needs_cuda
 def test_cuda_auto_precision_follows_capability():
     cap = torch.cuda.get_device_capability()
-    assert resolve_precision("auto", "cuda") == ("bf16" if cap >= (8, 0) else "fp32")
+    assert resolve_precision("auto", "cuda", "aver") == ("bf16" if cap >= (8, 0) else "fp32")
     assert resolve_precision("fp16", "cuda") == "fp16"
 
 

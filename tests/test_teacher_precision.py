@@ -59,7 +59,7 @@ def table(request, monkeypatch):
 
 def _auto(strategy, fast):
     """What "auto" must give, written out from docs/training.md "Teacher precision"."""
-    if strategy in T.AUTO_FP32_STRATEGIES or (strategy == T.EVERY_STRATEGY and T.AUTO_FP32_STRATEGIES):
+    if strategy in T.AUTO_FP32_STRATEGIES or (strategy is None and T.AUTO_FP32_STRATEGIES):
         return "fp32"
     return "bf16" if fast else "fp32"
 
@@ -69,7 +69,7 @@ def test_the_decided_policy():
 
 
 def test_auto_follows_the_table_and_the_device(table, fast_bf16):
-    for strategy in DISTILLING + [None, T.EVERY_STRATEGY]:
+    for strategy in DISTILLING + [None]:
         want = _auto(strategy, fast_bf16)
         assert resolve_precision("auto", "cpu", strategy) == want, strategy
         for explicit in ("fp32", "bf16"):  # an explicit choice is the user's, whatever the table says
@@ -78,7 +78,8 @@ def test_auto_follows_the_table_and_the_device(table, fast_bf16):
         assert live.precision_used == want and live.precision_reason.startswith("auto: ")
         if strategy in table:
             assert f"strategy {strategy!r}" in live.describe()
-    assert resolve_precision("auto", "cpu", None) == ("bf16" if fast_bf16 else "fp32")  # the engine on its own
+    # no strategy given (a cache, or the engine on its own): what every strategy's auto accepts
+    assert resolve_precision("auto", "cpu") == ("fp32" if table else "bf16" if fast_bf16 else "fp32")
 
 
 def test_bad_choices_name_the_argument():
@@ -100,7 +101,7 @@ def test_train_cache_build_bench_and_demo_agree(tmp_path, table, fast_bf16):
         cfg = TrainConfig(teachers=["resnet8", "resnet14"], strategy=strategy)
         assert _teacher_source(cfg, nets, torch.device("cpu")).precision_used == _auto(strategy, fast_bf16)
     _, m = _cache(tmp_path, "auto", nets)  # the demo builds its cache this way too (DemoSettings' "auto")
-    assert m["teacher_precision"] == _auto(T.EVERY_STRATEGY, fast_bf16)
+    assert m["teacher_precision"] == _auto(None, fast_bf16)
     spec = BenchSpec(students=("resnet8",), teachers=("resnet8", "resnet14"), steps=1, batch_size=4,
                      configs=("mtkd_rl_live",), device="cpu", memory_steps=0, progress=False).resolved()
     run = Run("mtkd_rl_live", spec, "resnet8", random_dataset(spec), build_teachers(spec, "cpu"))
@@ -120,7 +121,7 @@ def test_every_cache_and_run_precision_pair(tmp_path, built, table, fast_bf16):
     run with only --teacher-cache)."""
     nets = _nets()
     path, m = _cache(tmp_path, built, nets)
-    cached = resolve_precision(built, "cpu", T.EVERY_STRATEGY)
+    cached = resolve_precision(built, "cpu", None)
     assert m["teacher_precision"] == cached
     for asked in ("auto", "fp32", "bf16"):
         for strategy in DISTILLING:
@@ -163,7 +164,7 @@ def _run(tmp_path, name, **changes):
 def test_runs_log_and_record_the_precision(tmp_path, capsys):
     nets = _nets()
     ckpts = _checkpoints(tmp_path, nets)
-    cached = resolve_precision("auto", "cpu", T.EVERY_STRATEGY)
+    cached = resolve_precision("auto", "cpu", None)
     path, _ = _cache(tmp_path, "auto", nets)
     # a cache and no teachers: the log says what the cached outputs were computed in
     rec = _run(tmp_path, "cache_only", teacher_cache=path)
@@ -197,7 +198,7 @@ def test_cache_build_cli_prints_the_precision(tmp_path, capsys):
                    "--teachers", "resnet8", "resnet14", "--checkpoints", *ckpts, "--no-progress",
                    "--batch-size", "16"])
     out = capsys.readouterr().out
-    want = resolve_precision("auto", "cpu", T.EVERY_STRATEGY)
+    want = resolve_precision("auto", "cpu", None)
     assert rc == 0 and f"teachers ran in {want}" in out
     with open(tmp_path / "c" / "manifest.json") as f:
         assert json.load(f)["teacher_precision"] == want

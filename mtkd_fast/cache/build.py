@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._io import clean_temp_files, write_json_atomic
 from .._lock import DirLock
-from ..teachers import EVERY_STRATEGY, LiveTeachers
+from ..teachers import LiveTeachers
 from . import storage
 from .manifest import (
     DIGEST_KEY,
@@ -287,7 +287,7 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
         teacher_precision, fold_bn, teacher_compile: how the teachers run (``LiveTeachers``; ignored when
             ``teachers`` is a LiveTeachers, whose own settings are used). ``teacher_precision="auto"`` is the
             precision a training run's "auto" accepts for every strategy (``mtkd_fast.teachers.resolve_precision``
-            with ``EVERY_STRATEGY``). The manifest records the precision used.
+            with no strategy). The manifest records the precision used.
 
     Returns the manifest (on the rank that finished the build; None on the others).
     """
@@ -305,8 +305,7 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
     for model in models:
         model.to(device)
     live = teachers.to(device) if isinstance(teachers, LiveTeachers) else \
-        LiveTeachers(models, precision=teacher_precision, fold_bn=fold_bn, compile=teacher_compile,
-                     strategy=EVERY_STRATEGY)  # a cache serves every strategy
+        LiveTeachers(models, precision=teacher_precision, fold_bn=fold_bn, compile=teacher_compile)
     layout = plan_cache(dataset, models, views=views, teacher_names=teacher_names, checkpoints=checkpoints,
                         dtype=dtype, feature_dtype=feature_dtype, topk=topk, topk_temperature=topk_temperature,
                         fields=fields, budget_bytes=budget_bytes, chunk_size=chunk_size,
