@@ -109,7 +109,7 @@ def _precision_reason(precision: str, used: str, device: torch.device, strategy:
         return "requested"
     if _keeps_fp32(strategy):
         return (f"auto: fp32 for strategy {strategy!r}: bf16 teachers cost it accuracy (docs/training.md)" if strategy
-                else f"auto, no strategy given: fp32, which {list(AUTO_FP32_STRATEGIES)} keep")
+                else f"auto: fp32 with no strategy given, as {list(AUTO_FP32_STRATEGIES)} keep it")
     if device.type == "cpu":
         return "auto: CPU has native bf16 (AVX512-BF16/AMX)" if used == "bf16" else "auto: CPU has no native bf16"
     if device.type == "cuda":
