@@ -45,9 +45,10 @@ def register(sub):
     b.add_argument("--workers", type=int, default=0)
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     b.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="the teachers' compute precision, recorded in the manifest (default auto: what a "
-                        "training run's auto picks for every strategy, bf16 where the device computes it fast); a "
-                        "training run asking another precision explicitly refuses the cache")
+                   help="the teachers' compute precision, recorded in the manifest (default auto: the precision "
+                        "every strategy's auto accepts: fp32 while a strategy keeps fp32 teachers, as MTKD-RL does, "
+                        "else bf16 where the device computes it fast); a training run asking another precision "
+                        "explicitly refuses the cache")
     b.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the teachers")
     b.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
