@@ -236,3 +236,12 @@ def test_precision_study_verdict_is_the_paired_two_standard_error_rule():
     d = [-1.0, 0.0, -1.0, 0.0]  # mean -0.5, SE 0.2887: -0.5 > -0.577
     assert study.summarise(rows("ebkd", d))[0]["verdict"].startswith("no harm")
     assert "| mtkd_rl | 5 |" in study.format_table(list(out.values()))
+
+
+def test_info_says_what_auto_picks_per_strategy(capsys, table, fast_bf16):
+    from mtkd_fast import cli
+
+    assert cli.main(["info"]) == 0
+    auto = json.loads(capsys.readouterr().out)["teacher_precision_auto"]
+    assert auto["cpu"] == {**{s: _auto(s, fast_bf16) for s in DISTILLING}, "cache": _auto(None, fast_bf16)}
+    assert auto["cpu_native_bf16"] is fast_bf16

@@ -13,11 +13,14 @@ def run(args):
 
     import mtkd_fast
     from mtkd_fast.teachers import cpu_has_fast_bf16, resolve_precision
+    from mtkd_fast.train.config import STRATEGIES
 
     info = mtkd_fast.build_info()
-    # what --teacher-precision auto picks on this machine's devices
-    info["teacher_precision_auto"] = {"cpu": resolve_precision("auto", "cpu"), "cpu_native_bf16": cpu_has_fast_bf16()}
-    if torch.cuda.is_available():
-        info["teacher_precision_auto"]["cuda"] = resolve_precision("auto", "cuda")
+    # what --teacher-precision auto picks on this machine's devices, per strategy ("cache": cache build's)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    info["teacher_precision_auto"] = {
+        d: {**{s: resolve_precision("auto", d, s) for s in STRATEGIES if s != "none"},
+            "cache": resolve_precision("auto", d)} for d in devices}
+    info["teacher_precision_auto"]["cpu_native_bf16"] = cpu_has_fast_bf16()
     print(json.dumps(info, indent=2))
     return 0
