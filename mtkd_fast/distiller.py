@@ -10,8 +10,9 @@ optimisation and checkpoints.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,9 @@ from torch import Tensor, nn
 from ._validation import stack_teachers
 from .agent import AgentReplayBuffer, AgentState, MTKDAgent, normalized_reward
 from .step import BACKENDS, distill_step, resolve_backend
+
+if TYPE_CHECKING:
+    from .train.config import TrainConfig
 
 __all__ = ["Distiller", "DistillerOutput", "STRATEGIES"]
 
@@ -139,16 +143,17 @@ class Distiller(nn.Module):
 
     # ------------------------------------------------------------------ construction from models
     @classmethod
-    def from_config(cls, cfg, student: nn.Module, teachers: Sequence[nn.Module],
+    def from_config(cls, cfg: Optional["TrainConfig"], student: nn.Module, teachers: Sequence[nn.Module],
                     example_input: Optional[Tensor] = None, **overrides) -> "Distiller":
-        """A Distiller with ``cfg``'s method options (a :class:`mtkd_fast.train.TrainConfig`), its shapes read
+        """A Distiller with ``cfg``'s method options (a :class:`mtkd_fast.train.TrainConfig`; None: the defaults,
+        which are TrainConfig's), its shapes read
         from one forward of ``student`` and ``teachers`` (models with the ``(feats, logits)`` contract, see
         :func:`mtkd_fast.models.with_features`) on ``example_input`` (default: two zero images of cfg.dataset's
         size); for ``"camkd"`` the teachers' classifier heads. ``overrides`` win over ``cfg``."""
         from .models import classifier_head
 
         if example_input is None:
-            size = {"imagefolder": (3, 224, 224)}.get(cfg.dataset, (3, 32, 32))
+            size = {"imagefolder": (3, 224, 224)}.get(getattr(cfg, "dataset", None), (3, 32, 32))
             example_input = torch.zeros(2, *size)
         device = next(iter(student.parameters())).device
         x = example_input.to(device)
@@ -167,7 +172,11 @@ class Distiller(nn.Module):
         for m, (feats, logits) in enumerate(t_out):
             if logits.shape[1] != K:
                 raise ValueError(f"teachers[{m}]: predicts {logits.shape[1]} classes, the student {K}")
-        options = {name: getattr(cfg, name) for name in _config_options()}
+        if cfg is None:
+            defaults = inspect.signature(cls.__init__).parameters
+            options = {name: defaults[name].default for name in _config_options()}
+        else:
+            options = {name: getattr(cfg, name) for name in _config_options()}
         options.update(overrides)
         distil_maps = options["beta"] > 0
         if options["strategy"] == "camkd" and "teacher_heads" not in options:
