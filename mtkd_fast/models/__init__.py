@@ -26,9 +26,9 @@ from torch import nn
 from . import imagenet, vit
 from .backbone import backbone
 from .cifar import BUILDERS as _CIFAR_BUILDERS
+from .features import with_features
 from .heads import classifier_head
 from .loading import load_checkpoint
-from .features import with_features
 from .transfer import FeatureTransfer
 
 __all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer", "classifier_head", "backbone",
