@@ -1,7 +1,8 @@
 """The MTKD-RL trainer: alternating student / agent optimisation (docs/method.md section 7) and the baselines.
 
-``Trainer`` owns one run's modules, optimisers and metrics; ``Trainer.train_step`` is one student step (plus the
-agent update when it falls due) and never waits for the device; ``Trainer.fit`` runs epochs with progress,
+``Trainer`` is a :class:`mtkd_fast.Distiller` (the method: strategy, feature transfer, agent, its optimiser and
+replay buffer) plus the student's data, optimisation, metrics and checkpoints; ``Trainer.train_step`` is one
+student step (the Distiller runs the agent update when it falls due) and never waits for the device; ``Trainer.fit`` runs epochs with progress,
 evaluation, CSV/PNG logs and atomic checkpoints. ``train(config)`` builds everything from a ``TrainConfig``.
 """
 
@@ -97,7 +98,8 @@ def evaluate(model: nn.Module, loader: Iterable, device=None, amp: Optional[str]
 
 
 class Trainer:
-    """One run: student (+ feature transfer), teacher source, weighting strategy (+ agent), optimisers.
+    """One run: student, teacher source, the method as a :class:`mtkd_fast.Distiller` (built from ``config`` with
+    the ``feature_transfer``, ``agent`` and ``teacher_heads`` given here; None for strategy "none"), optimiser.
 
     Args:
         config: the run's :class:`TrainConfig` (method, optimisation and output options).
