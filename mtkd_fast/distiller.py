@@ -133,9 +133,7 @@ class Distiller(nn.Module):
         self.steps_this_epoch: Optional[int] = None
         self._agent_loss_sum: Optional[Tensor] = None
         self.agent_batches = 0
-        from .train import distributed as D
-
-        self._dist = D
+        D = _distributed()
         if D.is_distributed():  # every rank starts from rank 0's agent and transfer
             for module in (agent, feature_transfer):
                 if module is not None:
@@ -254,8 +252,8 @@ class Distiller(nn.Module):
             )
             reward = out.reward
             if self._agent is not None and self.training:
-                if self._dist.is_distributed():  # normalised over the global batch
-                    gathered, offset = self._dist.all_gather_cat(out.per_sample_loss)
+                if _distributed().is_distributed():  # normalised over the global batch
+                    gathered, offset = _distributed().all_gather_cat(out.per_sample_loss)
                     reward = normalized_reward(gathered)[offset:offset + out.per_sample_loss.shape[0]]
                 self._store(out.state, reward, out.actions)
                 # the authors' trigger: after batch index agent_step, 2 agent_step, ... (and at the epoch's end)
@@ -324,7 +322,7 @@ class Distiller(nn.Module):
                 loss = agent.loss(state, reward, actions)
                 self.agent_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                self._dist.average_gradients(params)
+                _distributed().average_gradients(params)
                 self.agent_optimizer.step()
                 total += loss.detach().double()
         self.agent_optimizer.zero_grad(set_to_none=True)
@@ -386,6 +384,13 @@ class Distiller(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+def _distributed():
+    # imported when used: mtkd_fast.train imports this module (and a module object in an attribute would not copy)
+    from .train import distributed
+
+    return distributed
+
+
 def _config_options() -> tuple:
     """The method's TrainConfig options, i.e. Distiller's keyword options."""
     return ("strategy", "temperature", "alpha", "beta", "feature_kd", "warmup_weights", "dynamic", "agent_step",

@@ -314,3 +314,11 @@ def test_with_features_gives_torchvision_models_the_contract():
         models.with_features(Mine())
     with pytest.raises(ValueError, match="^map_layer: Mine has no submodule 'nope'"):
         models.with_features(mine, "nope")
+
+
+def test_distiller_deepcopies_with_its_agent():
+    _, _, distiller, _ = _built(72)
+    clone = copy.deepcopy(distiller)
+    assert clone.agent is not distiller.agent and clone.strategy.agent is clone.agent
+    assert torch.equal(clone.agent.steam[0].weight, distiller.agent.steam[0].weight)
+    assert clone.agent_optimizer.param_groups[0]["params"][0] is next(clone.agent.parameters())

@@ -2,8 +2,9 @@
 
 ``Trainer`` is a :class:`mtkd_fast.Distiller` (the method: strategy, feature transfer, agent, its optimiser and
 replay buffer) plus the student's data, optimisation, metrics and checkpoints; ``Trainer.train_step`` is one
-student step (the Distiller runs the agent update when it falls due) and never waits for the device; ``Trainer.fit`` runs epochs with progress,
-evaluation, CSV/PNG logs and atomic checkpoints. ``train(config)`` builds everything from a ``TrainConfig``.
+student step (the Distiller runs the agent update when it falls due) and never waits for the device;
+``Trainer.fit`` runs epochs with progress, evaluation, CSV/PNG logs and atomic checkpoints. ``train(config)``
+builds everything from a ``TrainConfig``.
 """
 
 from __future__ import annotations
