@@ -13,6 +13,8 @@
 - ``FeatureTransfer(student_shape, teacher_shapes, chained_resize=False)``: the per-teacher feature transfer E_m
   (docs/method.md section 1; ``chained_resize`` reproduces the authors' chained resizing, section 8 item 7).
 - ``classifier_head(model)``: the final ``nn.Linear`` of a zoo model (feats[-1] -> logits).
+- ``with_features(model)``: any torchvision classifier instance (or your model and its map layer) with the
+  ``(feats, logits)`` contract.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ from torch import nn
 from . import imagenet, vit
 from .backbone import backbone
 from .cifar import BUILDERS as _CIFAR_BUILDERS
+from .features import with_features
 from .heads import classifier_head
 from .loading import load_checkpoint
 from .transfer import FeatureTransfer
 
-__all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer", "classifier_head", "backbone"]
+__all__ = ["create_model", "list_models", "load_checkpoint", "FeatureTransfer", "classifier_head", "backbone",
+           "with_features"]
 
 _BUILDERS = {**_CIFAR_BUILDERS, **{name: imagenet.build for name in imagenet.ARCHS}}
 _BUILDERS.update({name: vit.build for name in vit.ARCHS})  # ViT and Swin (models/vit.py)
