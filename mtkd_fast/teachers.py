@@ -104,17 +104,21 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     convolution's output goes nowhere else, and each module is called once (found by tracing the forward)."""
     import torch.fx
 
+    class BatchNormLeaves(torch.fx.Tracer):  # a BatchNorm subclass (timm's BatchNormAct2d) is one call too
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
+
     try:
-        gm = torch.fx.symbolic_trace(model, concrete_args={"is_feat": True})
+        graph = BatchNormLeaves().trace(model, concrete_args={"is_feat": True})
     except Exception:  # noqa: BLE001 - data-dependent control flow: only what nn.Sequential guarantees
         return _sequential_pairs(model)
     modules = dict(model.named_modules())
     calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         src = node.args[0] if node.args else None
@@ -152,7 +156,8 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` (in eval mode) with every BatchNorm that directly follows a convolution folded into
-    that convolution's weight and bias (the BatchNorm becomes an identity). Exact up to rounding, since frozen
+    that convolution's weight and bias (the BatchNorm becomes an identity; a subclass that does more, such as timm's
+    BatchNormAct2d with its activation, keeps that part after an identity normalisation). Exact up to rounding, since frozen
     teachers use the running statistics. Returns (the copy, how many BatchNorms were folded); ``model`` is left
     untouched."""
     folded = copy.deepcopy(model).eval()
@@ -169,7 +174,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
         new_b = ((bias - mean) * scale + beta).to(w.dtype)
         conv.weight = nn.Parameter(new_w, requires_grad=False)
         conv.bias = nn.Parameter(new_b, requires_grad=False)
-        folded.set_submodule(bn_name, nn.Identity())
+        if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
+            folded.set_submodule(bn_name, nn.Identity())
+        else:  # a subclass does more after the normalisation (timm's BatchNormAct2d: the activation): keep it,
+            bn.running_mean.zero_()  # with a normalisation that is exactly the identity
+            bn.running_var.fill_(1.0)
+            bn.eps = 0.0
+            if bn.weight is not None:
+                bn.weight.fill_(1.0)
+                bn.bias.zero_()
     return folded, len(pairs)
 
 
