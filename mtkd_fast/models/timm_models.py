@@ -125,3 +125,17 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
 def is_timm_model(model: nn.Module) -> bool:
     return isinstance(model, TimmFeatures)
 
+
+
+def classifier_key(name: str) -> str:
+    """The state_dict key of ``timm:<arch>``'s classifier weight (its rows are the classes), e.g. ``head.fc.weight``
+    for ConvNeXt: export reads the class count of a checkpoint from it."""
+    with torch.device("meta"):  # names only: no memory, no initialisation
+        model = build(name, 2)
+    head = model.get_classifier()
+    head = head[0] if isinstance(head, tuple) else head  # DeiT-distilled: (head, head_dist)
+    weight = getattr(head, "weight", None)
+    key = next((k for k, p in model.named_parameters() if p is weight), None)
+    if key is None:
+        raise ValueError(f"{name}: timm's get_classifier() has no weight (num_classes=0?)")
+    return key
