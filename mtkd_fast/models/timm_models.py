@@ -59,6 +59,9 @@ class TimmFeatures:
     timm_name: str = "?"
 
     def forward(self, x: Tensor, is_feat: bool = False):
+        patch_embed = getattr(self, "patch_embed", None)
+        if getattr(patch_embed, "strict_img_size", False):  # a ViT's learnt position embeddings fix its input size
+            _check_size(x, tuple(patch_embed.img_size), self.timm_name)
         f = self.forward_features(x)
         logits = self.forward_head(f)
         if not is_feat:
@@ -68,6 +71,13 @@ class TimmFeatures:
         fmap = _feature_map(f, x, getattr(self, "output_fmt", "NCHW"), int(getattr(self, "num_prefix_tokens", 0)),
                             int(self.feature_info[-1]["reduction"]), self.timm_name)
         return [fmap, embedding], logits
+
+
+@torch.fx.wrap  # shapes are not known while torch.fx traces the forward
+def _check_size(x: Tensor, size: tuple, name: str) -> None:
+    if x.dim() != 4 or tuple(x.shape[-2:]) != size:
+        raise ValueError(f"x: {PREFIX}{name} takes images [B, C, {size[0]}, {size[1]}], got {list(x.shape)}; for "
+                         f"another size build it with create_model({PREFIX + name!r}, K, img_size=...)")
 
 
 @torch.fx.wrap  # one opaque call under torch.fx (BatchNorm folding traces the forward), whose shapes it cannot see
