@@ -156,10 +156,10 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` (in eval mode) with every BatchNorm that directly follows a convolution folded into
-    that convolution's weight and bias (the BatchNorm becomes an identity; a subclass that does more, such as timm's
-    BatchNormAct2d with its activation, keeps that part after an identity normalisation). Exact up to rounding, since frozen
-    teachers use the running statistics. Returns (the copy, how many BatchNorms were folded); ``model`` is left
-    untouched."""
+    that convolution's weight and bias (the BatchNorm becomes an identity; a subclass that does more, such as
+    timm's BatchNormAct2d with its activation, keeps that part after an identity normalisation). Exact up to
+    rounding, since frozen teachers use the running statistics. Returns (the copy, how many BatchNorms were
+    folded); ``model`` is left untouched."""
     folded = copy.deepcopy(model).eval()
     pairs = _conv_bn_pairs(folded)
     for conv_name, bn_name in pairs:

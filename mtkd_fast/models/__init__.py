@@ -30,7 +30,8 @@ from .heads import classifier_head
 from .loading import load_checkpoint
 from .transfer import FeatureTransfer
 
-__all__ = ["create_model", "list_models", "is_model", "load_checkpoint", "FeatureTransfer", "classifier_head", "backbone"]
+__all__ = ["create_model", "list_models", "is_model", "load_checkpoint", "FeatureTransfer", "classifier_head",
+           "backbone"]
 
 _BUILDERS = {**_CIFAR_BUILDERS, **{name: imagenet.build for name in imagenet.ARCHS}}
 _BUILDERS.update({name: vit.build for name in vit.ARCHS})  # ViT and Swin (models/vit.py)
