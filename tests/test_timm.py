@@ -26,9 +26,18 @@ POPULAR = {
     "vit_base_patch16_224": (768, 14), "deit_small_patch16_224": (384, 14),
     "deit_tiny_distilled_patch16_224": (192, 14), "eva02_tiny_patch14_224": (192, 16),
     "swin_tiny_patch4_window7_224": (768, 7), "mixer_b16_224": (768, 14),
+    # the other families docs/models.md lists as working
+    "regnetx_002": (368, 7), "convnextv2_atto": (320, 7), "beit_base_patch16_224": (768, 14),
+    "cait_xxs24_224": (192, 14), "xcit_nano_12_p16_224": (128, 14), "levit_128s": (384, 4),
+    "efficientformerv2_s0": (176, 7), "maxvit_tiny_tf_224": (512, 7), "coatnet_0_rw_224": (768, 7),
+    "edgenext_xx_small": (168, 7), "poolformer_s12": (512, 7), "caformer_s18": (512, 7), "fastvit_t8": (768, 7),
+    "repvit_m1": (384, 7), "pvt_v2_b0": (256, 7), "mobilevitv2_050": (256, 8), "dla34": (512, 7),  # MobileViT: 2x2
+    "cspdarknet53": (1024, 7), "rexnet_100": (1280, 7), "nfnet_l0": (2304, 7), "swinv2_cr_tiny_ns_224": (768, 7),
+    "hrnet_w18_small": (2048, 7), "inception_v3": (2048, 5),
 }
-# the head widens the pooled map: C != D
-WIDENING = ["mobilenetv3_small_050", "ghostnet_100", "vgg11"]
+# the head widens the pooled map: C != D (docs/models.md)
+WIDENING = ["mobilenetv3_small_050", "mobilenetv4_conv_small", "ghostnet_100", "vgg11", "efficientvit_b0",
+            "hgnetv2_b0"]
 
 
 def _randomise(model):
