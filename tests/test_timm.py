@@ -173,6 +173,24 @@ def test_a_vit_refuses_another_image_size_in_one_line():
         model(torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("name,kwargs", [
+    ("resnet18", {}), ("convnext_atto", {}), ("efficientnet_b0", {}),
+    ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1)),
+    ("swin_tiny_patch4_window7_224", dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                                          window_size=2)),
+])
+def test_classifier_head_maps_the_embedding_to_the_logits(name, kwargs):
+    """CA-MKD applies each teacher's classifier to transformed student features: it must be the layer that
+    turns feats[-1] into the logits (ConvNeXt's and Swin's sit inside a head module)."""
+    from mtkd_fast.models import classifier_head
+
+    model = _randomise(create_model(f"timm:{name}", 6, **kwargs)).eval()
+    with torch.no_grad():
+        feats, logits = model(torch.randn(2, 3, 32, 32), is_feat=True)
+        head = classifier_head(model)
+        torch.testing.assert_close(head(feats[-1]), logits, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------- names, weights, the optional extra
 def test_names():
     assert is_model("timm:resnet18") and is_model("timm:convnext_tiny.fb_in22k")  # a pretrained tag is fine

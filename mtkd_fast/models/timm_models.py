@@ -100,7 +100,7 @@ def _feature_map(f: Tensor, x: Tensor, output_fmt: str, prefix: int, reduction: 
 def _with_features(cls: type) -> type:
     """timm's class ``cls`` with the zoo's forward (one subclass per timm class, named after it)."""
     sub = type(f"Timm{cls.__name__}", (TimmFeatures, cls), {"__module__": __name__})
-    globals()[sub.__name__] = sub  # so that pickle finds the class in this process
+    globals().setdefault(sub.__name__, sub)  # so that pickle finds the class in this process
     return sub
 
 
