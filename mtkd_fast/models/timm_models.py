@@ -28,7 +28,7 @@ import torch.fx
 from torch import Tensor, nn
 
 PREFIX = "timm:"
-__all__ = ["PREFIX", "TimmFeatures", "build", "is_timm_name", "is_timm_model", "timm_name", "exists"]
+__all__ = ["PREFIX", "TimmFeatures", "build", "is_timm_name", "timm_name", "exists", "classifier_key"]
 
 
 def _timm():
@@ -117,7 +117,7 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     if kwargs.pop("pretrained", False):
         raise ValueError(f"pretrained: {name} takes its weights from a local file only (weights=...), "
                          "never from the hub")
-    for key in ("num_classes", "checkpoint_path", "pretrained_cfg_overlay"):
+    for key in ("num_classes", "checkpoint_path"):  # timm's file loading is not weights_only
         if key in kwargs:
             raise ValueError(f"{key}: set by create_model for {name}; pass num_classes / weights instead")
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
@@ -130,11 +130,6 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     model.__class__ = _with_features(type(model))
     model.timm_name = arch
     return model
-
-
-def is_timm_model(model: nn.Module) -> bool:
-    return isinstance(model, TimmFeatures)
-
 
 
 def classifier_key(name: str) -> str:
