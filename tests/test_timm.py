@@ -201,6 +201,9 @@ def test_names():
         create_model("resnet8", 10, img_size=32)
     with pytest.raises(ValueError, match=r"pretrained: timm:resnet18 takes its weights from a local file only"):
         create_model("timm:resnet18", 10, pretrained=True)
+    with pytest.raises(ValueError, match=r"checkpoint_path: set by create_model for timm:resnet18; pass num_classes "
+                                         r"/ weights instead"):
+        create_model("timm:resnet18", 10, checkpoint_path="resnet18.pth")
 
 
 def test_weights_come_from_a_timm_state_dict_file(tmp_path):
