@@ -121,10 +121,11 @@ def _teacher_source(config: TrainConfig, teachers: list[nn.Module], device: torc
 
 def _check_model_names(config: TrainConfig) -> None:
     """Fail before any data is read when a model name is unknown (the error lists the valid names)."""
-    valid = set(_models().list_models())
+    models = _models()
     for what, name in [("student", config.student)] + [(f"teachers[{m}]", t) for m, t in enumerate(config.teachers)]:
-        if name not in valid:
-            raise ValueError(f"{what}: unknown model {name!r}; valid names: {', '.join(sorted(valid))}")
+        if not models.is_model(name):
+            raise ValueError(f"{what}: unknown model {name!r}; valid names: {', '.join(models.list_models())}, "
+                             "or timm:<a timm model>")
 
 
 def _check_data_root(config: TrainConfig) -> None:
