@@ -151,8 +151,7 @@ class TrainConfig:
              "none: 1 / (0.6 M), the CA-MKD code's default")
     temperature: float = _option(4.0, group="method", help="the KD temperature T of the logit KL (and feature_kd kl)")
     alpha: float = _option(1.0, group="method", help="weight of the logit KD term")
-    beta: float = _option(
-        5.0, group="method", help="weight of the feature KD term (0: logits only, no feature transfer is built)")
+    beta: float = _option(5.0, group="method", help="weight of the feature KD term (0: the logit terms only)")
     feature_kd: str = _option(
         "mse", group="method", choices=FEATURE_KD,
         help="the feature term: mse (the paper's, parity) or kl (the authors' code's per-channel spatial-softmax "
