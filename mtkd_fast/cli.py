@@ -15,7 +15,7 @@ import pkgutil
 import shlex
 import sys
 
-from . import commands
+from . import __version__, commands
 from ._validation import DataError
 
 DEBUG_ENV = "MTKD_FAST_DEBUG"
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Fast multi-teacher knowledge distillation (MTKD-RL).")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")

@@ -26,13 +26,18 @@ if TYPE_CHECKING:
 
 __all__ = ["Distiller", "DistillerOutput", "STRATEGIES"]
 
+# the one definition of each method option's allowed values (TrainConfig and the CLI import them from here)
 STRATEGIES = ("mtkd_rl", "aver", "ebkd", "camkd", "aekd")
+FEATURE_KD = ("mse", "kl")
+WARMUP_WEIGHTS = ("ones", "uniform")
+AGENT_UPDATES = ("bce", "policy_gradient")
+TRANSFER_RESIZE = ("independent", "chained")
 _BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BUFFER_DTYPES = tuple(_BUFFER_DTYPES)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # the TrainConfig options of the method, with TrainConfig's defaults (tests/test_distiller.py keeps them equal)
-_CHOICES = {"feature_kd": ("mse", "kl"), "warmup_weights": ("ones", "uniform"),
-            "agent_update": ("bce", "policy_gradient"), "agent_buffer_dtype": tuple(_BUFFER_DTYPES),
-            "loss_backend": BACKENDS, "transfer_resize": ("independent", "chained")}
+_CHOICES = {"feature_kd": FEATURE_KD, "warmup_weights": WARMUP_WEIGHTS, "agent_update": AGENT_UPDATES,
+            "agent_buffer_dtype": BUFFER_DTYPES, "loss_backend": BACKENDS, "transfer_resize": TRANSFER_RESIZE}
 _EXTRA_FORMAT = 1
 
 
