@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) agent_logit_stats_kernel(const scala
     sT += exp(xs * invT);
     tT += e;
     t1 += exp(xt);
-    if (e > 0) num += e * (xt - xs) * invT;  // p == 0 contributes 0 (xlogy)
+    if (e != 0) num += e * (xt - xs) * invT;  // only p == 0 contributes 0 (xlogy): NaN stays NaN
   }
   sT = warp_reduce(sT, SumOp{});
   tT = warp_reduce(tT, SumOp{});

@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kThreads) logit_kd_kernel(
       s1 += exp(d);
       sT += e;
       // teacher: e (x_t - x_s) with both rows shifted by their chunk max (small terms, nothing cancels);
-      // e == 0 contributes 0 (xlogy)
-      if (r > 0 && e > 0) x += e * (d - (static_cast<acc_t>(stage[k]) - hs));
+      // only e == 0 contributes 0 (xlogy): a NaN e (a NaN or +inf logit) makes the row's KL NaN, as in torch
+      if (r > 0 && e != 0) x += e * (d - (static_cast<acc_t>(stage[k]) - hs));
     }
     s1 = warp_reduce(s1, SumOp{});
     sT = warp_reduce(sT, SumOp{});
@@ -130,7 +130,9 @@ __global__ void __launch_bounds__(kThreads) logit_kd_kernel(
     for (int q = lane; q < chunks; q += kWarp) {
       const acc_t* rec = row_records + (static_cast<int64_t>(q) * R + r) * kRecord;
       const acc_t h = __ldcg(rec);
-      if (h == -inf) continue;
+      // a chunk of -inf logits only adds nothing; a chunk of NaNs has max -inf too (max drops NaN, as fmaxf)
+      // but NaN sums, which must reach the row's statistics
+      if (h == -inf && __ldcg(rec + 1) == 0) continue;
       const acc_t a1 = exp(h - Mr), aT = exp((h - Mr) * invT), chunk_sT = __ldcg(rec + 2);
       s1 += a1 * __ldcg(rec + 1);
       sT += aT * chunk_sT;

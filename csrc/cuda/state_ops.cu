@@ -82,8 +82,9 @@ __global__ void __launch_bounds__(kThreads) pooled_cosine_backward_kernel(Cosine
   const acc_t nx = sqrt(xx), ne = sqrt(ee), cx = max(nx, eps), ce = max(ne, eps);
   const acc_t cosv = (dot / cx) / ce, go = grad[blockIdx.x];
   const acc_t coef_e = go / (cx * ce);
-  const acc_t coef_x = nx > 0 ? go * cosv / (cx * nx) : acc_t(0);
-  const acc_t coef_ee = ne > 0 ? go * cosv / (ce * ne) : acc_t(0);
+  // only an exactly zero norm contributes no term: a NaN norm (a NaN in the map) keeps the gradient NaN
+  const acc_t coef_x = nx != 0 ? go * cosv / (cx * nx) : acc_t(0);
+  const acc_t coef_ee = ne != 0 ? go * cosv / (ce * ne) : acc_t(0);
   const int64_t C = a.channels[m], HW = a.spatial[m];
   const scalar_t* e = a.emb[m] + i * C;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
