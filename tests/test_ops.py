@@ -983,9 +983,41 @@ def test_logit_kd_on_device_chunk_max_underflows_against_the_row_max(device, dty
     torch.testing.assert_close(stats.teacher_ce.cpu().to(F64), exp_stats.teacher_ce, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_pooled_cosine_and_agent_stats_on_device_split_over_channel_blocks(device, dtype, channels_last):
+    # on CUDA the forward cosine splits a (sample, teacher) over blocks of channels (about 8192 values each,
+    # or 256 channels channels_last) whose last block adds up the terms: 700 x 4 x 4 is two NCHW blocks of 350
+    # channels, 512 channels two channels_last blocks of 256 (a thread per channel), 97 x 93 pixels a block per
+    # channel; 5 x 1 x 1 one block
+    g = gen(12)
+    B, shapes = 3, [(700, 4, 4), (512, 2, 3), (2, 97, 93), (5, 1, 1)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).to(dtype) for s in shapes]
+    zs, zt, y, _ = logit_inputs(B, 10, len(shapes), seed=12, dtype=dtype)
+    tol = STAT_TOL.get(dtype, 1e-5)
+    want = ref.pooled_cosine([x.to(F64) for x in gs], [e.to(F64) for e in emb])
+    gd = [x.to(device).requires_grad_(True) for x in gs]
+    ed = [e.to(device).requires_grad_(True) for e in emb]
+    cos = ops.pooled_cosine(gd, ed)
+    torch.testing.assert_close(cos.cpu().to(F64), want, rtol=tol, atol=tol)
+    stats = ops.agent_stats(zs.to(device), zt.to(device), y.to(device), [x.to(device) for x in gs],
+                            [e.to(device) for e in emb])
+    torch.testing.assert_close(stats.cos.cpu().to(F64), want, rtol=tol, atol=tol)
+    up = torch.randn(B, len(shapes), generator=g, dtype=F64)
+    got = torch.autograd.grad((cos * up.to(device, cos.dtype)).sum(), gd + ed)
+    g64 = [x.to(F64).requires_grad_(True) for x in gs]
+    e64 = [e.to(F64).requires_grad_(True) for e in emb]
+    exp = torch.autograd.grad((ref.pooled_cosine(g64, e64) * up).sum(), g64 + e64)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol * b.abs().max().item())
+
+
 def _torch_logit_stats(zs, zt, y, T):
     """KL [B, M], teacher CE [B, M] and student CE [B] by plain float64 torch: a teacher probability of exactly 0
-    contributes 0 to the KL (even where the student's is 0 too), any NaN or +inf logit makes its row's statistics NaN."""
+    contributes 0 to the KL (even where the student's is 0 too), a NaN or +inf logit makes its row's values NaN."""
     zs, zt = zs.to(F64), zt.to(F64)
     log_ps = torch.log_softmax(zs / T, -1)
     pt = torch.softmax(zt / T, -1)

@@ -36,8 +36,8 @@ ORDERS = ("forward", "reverse", "random")
 SKIP = {"cuda_info.cu"}
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
-_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?([A-Za-z_][\w:]*(?:\s+[A-Za-z_]\w*)*?)"
-                            r"\s+(\w+)\s*\[\s*\]\s*;")
+_EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?"
+                            r"([A-Za-z_][\w:]*(?:\s+[A-Za-z_]\w*)*?)\s+(\w+)\s*\[\s*\]\s*;")
 _SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:<>]*)\s+([^;]+);")
 _DECLARATOR = re.compile(r"^\s*(\w+)\s*((?:\[[^\]]+\]\s*)*)$")
 _IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*mtkd_fast\s*,\s*CUDA\s*,")
@@ -103,7 +103,8 @@ def generate(csrc: Path, gen: Path) -> list[Path]:
     schemas = (csrc / "mtkd_ops.cpp").read_text()
     if "TORCH_LIBRARY(mtkd_fast, m)" not in schemas:
         raise ValueError("csrc/mtkd_ops.cpp: no TORCH_LIBRARY(mtkd_fast, m) block to copy the schemas from")
-    _write_if_changed(gen / "schemas.cpp", schemas.replace("TORCH_LIBRARY(mtkd_fast, m)", f"TORCH_LIBRARY({NAMESPACE}, m)"))
+    schemas = schemas.replace("TORCH_LIBRARY(mtkd_fast, m)", f"TORCH_LIBRARY({NAMESPACE}, m)")
+    _write_if_changed(gen / "schemas.cpp", schemas)
     return sources + [gen / "schemas.cpp", HERE / "runtime.cpp"]
 
 

@@ -1,5 +1,6 @@
 #pragma once
-// Stub of c10/cuda/CUDAStream.h for the CPU emulator (tests/cuda_emu): launches run synchronously.
+// Stub of c10/cuda/CUDAStream.h (and the CUDAFunctions.h it includes) for the CPU emulator (tests/cuda_emu):
+// one device, launches run synchronously.
 #include <cuda_runtime.h>
 namespace c10::cuda {
 struct CUDAStream {
@@ -7,4 +8,5 @@ struct CUDAStream {
   cudaStream_t stream() const { return nullptr; }
 };
 inline CUDAStream getCurrentCUDAStream(int = -1) { return {}; }
+inline int current_device() { return 0; }
 }  // namespace c10::cuda
