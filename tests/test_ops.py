@@ -1031,16 +1031,19 @@ def _torch_logit_stats(zs, zt, y, T):
 @pytest.mark.parametrize("device", [p for p in DEVICES if p.values[0] != "cpu"], indirect=True)
 def test_non_finite_logits_give_nan_rows_on_device(device, dtype):
     # "mask only exact zeros" (issue 23): -inf logits are probabilities of 0 (finite statistics); a NaN or +inf
-    # logit makes its row's KL/CE NaN, as plain torch does. Row 0: a run of NaNs in teacher 0 spanning whole CUDA
-    # chunks (their max is -inf: max drops NaN); row 1: one NaN in teacher 1; row 2: +inf in the student; row 3:
-    # +inf in teacher 0; row 4: -inf classes only; row 5: untouched. The CPU kernels: issue 23's tests.
-    zs, zt, y, w = logit_inputs(6, 1000, 2, seed=41, dtype=F64)
-    zt[0, 0, 200:400] = float("nan")
+    # logit makes its row's KL/CE NaN, as plain torch does. K = 128, B = 6: on CUDA (>= 6 SMs) each row is two
+    # chunks of 64 classes. Row 0: teacher 0's second chunk all NaN (its max is -inf: max drops NaN, like an
+    # all -inf chunk's), the first finite; row 1: one NaN in teacher 1; row 2: +inf in the student; row 3: +inf
+    # in teacher 0; row 4: -inf classes, teacher 1's second chunk all -inf; row 5: untouched. The CPU kernels:
+    # issue 23's tests.
+    zs, zt, y, w = logit_inputs(6, 128, 2, seed=41, dtype=F64)
+    zt[0, 0, 64:] = float("nan")
     zt[1, 1, 17] = float("nan")
     zs[2, 5] = float("inf")
-    zt[0, 3, 900] = float("inf")
-    zs[4, 650:700] = float("-inf")
-    zt[:, 4, 600:800] = float("-inf")
+    zt[0, 3, 90] = float("inf")
+    zs[4, 70:80] = float("-inf")
+    zt[0, 4, 60:100] = float("-inf")
+    zt[1, 4, 64:] = float("-inf")
     y = torch.tensor([1, 2, 3, 4, 5, 6])
     zs, zt = zs.to(dtype), zt.to(dtype)
     want_kl, want_tce, want_sce = _torch_logit_stats(zs, zt, y, 3.0)

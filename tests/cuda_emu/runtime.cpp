@@ -166,16 +166,18 @@ std::string resolve(void* pc) {
                                              reinterpret_cast<uintptr_t>(info.dli_fbase)));
     if (FILE* p = popen(cmd, "r")) {
       char line[1024];
+      std::string all;
       while (std::fgets(line, sizeof line, p)) {
         std::string s(line);
         while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
-        const auto at = s.find("csrc/");
-        if (at != std::string::npos) s = s.substr(at);
         const auto disc = s.find(" (discriminator");
         if (disc != std::string::npos) s = s.substr(0, disc);
-        out += (out.empty() ? "" : " <- ") + s;
+        all += (all.empty() ? "" : " <- ") + s;
+        const auto at = s.find("csrc/");  // the kernels' own lines, not the emulator header's
+        if (at != std::string::npos) out += (out.empty() ? "" : " <- ") + s.substr(at);
       }
       pclose(p);
+      if (out.empty()) out = all;
     }
   }
   if (out.empty()) {
