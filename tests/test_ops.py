@@ -1,10 +1,11 @@
 """The fused mtkd_fast::* ops against the float64 reference, on every device: forward and gradients, odd sizes,
 reduced precision, layouts, extreme logits, opcheck, torch.compile, autocast and argument errors.
 
-Tests parametrised over `device` run on the CPU kernels always and on the CUDA kernels where a GPU is there
-(skipped otherwise); the last section holds the CUDA-only checks (launch counts, shared-memory bounds, devices).
-Sample builders and tolerances (see there) live in tests/op_samples.py. On a GPU,
-`compute-sanitizer --tool memcheck .venv/bin/python -m pytest -q tests/test_ops.py -k cuda` checks memory too.
+Tests parametrised over `device` run on the CPU kernels always, on the CUDA kernels where a GPU is there
+(skipped otherwise), and on the CUDA kernels compiled for the CPU SIMT emulator (ids [cuda_emu], tests/cuda_emu,
+docs/ops.md); the last section holds the CUDA-only checks (launch counts, shared-memory bounds, devices).
+Sample builders and tolerances (see there) live in tests/op_samples.py. On a GPU, `compute-sanitizer --tool
+memcheck .venv/bin/python -m pytest -q tests/test_ops.py -k "cuda and not cuda_emu"` checks memory too.
 """
 
 import pytest
