@@ -54,8 +54,7 @@ SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/
   echo
   echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)"
   echo "- device: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'nvidia-smi failed')"
-  echo "- python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "CUDA", torch.version.cuda, "GPU visible:", torch.cuda.is_available())' 2>&1)"
-  echo "- the extension is built against this torch ($($PY -c 'import torch; print(torch.__version__)' 2>&1)), whatever the checkout's requirements pin"
+  echo "- python: $($PY -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__, "(the build stage builds against it), CUDA", torch.version.cuda, "GPU visible:", torch.cuda.is_available())' 2>&1)"
   echo "- NVIDIA DALI: $($PY -c 'import nvidia.dali as d; print(d.__version__)' 2>/dev/null || echo 'not installed: the dali stage skips its tests')"
   echo "- TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, stages: $STAGES"
   echo
