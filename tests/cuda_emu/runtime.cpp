@@ -2,7 +2,8 @@
 // thread, __syncthreads, warp collectives, shared memory, and the checks that make it stricter than hardware.
 // Fibers switch with a few instructions of x86-64 assembly (callee-saved registers, the stack pointer, MXCSR
 // and the x87 control word) rather than ucontext's swapcontext, which makes a sigprocmask system call per
-// switch: ~2 us a switch on the 2-core test machine, 15x the emulated tests' whole run time.
+// switch: one logit_kd call at B=300, K=3000, M=8 took 22 s with swapcontext and 7.5 s with this (one run
+// each on the loaded 2-core test machine).
 // A launch runs its blocks one after another on the calling OS thread, in forward, reverse or seeded random
 // order; within a block, fibers run round-robin (in one of the same orders) until each one waits or exits.
 #include <dlfcn.h>
