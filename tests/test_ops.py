@@ -40,8 +40,8 @@ from mtkd_fast import reference as ref
 pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason=CPU_SKIP_REASON)
 
 # cpu and cuda (op_samples.DEVICES), and cuda_emu: the CUDA kernels of csrc/cuda compiled for the CPU SIMT
-# emulator (tests/cuda_emu; built on first use, ~1.5 min on 2 cores). The `device` fixture (conftest.py) turns
-# it into "cpu" tensors whose mtkd_fast ops run the emulated kernels.
+# emulator (tests/cuda_emu; `make emu` builds it, or the fixture on first use: minutes on 2 cores). The `device`
+# fixture (conftest.py) turns it into "cpu" tensors whose mtkd_fast ops run the emulated kernels.
 DEVICES = [*DEVICES, pytest.param("cuda_emu", id="cuda_emu")]
 
 
