@@ -245,7 +245,9 @@ class LiveTeachers(nn.Module):
     Args:
         teachers: the M teacher models; each returns ``(feats, logits)`` when called with ``is_feat=True``.
             They are set to eval mode and frozen, otherwise left untouched (folding and compiling act on copies);
-            ``self.teachers`` holds them (the cache hashes their weights).
+            ``self.teachers`` holds them (the cache hashes their weights). The copies follow them: a changed
+            weight (``live.teachers[0].load_state_dict(new)``, an in-place edit) is seen before the next run and
+            the copies are rebuilt (:meth:`refresh`), so the outputs are always the current weights'.
         precision: compute precision, "fp32" | "bf16" | "fp16" | "auto" (see :func:`resolve_precision`); bf16 and
             fp16 run the teachers under autocast. The outputs are float32 whatever the compute precision.
             ``precision_used`` says what was picked.
@@ -292,6 +294,14 @@ class LiveTeachers(nn.Module):
         self.channels_last = bool(channels_last)
         self.fold_bn = bool(fold_bn)
         self.overlap = bool(overlap)
+        self.compile_requested = bool(compile)
+        self.compile_error: str | None = None
+        self._build_runners(device)
+        self._stream = None
+
+    def _build_runners(self, device: torch.device) -> None:
+        """(Re)make the modules that run from the caller's teachers: folded / channels_last / compiled copies."""
+        compile = self.compile_requested and self.compile_error is None
         self.folded_bn = 0
         runners = []
         for t in self.teachers:
@@ -304,10 +314,9 @@ class LiveTeachers(nn.Module):
                 t = t.to(memory_format=torch.channels_last)
             runners.append(t.requires_grad_(False).eval())
         # the modules that run; kept out of the module tree so state_dict()/parameters() are the caller's teachers
-        self._runners: list[nn.Module] = (runners if (self.fold_bn or self.channels_last or compile)
-                                          else list(self.teachers))
+        self._copies = self.fold_bn or self.channels_last or compile
+        self._runners: list[nn.Module] = runners if self._copies else list(self.teachers)
         self.compile = False
-        self.compile_error: str | None = None
         if compile:
             why = _compile_unavailable(device)
             if why:
@@ -322,7 +331,38 @@ class LiveTeachers(nn.Module):
                 setattr(cfg, name, max(getattr(cfg, name), 16 * len(self._runners)))
                 self._compiled = [_compile(t, device) for t in self._runners]
                 self.compile = True
-        self._stream = None
+        self._weights_key = self.weights_key()
+
+    def weights_key(self) -> tuple:
+        """What identifies the caller's teachers' current weights, cheaply: each parameter's and buffer's
+        identity, storage and in-place version counter (``load_state_dict`` and in-place edits bump it). Read
+        before every run: the running copies are rebuilt when it changes (:meth:`refresh`)."""
+        key = []
+        for t in self.teachers:
+            for x in (*t.parameters(), *t.buffers()):
+                try:
+                    version = x._version
+                except RuntimeError:  # an inference-mode tensor has no version counter (and cannot be edited)
+                    version = -1
+                key.append((id(x), x.data_ptr(), version))
+        return tuple(key)
+
+    def refresh(self, force: bool = False) -> bool:
+        """Rebuild the running copies (folded, channels_last, compiled) when the caller's teachers changed since
+        they were made (``live.teachers[0].load_state_dict(new)``, an in-place edit, a replaced parameter), so
+        the engine never runs stale weights. Called before every run; returns True when it rebuilt. An edit
+        through ``param.data`` bypasses the version counter: call ``refresh(force=True)`` after one."""
+        if not force and self.weights_key() == self._weights_key:
+            return False
+        for t in self.teachers:
+            t.eval()
+            t.requires_grad_(False)
+        self._build_runners(self.device_of_teachers())
+        return True
+
+    def device_of_teachers(self) -> torch.device:
+        p = next((p for t in self.teachers for p in t.parameters()), None)
+        return p.device if p is not None else torch.device("cpu")
 
     @property
     def num_teachers(self) -> int:
@@ -361,6 +401,8 @@ class LiveTeachers(nn.Module):
         for t in getattr(self, "_runners", ()):
             if not any(t is s for s in self.teachers):
                 t._apply(fn, *args, **kwargs)
+        if hasattr(self, "_weights_key"):  # moved, not edited: the copies moved with them
+            self._weights_key = self.weights_key()
         return out
 
     def _compile_fallback(self, why: str) -> None:
@@ -388,6 +430,8 @@ class LiveTeachers(nn.Module):
         return out
 
     def _forward(self, images: Tensor, which: Sequence[int] | None = None) -> TeacherOutputs:
+        if self._copies:  # never run copies of weights the caller has since replaced or edited
+            self.refresh()
         x = images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
         with torch.inference_mode():
             out = self._run(x, which)
