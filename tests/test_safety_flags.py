@@ -15,12 +15,9 @@ TRAIN = ["train", "--student", "resnet8", "--strategy", "none"] + TINY
     (["--lr-decay", "0"], "lr_decay: expected a number in (0, 1]"),
     (["--milestones", "1", "--lr-decay", "1e6"], "lr_decay: expected a number in (0, 1]"),
     (["--milestones", "5", "2"], "milestones: expected increasing positive epoch numbers"),
-    (["--milestones", "0"], "milestones: expected increasing positive epoch numbers"),
     (["--lr", "1e300"], "lr: expected a number in (0, 10]"),
-    (["--momentum", "1.5"], "momentum: expected a number in [0, 1)"),
     (["--temperature", "1e30"], "temperature: expected a number in [0.01, 100]"),
     (["--seed", "99999999999999999999"], "seed: expected an integer in [0, 4294967295]"),
-    (["--seed", "-1"], "seed: expected an integer in [0, 4294967295]"),
     (["--epochs", "99999999999999999999"], "epochs: expected an integer in"),
     (["--device", "bogus"], "device: expected auto, cpu, cuda or cuda:N, got 'bogus'"),
     (["--device", "mps"], "device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
@@ -32,6 +29,25 @@ def test_train_flags(tmp_path, flags, start):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("changes,start", [
+    ({"milestones": [0]}, "milestones: expected increasing positive epoch numbers"),
+    ({"milestones": [3, 3]}, "milestones: expected increasing positive epoch numbers"),
+    ({"momentum": 1.0}, "momentum: expected a number in [0, 1)"),
+    ({"seed": -1}, "seed: expected an integer in [0, 4294967295]"),
+    ({"agent_lr": 1e300}, "agent_lr: expected a number in (0, 10]"),
+    ({"limit_per_class": 2**64}, "limit_per_class: expected an integer in"),
+    ({"milestones": [2**64]}, "milestones: expected an integer in"),
+    ({"device": "cuda:x"}, "device: expected auto, cpu, cuda or cuda:N"),
+])
+def test_config_ranges(changes, start):
+    """The same checks in the Python API (and config files), without a process per case."""
+    from mtkd_fast.train import TrainConfig
+
+    with pytest.raises(ValueError) as info:
+        TrainConfig(**changes)
+    assert str(info.value).startswith(start), str(info.value)
+
+
 def test_resume_with_overwrite_is_a_usage_error(tmp_path):
     proc = run(TRAIN + ["--out-dir", tmp_path / "o", "--resume", "--overwrite"])
     err = one_line_error(proc)
@@ -40,7 +56,6 @@ def test_resume_with_overwrite_is_a_usage_error(tmp_path):
 
 @pytest.mark.parametrize("flags,start", [
     (["--limit-per-class", "0"], "--limit-per-class: expected a positive integer"),
-    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
     (["--device", "bogus"], "--device: expected auto, cpu, cuda or cuda:N"),
     (["--device", "mps"], "--device: expected auto, cpu, cuda or cuda:N"),
 ])
@@ -64,8 +79,6 @@ SIZE = ["cache", "size", "--teachers", "resnet8", "resnet14", "--num-classes", "
     (["--topk", "-1"], "--topk: expected an integer in [1, 10]"),
     (["--topk", "11"], "--topk: expected an integer in [1, 10]"),
     (["--image-size", "0"], "--image-size: expected an integer >= 1"),
-    (["--image-size", "2"], "--image-size: resnet8 cannot take 2x2 images"),
-    (["--num-classes", "1"], "--num-classes: expected an integer >= 2"),
 ])
 def test_cache_size_flags(flags, start):
     proc = run(SIZE + flags)
@@ -82,8 +95,6 @@ def test_cache_size_still_works():
 @pytest.mark.parametrize("flags,start", [
     (["--device", "bogus"], "--device: expected auto, cpu, cuda or cuda:N"),
     (["--device", "mps"], "--device: expected auto, cpu, cuda or cuda:N"),
-    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
-    (["--views", "0"], "--views: expected an integer >= 1"),
     (["--seed", "99999999999999999999"], "--seed: expected an integer in [0, 4294967295]"),
     (["--topk-temperature", "1e30"], "--topk-temperature: expected a number in [0.01, 100]"),
 ])

@@ -25,6 +25,7 @@ SEED_MAX = 2**32 - 1  # numpy's seed range; torch takes it too
 # the largest learning rate accepted (lr, agent_lr): beyond it one SGD step of an O(1) gradient moves a weight by
 # more than any trainable network tolerates, and --lr 1e300 overflows the weights to inf in the first step
 MAX_LR = 10.0
+_INT_RANGES = {"seed": (0, SEED_MAX)}
 
 # the type of each field, as a config file must give it (flags are converted by argparse)
 _OPTIONAL_INT = ("limit_per_class", "max_steps_per_epoch")
@@ -66,7 +67,8 @@ def _check_types(cfg: "TrainConfig") -> None:
         elif isinstance(default, int):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name}: expected an integer, got {value!r}")
-            check_int_range(name, value, -INT64_MAX - 1, INT64_MAX)  # torch and numpy take 64-bit integers
+            # torch and numpy take 64-bit integers; the seed numpy's 32 bits
+            check_int_range(name, value, *_INT_RANGES.get(name, (-INT64_MAX - 1, INT64_MAX)))
         elif isinstance(default, float):
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name}: expected a number, got {value!r}")
@@ -172,7 +174,6 @@ class TrainConfig:
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         check_temperature(self.temperature)
-        check_int_range("seed", self.seed, 0, SEED_MAX)
         check_device_name(self.device)
         if self.resume and self.overwrite:
             raise ValueError("resume, overwrite: give one (--resume continues the run in out_dir, --overwrite "
