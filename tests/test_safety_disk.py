@@ -15,7 +15,6 @@ from mtkd_fast.cache import storage
 from mtkd_fast.models import create_model
 
 
-
 @pytest.fixture(scope="module")
 def teacher_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("teachers")

@@ -60,9 +60,8 @@ def run_epoch(args):
     import torch
 
     from .._io import write_bytes_atomic
-    from ..bench import BenchSpec, format_table, plot, run_epoch_bench, write_csv
-
     from .._validation import check_device_name
+    from ..bench import BenchSpec, format_table, plot, run_epoch_bench, write_csv
 
     # an explicit --batch-size 0 is refused like train's (BenchSpec's 0 means "the setting's")
     if args.batch_size is not None and args.batch_size < 1:

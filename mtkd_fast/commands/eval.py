@@ -27,11 +27,10 @@ def register(sub):
 def run(args):
 
     from mtkd_fast import data, models
+    from mtkd_fast._validation import check_device_name
     from mtkd_fast.train import evaluate
     from mtkd_fast.train.checkpoint import load_checkpoint_file, load_module_state
     from mtkd_fast.train.distributed import resolve_device
-
-    from mtkd_fast._validation import check_device_name
 
     # the same rules as train's twins (--limit-per-class 0 would otherwise mean "everything")
     if args.limit_per_class is not None and args.limit_per_class < 1:
