@@ -102,3 +102,26 @@ def test_build_without_checkpoints_needs_random_teachers(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--random-teachers" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_verify_reports_a_nan_teacher_cache(tmp_path, dtype):
+    """A teacher with NaN weights gives a cache whose checksums are intact: verify must still call it damaged."""
+    import torch
+
+    from mtkd_fast.models import create_model
+
+    files = []
+    for m, arch in enumerate(("resnet8", "resnet14")):
+        state = create_model(arch, 10).state_dict()
+        if m == 1:
+            state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+        files.append(tmp_path / f"{arch}.pth")
+        torch.save({"model": state}, files[-1])
+    out = tmp_path / "c"
+    assert cli.main(["cache", "build", "--out", str(out), "--teachers", "resnet8", "resnet14", "--checkpoints",
+                     *map(str, files), "--limit-per-class", "1", "--no-progress", "--device", "cpu",
+                     "--dtype", dtype]) == 0
+    proc = run(["cache", "verify", out, "--no-progress"])
+    assert proc.returncode == 1 and "DAMAGED" in proc.stdout, proc.stdout
+    assert "NaN/Inf value(s)" in proc.stdout and "logits" in proc.stdout

@@ -190,8 +190,8 @@ class TrainConfig:
         # more than 1 grows it (--milestones 1 --lr-decay 1e6 overflows the weights)
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay: expected a number in (0, 1], got {self.lr_decay}")
-        if any(m < 1 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
-            raise ValueError(f"milestones: expected increasing positive epoch numbers, got {list(self.milestones)}")
+        if any(m < 0 for m in self.milestones):  # epoch numbers (MultiStepLR counts a repeated one twice)
+            raise ValueError(f"milestones: expected non-negative epoch numbers, got {list(self.milestones)}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {self.momentum}")
         if self.aekd_nu is not None and not 0 < self.aekd_nu <= 1:
