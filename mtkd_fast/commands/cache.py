@@ -236,8 +236,7 @@ def run_size(args):
             try:
                 feats, z = model(torch.zeros(1, 3, args.image_size, args.image_size), is_feat=True)
             except (ValueError, RuntimeError) as err:  # a ViT's fixed size; a map pooled or convolved below 1x1
-                raise ValueError(f"--image-size: {name} cannot take {args.image_size}x{args.image_size} images "
-                                 f"({str(err).splitlines()[0]})") from err
+                raise ValueError(f"--image-size: {name}: {str(err).splitlines()[0]}") from err
         K, D, shape = z.shape[1], feats[-1].shape[1], tuple(feats[-2].shape[1:])
         b = per_sample_bytes(K, D, shape, logits=args.dtype,
                              embeddings=args.dtype if "embeddings" in args.fields else None,
