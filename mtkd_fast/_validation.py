@@ -209,3 +209,14 @@ def check_finite_teachers(name: str, teachers) -> None:
     """:func:`check_finite` of each teacher's tensor, naming the teacher (``teacher_logits[1]: ...``)."""
     for m, t in enumerate(teachers):
         check_finite(f"{name}[{m}]", t)
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Raise :class:`DataError` naming ``what`` (a checkpoint file) when the loaded weights hold NaN/Inf: every
+    output of such a model is NaN, so an evaluation would report a meaningless accuracy and a teacher would
+    poison the distillation (one read-back per tensor; called once per loaded file)."""
+    bad = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise DataError(f"{what}: the weights hold NaN/Inf values (in {bad[0]}{more}); the file is not a usable model")

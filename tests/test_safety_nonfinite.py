@@ -164,8 +164,8 @@ def _teacher_files(tmp_path, nan_in=None):
     return paths
 
 
-def test_nan_teacher_weights_stop_training_in_one_line(tmp_path):
-    """Through the console script: no BCE traceback from the agent, the epoch and step named, nothing saved."""
+def test_nan_teacher_checkpoint_is_refused_naming_the_file(tmp_path):
+    """Through the console script: before this, NaN teacher weights ended in the agent's BCE traceback."""
     from safety_cli import TINY, one_line_error, run
 
     files = _teacher_files(tmp_path, nan_in=1)
@@ -175,12 +175,36 @@ def test_nan_teacher_weights_stop_training_in_one_line(tmp_path):
                timeout=300)
     err = one_line_error(proc)
     assert proc.returncode == 1, proc.stderr
-    assert err.startswith("mtkd-fast train: error: training: the loss or the weights became NaN/Inf at epoch 1, "
-                          "step 1;") and "no checkpoint was written yet" in err
+    assert err == (f"mtkd-fast train: error: teacher_checkpoints[1]: {files[1]}: the weights hold NaN/Inf values "
+                   "(in fc.weight); the file is not a usable model")
     assert not (out / "checkpoint_last.pt").exists()
 
 
-def test_non_finite_later_epoch_names_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+def test_nan_student_in_checkpoint_is_refused_on_resume(tmp_path, capsys):
+    from safety_cli import TINY
+
+    from mtkd_fast import cli
+
+    out = tmp_path / "run"
+    args = ["train", "--student", "resnet8", "--strategy", "none", "--out-dir", str(out)] + TINY
+    assert cli.main(args + ["--epochs", "1"]) == 0
+    ckpt = torch.load(out / "checkpoint_last.pt", weights_only=True)
+    ckpt["student"]["fc.weight"].fill_(float("nan"))
+    torch.save(ckpt, out / "checkpoint_last.pt")
+    capsys.readouterr()
+    assert cli.main(args + ["--epochs", "2", "--resume"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"mtkd-fast train: error: {out / 'checkpoint_last.pt'} (student): the weights hold NaN/Inf "
+                   "values (in fc.weight); the file is not a usable model")
+
+
+@pytest.mark.parametrize("poison_from,expect", [
+    (2, "at epoch 1, step 1; stopped before saving: no checkpoint was written yet"),
+    (3, "at epoch 2, step 1; stopped before saving: the last good checkpoint is {last} (epoch 1)"),
+])
+def test_non_finite_training_stops_in_one_line(tmp_path, capsys, monkeypatch, poison_from, expect):
+    """Whatever makes the loss NaN during training (here the teachers' outputs, from call ``poison_from`` on):
+    one line naming the epoch, the step and the last good checkpoint, which stays as it was."""
     from safety_cli import TINY
 
     from mtkd_fast import cli
@@ -190,10 +214,10 @@ def test_non_finite_later_epoch_names_the_last_good_checkpoint(tmp_path, capsys,
     calls = {"n": 0}
     real = LiveTeachers._forward
 
-    def poisoned(self, images, which=None):  # the teachers' outputs go NaN from the third call on
+    def poisoned(self, images, which=None):
         out = real(self, images, which)
         calls["n"] += 1
-        if calls["n"] >= 3:  # call 1 probes the shapes, call 2 is epoch 1's step
+        if calls["n"] >= poison_from:  # call 1 probes the shapes, call 2 is epoch 1's step, call 3 epoch 2's
             out.logits.fill_(float("nan"))
         return out
 
@@ -203,9 +227,30 @@ def test_non_finite_later_epoch_names_the_last_good_checkpoint(tmp_path, capsys,
                    *files, "--strategy", "mtkd_rl", "--agent-step", "1", "--epochs", "3", "--out-dir", str(out)]
                   + TINY)
     err = capsys.readouterr().err.strip()
-    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     last = out / "checkpoint_last.pt"
-    assert f"at epoch 2, step 1; stopped before saving: the last good checkpoint is {last} (epoch 1)" in err
-    saved = torch.load(last, weights_only=True)
-    assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["student"].values()
-                                       if v.is_floating_point())
+    assert err.startswith("mtkd-fast train: error: training: the loss or the weights became NaN/Inf ")
+    assert expect.format(last=last) in err, err
+    if poison_from == 2:
+        assert not last.exists()
+    else:
+        saved = torch.load(last, weights_only=True)
+        assert saved["epoch"] == 1 and all(torch.isfinite(v).all() for v in saved["student"].values()
+                                           if v.is_floating_point())
+
+
+def test_eval_of_a_nan_checkpoint_is_refused(tmp_path):
+    """It reported a top-1 of 10% (argmax of NaN rows) for a model that only outputs NaN."""
+    from safety_cli import one_line_error, run
+
+    from mtkd_fast.models import create_model
+
+    state = create_model("resnet8", 10).state_dict()
+    state["conv1.weight"] = torch.full_like(state["conv1.weight"], float("nan"))
+    path = tmp_path / "nan.pth"
+    torch.save({"model": state}, path)
+    proc = run(["eval", "--model", "resnet8", "--checkpoint", path, "--limit-per-class", "2"])
+    err = one_line_error(proc)
+    assert proc.returncode == 1 and "top1" not in proc.stdout
+    assert err == f"mtkd-fast eval: error: {path}: the weights hold NaN/Inf values (in conv1.weight); the file is " \
+                  "not a usable model"

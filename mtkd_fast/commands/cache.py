@@ -118,7 +118,7 @@ def run_build(args):
     for path in args.checkpoints or []:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--checkpoints: no such file {path!r}")
-    from mtkd_fast._validation import check_int_range, check_temperature
+    from mtkd_fast._validation import check_finite_weights, check_int_range, check_temperature
     from mtkd_fast.train.config import SEED_MAX
 
     check_int_range("--seed", args.seed, 0, SEED_MAX)
@@ -146,6 +146,7 @@ def run_build(args):
             model = models.create_model(name, int(ds.num_classes))
             if args.checkpoints:
                 models.load_checkpoint(model, args.checkpoints[m], trusted=args.trust_checkpoint)
+                check_finite_weights(model, f"--checkpoints: {args.checkpoints[m]}")
             teachers.append(model)
         manifest = build_cache(
             args.out, ds, teachers, views=args.views, teacher_names=args.teachers, checkpoints=args.checkpoints,

@@ -27,7 +27,7 @@ def register(sub):
 def run(args):
 
     from mtkd_fast import data, models
-    from mtkd_fast._validation import check_device_name
+    from mtkd_fast._validation import check_device_name, check_finite_weights
     from mtkd_fast.train import evaluate
     from mtkd_fast.train.checkpoint import load_checkpoint_file, load_module_state
     from mtkd_fast.train.distributed import resolve_device
@@ -51,6 +51,7 @@ def run(args):
         load_module_state(model, state["student"], args.checkpoint, "student")
     else:
         models.load_checkpoint(model, args.checkpoint, trusted=args.trust_checkpoint)
+    check_finite_weights(model, args.checkpoint)  # NaN outputs would give a meaningless top-1
     model.to(device)
     loader = data.build_loader(ds, args.batch_size, shuffle=False, device=str(device))
     result = evaluate(model, loader, device)

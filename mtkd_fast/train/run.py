@@ -15,7 +15,7 @@ from torch import nn
 
 from .._io import clean_temp_files, load_torch_file
 from .._lock import DirLock
-from .._validation import DataError
+from .._validation import DataError, check_finite_weights
 from ..agent import MTKDAgent
 from ..teachers import LiveTeachers
 from . import distributed as D
@@ -89,6 +89,7 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
         model = models.create_model(name, num_classes)
         if config.teacher_checkpoints:
             models.load_checkpoint(model, config.teacher_checkpoints[m], trusted=config.trust_checkpoint)
+            check_finite_weights(model, f"teacher_checkpoints[{m}]: {config.teacher_checkpoints[m]}")
         teachers.append(model.to(device))
     return teachers
 

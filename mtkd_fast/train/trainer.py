@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
-from .._validation import DataError
+from .._validation import DataError, check_finite_weights
 from ..agent import AgentReplayBuffer, MTKDAgent, normalized_reward
 from ..loss import MTKDLoss
 from . import distributed as D
@@ -389,6 +389,7 @@ class Trainer:
     def load_state_dict(self, ckpt: dict, path: str = "<checkpoint>") -> None:
         self.check_resume_config(ckpt, path)
         load_module_state(self.student, ckpt["student"], path, "student")
+        check_finite_weights(self.student, f"{path} (student)")  # it would only train NaN onwards
         if self.feature_transfer is not None:
             if ckpt.get("feature_transfer") is None:
                 raise ValueError(f"{path}: has no feature transfer state, but this run distils features")
