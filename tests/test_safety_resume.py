@@ -128,3 +128,15 @@ def test_resume_applies_and_records_a_run_option(tmp_path, capsys):
     assert cli.main(base + ["--epochs", "2", "--resume", "--eval-every", "2"]) == 0
     assert "resume: applying the new eval_every 1 -> 2 from epoch 2" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["eval_every"] == 2
+
+
+def test_resume_from_config_json_of_a_run_started_with_overwrite(tmp_path, capsys):
+    """config.json stores resume/overwrite off: `--config RUN/config.json --resume` is not `--resume --overwrite`."""
+    out = tmp_path / "run"
+    base = ["train", "--student", "resnet8", "--strategy", "none", "--out-dir", str(out)] + TINY
+    assert cli.main(base + ["--epochs", "1"]) == 0
+    assert cli.main(base + ["--epochs", "1", "--overwrite"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--config", str(out / "config.json"), "--epochs", "2", "--resume"]) == 0, \
+        capsys.readouterr().err
+    assert torch.load(out / "checkpoint_last.pt", weights_only=True)["epoch"] == 2

@@ -252,7 +252,10 @@ def _train(config: TrainConfig) -> dict:
     # config.json describes what the run trained with: a resume that trains nothing leaves it as it is
     if dist_info.is_main and trainer.start_epoch < config.epochs:
         os.makedirs(config.out_dir, exist_ok=True)
-        write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(config.to_dict(), indent=2).encode())
+        # --resume / --overwrite say what this command did with the out_dir, not how the run trains: stored off,
+        # so `train --config RUN/config.json --resume` works for a run started with --overwrite
+        record = {**config.to_dict(), "resume": False, "overwrite": False}
+        write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(record, indent=2).encode())
 
     def make_train_loader(epoch: int):
         train_set.set_view(trainer.view_for_epoch(epoch))
