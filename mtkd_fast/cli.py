@@ -51,6 +51,11 @@ def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
 def _resume_hint(argv: list[str], args) -> str:
     """What to run to continue after an interruption."""
     if args.command in ("train", "train-teacher"):
+        # the verb records its resolved out_dir; without a checkpoint there, --resume would only be refused
+        out_dir = getattr(args, "resolved_out_dir", None)
+        if out_dir is None or not os.path.isfile(os.path.join(out_dir, "checkpoint_last.pt")):
+            return ("; no checkpoint was saved yet, so there is nothing to resume: run the same command again: "
+                    "mtkd-fast " + " ".join(shlex.quote(a) for a in argv))
         again = [a for a in argv if a not in ("--resume", "--overwrite", "--no-resume")] + ["--resume"]
         return "; resume with: mtkd-fast " + " ".join(shlex.quote(a) for a in again)
     if args.command == "cache" and getattr(args, "cache_command", None) == "build":

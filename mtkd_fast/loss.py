@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ._validation import (
     check_finite,
+    check_finite_teachers,
     check_nonnegative_values,
     check_scale,
     check_temperature,
@@ -41,9 +42,11 @@ class MTKDLossOutput(NamedTuple):
 class MTKDLoss(nn.Module):
     """L = mean_i SCE_i + alpha sum_m mean_i(wl_im KL_im) + beta sum_m mean_i(wf_im MSE_im).
 
-    ``temperature`` must be finite and > 0, ``alpha`` and ``beta`` finite and >= 0, teacher weights >= 0
-    (checked on CPU tensors always; on an accelerator under ``check_finite``, which also refuses a negative
-    weight and a NaN/Inf per-sample loss).
+    ``temperature`` must lie in ``mtkd_fast._validation.TEMPERATURE_RANGE`` ([0.01, 100]), ``alpha`` and ``beta``
+    finite and >= 0, teacher weights >= 0 (checked on CPU tensors always; on an accelerator under
+    ``check_finite``, which also refuses a negative weight and a NaN/Inf per-sample loss). A NaN or +inf logit
+    or map gives a NaN loss (as plain PyTorch); ``check_finite`` refuses it instead, naming the tensor and
+    teacher (``teacher_logits[1]: expected finite values, ...``).
 
     Args:
         temperature: softmax temperature T of the KL term (default 4).
@@ -60,7 +63,7 @@ class MTKDLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        check_temperature(temperature)  # finite and > 0
+        check_temperature(temperature)  # in TEMPERATURE_RANGE
         check_scale("alpha", alpha), check_scale("beta", beta)  # finite and >= 0
         self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
         self.backend = backend
@@ -113,13 +116,15 @@ class MTKDLoss(nn.Module):
             raise ValueError("teacher_embeddings: the cosine state needs student_maps too")
         if self.check_finite:
             check_finite("student_logits", student_logits)
-            check_finite("teacher_logits", teachers)
+            check_finite_teachers("teacher_logits", teachers)
             check_finite("logit_weights", logit_weights)
             check_nonnegative_values("logit_weights", logit_weights)
             if has_maps:
                 for m in range(M):
                     check_finite(f"student_maps[{m}]", student_maps[m])
                     check_finite(f"teacher_maps[{m}]", teacher_maps[m])
+                if teacher_embeddings is not None:
+                    check_finite_teachers("teacher_embeddings", teacher_embeddings)
                 check_finite("feature_weights", feature_weights)
                 check_nonnegative_values("feature_weights", feature_weights)
 

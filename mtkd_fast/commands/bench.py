@@ -29,8 +29,8 @@ def register(sub):
     e.add_argument("--steps", type=int, default=10,
                    help="steps per measured epoch (the random dataset has steps x batch-size samples; default 10)")
     e.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions per configuration (median)")
-    e.add_argument("--batch-size", type=int, default=0,
-                   help="images per step (default 0: the setting's, cifar 64, imagenet 256)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: the setting's, cifar 64, imagenet 256)")
     e.add_argument("--students", nargs="+", default=None, metavar="ARCH",
                    help="student model names, space-separated, each benchmarked in turn (default: the setting's)")
     e.add_argument("--teachers", nargs="+", default=None, metavar="ARCH",
@@ -66,14 +66,19 @@ def run_epoch(args):
     import torch
 
     from .._io import write_bytes_atomic
+    from .._validation import check_device_name
     from ..bench import BenchSpec, format_table, plot, run_epoch_bench, write_csv
 
+    # an explicit --batch-size 0 is refused like train's (BenchSpec's 0 means "the setting's")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    check_device_name(args.device, "--device")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
     spec = BenchSpec(setting=args.setting, students=tuple(args.students or ()), teachers=tuple(args.teachers or ()),
-                     steps=args.steps, repetitions=args.repetitions, batch_size=args.batch_size,
+                     steps=args.steps, repetitions=args.repetitions, batch_size=args.batch_size or 0,
                      configs=tuple(args.configs), device=args.device, memory_steps=args.memory_steps, seed=args.seed,
                      amp=args.amp, channels_last=args.channels_last, progress=not args.no_progress,
                      teacher_precision=args.teacher_precision, teacher_compile=args.teacher_compile,

@@ -99,9 +99,21 @@ def register(sub):
     s.set_defaults(func=run_size)
 
 
+def _positive(option: str, value, allow_none: bool = False, lo: int = 1):
+    """An integer option >= ``lo`` (the same rule as its train twin), named as the user typed it."""
+    if value is None and allow_none:
+        return value
+    if value is None or value < lo:
+        raise ValueError(f"{option}: expected an integer >= {lo}, got {value}")
+    return value
+
+
 def _device(name: str):
     import torch
 
+    from mtkd_fast._validation import check_device_name
+
+    check_device_name(name, "--device")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -127,6 +139,18 @@ def run_build(args):
     for path in args.checkpoints or []:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--checkpoints: no such file {path!r}")
+    from mtkd_fast._validation import check_finite_weights, check_int_range, check_temperature
+    from mtkd_fast.train.config import SEED_MAX
+
+    check_int_range("--seed", args.seed, 0, SEED_MAX)
+    check_int_range("--schedule-seed", args.schedule_seed, 0, SEED_MAX)
+    _positive("--limit-per-class", args.limit_per_class, allow_none=True)
+    for option, value in (("--views", args.views), ("--chunk-size", args.chunk_size),
+                          ("--batch-size", args.batch_size)):
+        _positive(option, value)
+    _positive("--workers", args.workers, lo=0)
+    _positive("--topk", args.topk, allow_none=True)
+    check_temperature(args.topk_temperature, "--topk-temperature")
     device = _device(args.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started_dist = False
@@ -143,6 +167,7 @@ def run_build(args):
             model = models.create_model(name, int(ds.num_classes))
             if args.checkpoints:
                 models.load_checkpoint(model, args.checkpoints[m], trusted=args.trust_checkpoint)
+                check_finite_weights(model, f"--checkpoints: {args.checkpoints[m]}")
             teachers.append(model)
         manifest = build_cache(
             args.out, ds, teachers, views=args.views, teacher_names=args.teachers, checkpoints=args.checkpoints,
@@ -218,6 +243,12 @@ def run_size(args):
     from mtkd_fast import models
     from mtkd_fast.cache.storage import format_bytes, per_sample_bytes
 
+    _positive("--num-classes", args.num_classes, lo=2)
+    for option, value in (("--image-size", args.image_size), ("--samples", args.samples), ("--views", args.views)):
+        _positive(option, value)
+    if args.topk is not None and not 1 <= args.topk <= args.num_classes:
+        raise ValueError(f"--topk: expected an integer in [1, {args.num_classes}] (the number of classes), "
+                         f"got {args.topk}")
     total = 0
     feature_dtype = args.feature_dtype or args.dtype
     for name in args.teachers:
@@ -226,8 +257,8 @@ def run_size(args):
             model = models.create_model(name, args.num_classes).eval()
             try:
                 feats, z = model(torch.zeros(1, 3, args.image_size, args.image_size), is_feat=True)
-            except ValueError as err:  # e.g. a ViT, whose position embeddings fix the image size
-                raise ValueError(f"--image-size: {name}: {err}") from err
+            except (ValueError, RuntimeError) as err:  # a ViT's fixed size; a map pooled or convolved below 1x1
+                raise ValueError(f"--image-size: {name}: {str(err).splitlines()[0]}") from err
         K, D, shape = z.shape[1], feats[-1].shape[1], tuple(feats[-2].shape[1:])
         b = per_sample_bytes(K, D, shape, logits=args.dtype,
                              embeddings=args.dtype if "embeddings" in args.fields else None,

@@ -15,8 +15,31 @@ def register(sub):
     p.add_argument("--checkpoint", required=True, help="the student's weights, e.g. RUN/student_best.pth")
     p.add_argument("--arch", required=True, help="its architecture: a torchvision-based zoo name (imagenet_*) or "
                                                  "timm:<name> (the file then loads into timm.create_model)")
-    p.add_argument("--out", required=True, help="output file (written atomically)")
+    p.add_argument("--out", required=True, help="output file (written atomically; an existing file is refused "
+                                                 "unless --overwrite, and a training checkpoint always)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never a training "
+                                                            "checkpoint)")
     p.set_defaults(func=run)
+
+
+def check_out(path: str, overwrite: bool) -> None:
+    """Refuse to replace an existing file without ``overwrite``, and a run's training checkpoint (its optimiser,
+    agent and RNG state: the run could no longer be resumed) even with it."""
+    from .._io import load_torch_file
+    from .._validation import DataError
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--out: {path} is a directory; give a file name")
+    if not os.path.exists(path):
+        return
+    try:
+        existing = load_torch_file(path, what="--out file")
+    except DataError:
+        existing = None  # not a loadable checkpoint: only --overwrite matters
+    if isinstance(existing, dict) and "student" in existing and "optimizer" in existing:
+        raise ValueError(f"--out: {path} is a training checkpoint; export never replaces one (choose another file)")
+    if not overwrite:
+        raise ValueError(f"--out: {path} already exists; pass --overwrite to replace it or choose another file")
 
 
 def export_state_dict(checkpoint: str, arch: str) -> dict:
@@ -53,6 +76,7 @@ def run(args):
     from .._io import save_atomic
     from ..models import imagenet, timm_models
 
+    check_out(args.out, args.overwrite)  # before the export's work
     state = export_state_dict(args.checkpoint, args.arch)
     save_atomic(state, args.out)
     if timm_models.is_timm_name(args.arch):

@@ -45,6 +45,7 @@ def print_result(result: dict) -> None:
 
 def run(args):
     config = config_from_args(args)
+    args.resolved_out_dir = config.out_dir  # for the CLI's Ctrl-C hint
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2))
         return 0

@@ -35,5 +35,9 @@ def run(args):
     if args.model == "list":
         print("\n".join(list_models()))
         return 0
-    print_result(train_teacher(args.model, **overrides_from_args(args)))
+    from mtkd_fast.train.config import teacher_config
+
+    overrides = overrides_from_args(args)
+    args.resolved_out_dir = teacher_config(args.model, **overrides).out_dir  # for the CLI's Ctrl-C hint
+    print_result(train_teacher(args.model, **overrides))
     return 0

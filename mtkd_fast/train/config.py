@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .._validation import check_device_name, check_int_range, check_temperature
 from ..data import BACKENDS as DATA_BACKENDS
 from ..data import DATASETS
 from ..distiller import AGENT_UPDATES, BUFFER_DTYPES, FEATURE_KD, TRANSFER_RESIZE, WARMUP_WEIGHTS
@@ -22,6 +23,12 @@ STRATEGIES = ("none",) + _DISTILL_STRATEGIES
 SCHEDULES = ("multistep", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AMP = (None, "bf16", "fp16")
+INT64_MAX = 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy's seed range; torch takes it too
+# the largest learning rate accepted (lr, agent_lr): beyond it one SGD step of an O(1) gradient moves a weight by
+# more than any trainable network tolerates, and --lr 1e300 overflows the weights to inf in the first step
+MAX_LR = 10.0
+_INT_RANGES = {"seed": (0, SEED_MAX)}
 
 # the option groups of `mtkd-fast train --help`, in order
 GROUPS = {
@@ -72,6 +79,9 @@ def _check_types(cfg: "TrainConfig") -> None:
                     isinstance(v, kind) and not isinstance(v, bool) for v in value):
                 what = "strings" if kind is str else "integers"
                 raise ValueError(f"{name}: expected a list of {what}, got {value!r}")
+            if kind is int:
+                for v in value:
+                    check_int_range(name, v, -INT64_MAX - 1, INT64_MAX)
             setattr(cfg, name, list(value))
             continue
         if optional and value is None:
@@ -83,6 +93,8 @@ def _check_types(cfg: "TrainConfig") -> None:
         elif kind is int:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name}: expected an integer{none}, got {value!r}")
+            # torch and numpy take 64-bit integers; the seed numpy's 32 bits
+            check_int_range(name, value, *_INT_RANGES.get(name, (-INT64_MAX - 1, INT64_MAX)))
         elif kind is float:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ValueError(f"{name}: expected a number{none}, got {value!r}")
@@ -262,16 +274,27 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "agent_step", "log_every", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature: expected a finite positive number, got {self.temperature}")
+        check_temperature(self.temperature)
+        check_device_name(self.device)
+        if self.resume and self.overwrite:
+            raise ValueError("resume, overwrite: give one (--resume continues the run in out_dir, --overwrite "
+                             "deletes it and starts again)")
         for name in ("limit_per_class", "max_steps_per_epoch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer (or none), got {getattr(self, name)!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers: expected a non-negative integer, got {self.num_workers}")
         for name in ("lr", "agent_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) <= MAX_LR:
+                raise ValueError(f"{name}: expected a number in (0, {MAX_LR:g}], got {getattr(self, name)}")
+        # lr_decay multiplies the learning rate at each milestone: 0 or less would stop or invert training, and
+        # more than 1 grows it (--milestones 1 --lr-decay 1e6 overflows the weights)
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay: expected a number in (0, 1], got {self.lr_decay}")
+        if any(m < 0 for m in self.milestones):  # epoch numbers (MultiStepLR counts a repeated one twice)
+            raise ValueError(f"milestones: expected non-negative epoch numbers, got {list(self.milestones)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum: expected a number in [0, 1), got {self.momentum}")
         if self.aekd_nu is not None and not 0 < self.aekd_nu <= 1:
             raise ValueError(f"aekd_nu: expected a number in (0, 1] or None, got {self.aekd_nu}")
         if self.weight_decay < 0 or self.alpha < 0 or self.beta < 0:
@@ -306,14 +329,24 @@ class TrainConfig:
         """Read a JSON (or, with pyyaml installed, YAML) config file; ``overrides`` win over the file."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config: no such file {path!r}")
-        with open(path) as f:
-            text = f.read()
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"config: {path!r} is not a text file ({exc.reason} at byte {exc.start})") from exc
         if path.endswith((".yaml", ".yml")):
             try:
                 import yaml
             except ImportError as exc:  # pragma: no cover - depends on the environment
                 raise ValueError(f"config: {path!r} is YAML but pyyaml is not installed; use JSON") from exc
-            values = yaml.safe_load(text) or {}
+            try:
+                values = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:  # a syntax error, several documents, a !!python tag safe_load refuses
+                mark = getattr(exc, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+                what = getattr(exc, "problem", None) or str(exc)
+                raise ValueError(f"config: {path!r} is not a valid YAML config{where} ({' '.join(what.split())})") \
+                    from exc
         else:
             try:
                 values = json.loads(text)

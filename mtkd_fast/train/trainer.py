@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
-from .._validation import DataError
+from .._validation import DataError, check_finite_weights
 from ..agent import MTKDAgent
 from ..distiller import Distiller, _config_options
 from . import distributed as D
@@ -30,8 +30,8 @@ from .diagnostics import WeightDiagnostics, write_diagnostics
 from .step import feature_kl_per_sample
 from .strategies import NoDistillation
 
-__all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "CHECKPOINT_LAST",
-           "CHECKPOINT_BEST", "STUDENT_BEST", "METRICS_CSV", "WEIGHTS_PNG"]
+__all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "NonFiniteTrainingError",
+           "CHECKPOINT_LAST", "CHECKPOINT_BEST", "STUDENT_BEST", "METRICS_CSV", "WEIGHTS_PNG"]
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
@@ -42,9 +42,22 @@ WEIGHTS_PNG = "teacher_weights.png"
 CONFIG_JSON = "config.json"
 # what a run writes into its out_dir (a run is there when any of these is)
 RUN_OUTPUTS = (CHECKPOINT_LAST, CHECKPOINT_BEST, STUDENT_BEST, STUDENT_LAST, METRICS_CSV, WEIGHTS_PNG, CONFIG_JSON)
-# TrainConfig fields a resumed run must share with its checkpoint (see Trainer.check_resume_config)
-RESUME_FIXED = ("student", "teachers", "teacher_checkpoints", "dataset", "limit_per_class", "strategy", "feature_kd",
-                "warmup_weights", "agent_update", "optimizer", "schedule", "milestones", "lr_decay", "lr")
+# What a resume does with each TrainConfig field (docs/safety.md, "Resuming", holds the same table; a test checks
+# that every field is in exactly one group). RESUME_FIXED: what defines the run (its data, models, method,
+# optimiser and their hyper-parameters, whose state the checkpoint restores): a resume with another value is
+# refused naming the field, since the restored optimiser, agent and RNG would silently ignore the new value or
+# the run would go on as another one. RESUME_APPLIED: how the run executes (length, device, speed, logging): the
+# new value is used from the resumed epoch on and recorded in config.json. RESUME_CONTROL: what the command does
+# with the out_dir, not part of the run.
+RESUME_FIXED = ("student", "teachers", "teacher_checkpoints", "teacher_cache", "dataset", "limit_per_class",
+                "val_split", "strategy", "aekd_nu", "temperature", "alpha", "beta", "feature_kd", "warmup_weights",
+                "dynamic", "agent_step", "agent_lr", "agent_update", "agent_buffer_dtype", "transfer_resize",
+                "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
+                "lr_decay", "seed", "amp", "teacher_precision")
+RESUME_APPLIED = ("epochs", "max_steps_per_epoch", "data_root", "num_workers", "data_backend", "loss_backend",
+                  "device", "channels_last", "compile", "teacher_compile", "fold_bn", "trust_checkpoint",
+                  "log_every", "progress", "tensorboard", "eval_every")
+RESUME_CONTROL = ("out_dir", "resume", "overwrite")
 
 _AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # device-side running sums, read back once per log interval / epoch
@@ -303,7 +316,10 @@ class Trainer:
         for name in RESUME_FIXED:
             if name == "teacher_checkpoints":
                 continue
-            if name in saved and saved[name] != now[name]:
+            same = saved.get(name) == now[name]
+            if name == "teacher_cache" and saved.get(name) and now[name]:  # the same directory, however written
+                same = os.path.realpath(saved[name]) == os.path.realpath(now[name])
+            if name in saved and not same:
                 raise ValueError(f"{name}: the checkpoint {path} was trained with {saved[name]!r}, this run has "
                                  f"{now[name]!r}; resume with the same {name} or start a new run in another out_dir")
         old_paths = list(saved.get("teacher_checkpoints") or [])
@@ -319,6 +335,11 @@ class Trainer:
             if not same:
                 raise ValueError(f"teacher_checkpoints[{m}]: the checkpoint {path} was trained with teacher weights "
                                  f"from {a!r}, this run gives {b!r} (other content); resume with the same files")
+        changed = [f"{n} {saved[n]!r} -> {now[n]!r}" for n in RESUME_APPLIED
+                   if n != "epochs" and n in saved and saved[n] != now[n]]  # epochs: _refit_schedule says it
+        if changed and self.dist.is_main:
+            print(f"resume: applying the new {', '.join(changed)} from epoch {int(ckpt.get('epoch', 0)) + 1}",
+                  flush=True)
 
     def _refit_schedule(self, saved_epochs: int, path: str) -> None:
         """The checkpoint's schedule was fitted to ``saved_epochs``; with another ``epochs`` a cosine schedule is
@@ -343,6 +364,7 @@ class Trainer:
     def load_state_dict(self, ckpt: dict, path: str = "<checkpoint>") -> None:
         self.check_resume_config(ckpt, path)
         load_module_state(self.student, ckpt["student"], path, "student")
+        check_finite_weights(self.student, f"{path} (student)")  # it would only train NaN onwards
         if self.feature_transfer is not None:
             if ckpt.get("feature_transfer") is None:
                 raise ValueError(f"{path}: has no feature transfer state, but this run distils features")
@@ -405,15 +427,25 @@ class Trainer:
                        unit="img", unit_scale=True, disable=not (cfg.progress and main),
                        dynamic_ncols=True, leave=False)
             t0 = time.perf_counter()
+            # the first step (0-based) whose loss was not finite, kept on the device: no read-back per step
+            first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+            i = -1
             for i, (images, labels, indices) in enumerate(loader):
                 if steps is not None and i >= steps:
                     break
-                self.train_step(images, labels, indices, view)
+                try:
+                    out = self.train_step(images, labels, indices, view)
+                except Exception as exc:  # e.g. the agent's BCE refusing NaN probabilities: name the cause instead
+                    self._stop_if_non_finite(epoch, first_bad, i, out_dir, exc)
+                    raise
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out["loss"]), i, first_bad)
                 bar.update(images.shape[0] * self.dist.world_size)
                 if (i + 1) % cfg.log_every == 0:  # the only per-interval host read-back
+                    self._stop_if_non_finite(epoch, first_bad, i, out_dir)
                     n = max(float(self.meters[_METERS.index("count")]), 1.0)
                     bar.set_postfix(loss=f"{float(self.meters[0]) / n:.3f}")
             bar.close()
+            self._stop_if_non_finite(epoch, first_bad, i, out_dir)  # before anything is saved
             metrics = self.end_epoch()
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, **metrics, "time_s": seconds,
@@ -445,6 +477,31 @@ class Trainer:
             "student_checkpoint": os.path.join(out_dir, STUDENT_BEST),
         }
 
+    def _stop_if_non_finite(self, epoch: int, first_bad: Tensor, step: int, out_dir: str,
+                            cause: Optional[BaseException] = None) -> None:
+        """Raise :class:`NonFiniteTrainingError` when a loss, the epoch's meters or a weight of the student, its
+        feature transfer or the agent is NaN/Inf (one read-back). A NaN step poisons every later one and the
+        checkpoint it would write, so the run stops before saving, naming the last good checkpoint."""
+        params = [p.detach() for p in self.net.parameters()]
+        if self.agent is not None:
+            params += [p.detach() for p in self.agent.parameters()]
+        checks = [torch.isfinite(t).all() for t in [self.meters, *params]] + [first_bad < 0]
+        if bool(torch.stack(checks).all()):  # one read-back
+            return
+        bad = int(first_bad)
+        where = f"step {bad + 1}" if bad >= 0 else f"step {step + 1}"
+        last = os.path.join(out_dir, CHECKPOINT_LAST)
+        if os.path.isfile(last):
+            saved = load_checkpoint_file(last, map_location="cpu", trusted=self.config.trust_checkpoint,
+                                         require_training=True)
+            good = f"the last good checkpoint is {last} (epoch {int(saved['epoch'])})"
+        else:
+            good = "no checkpoint was written yet"
+        raise NonFiniteTrainingError(
+            f"training: the loss or the weights became NaN/Inf at epoch {epoch + 1}, {where}; stopped before saving: "
+            f"{good} (check the teachers' weights and the inputs, or lower --lr, --temperature, --alpha, --beta)"
+        ) from cause
+
     def _write_outputs(self, out_dir: str, is_best: bool, writer) -> None:
         state = self.state_dict()
         save_atomic(state, os.path.join(out_dir, CHECKPOINT_LAST))
@@ -466,6 +523,10 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+class NonFiniteTrainingError(DataError):
+    """Training produced a NaN/Inf loss or weight; the command line reports it in one line (exit status 1)."""
+
+
 def _on_device(t_out, device):
     """Teacher outputs on the student's device (a cache may hand them over on the CPU)."""
     if t_out.logits.device == device:
