@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-installed
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: all setup build test test-fast cmake-check lint wheel-check ci demo bench clean
+.PHONY: all setup build emu test test-fast cmake-check lint wheel-check mutants ci demo bench clean
 
 all: test
 
@@ -25,8 +25,15 @@ build: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	$(PY) -c "import mtkd_fast, json; i = mtkd_fast.build_info(); assert i['extension_loaded'], i['load_error']; print('build_info:', json.dumps({k: i[k] for k in ('cuda_compiled', 'cuda_archs', 'openmp', 'num_threads', 'cpu_kernels', 'cuda_kernels')}))"
 
-test: build
+# The CPU SIMT emulator of the CUDA kernels (tests/cuda_emu): tests/test_ops.py's [cuda_emu] cases run them.
+# Built here (incrementally) so a test run's time is the tests'; a fixture would build it on first use too.
+emu: $(STAMP)
+	$(PY) tests/cuda_emu/build.py
+
+# The suite, then the emulated CUDA cases once more with seeded random block and thread order.
+test: build emu
 	$(PY) -m pytest -q tests
+	CUDA_EMU_ORDER=random CUDA_EMU_SEED=20261206 $(PY) -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda_emu
 
 test-fast: build
 	$(PY) -m pytest -q -x tests -m "not slow"
@@ -45,8 +52,12 @@ lint: $(STAMP)
 wheel-check: build
 	PYTHON=$(PY) bash tools/check_wheel.sh
 
-# what CI runs (.ci/run): the tests, the CMake build and its C++ tests, the linter, the wheel
-ci: test cmake-check lint wheel-check
+# planted kernel bugs, each of which the emulated CUDA op tests must catch (a rebuild per mutant: CI only)
+mutants: build emu
+	$(PY) tests/cuda_emu/mutants.py
+
+# what CI runs (.ci/run): the tests, the CMake build and its C++ tests, the linter, the wheel, the mutants
+ci: test cmake-check lint wheel-check mutants
 
 demo: build
 	$(VENV)/bin/mtkd-fast demo

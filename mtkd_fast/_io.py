@@ -7,10 +7,12 @@ destination with ``os.replace``, so a crash never leaves a half-written checkpoi
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from typing import Any, BinaryIO, Callable
 
@@ -46,14 +48,27 @@ def write_atomic(path: str, write: Callable[[BinaryIO], Any]) -> None:
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        # a full disk (or any failed write) names the file; the previous version of ``path`` is untouched
+        # a full disk (or any failed write) names the file and the free space; the previous version of ``path``
+        # is untouched
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
             reason = exc.strerror or str(exc)
-            raise OSError(exc.errno, f"{path}: could not write ({reason}); the previous file is unchanged") from exc
-        if isinstance(exc, RuntimeError) and "write" in str(exc).lower():  # torch's zip writer wraps OSErrors
-            raise OSError(f"{path}: could not write ({str(exc).splitlines()[0]}); the previous file is unchanged") \
-                from exc
+            raise OSError(exc.errno, f"{path}: could not write ({reason}{_free_note(directory)}); the previous "
+                                     "file is unchanged") from exc
+        # torch's zip writer turns a failed write into a RuntimeError ("file write failed", or "unexpected pos"
+        # when the short write is noticed later)
+        text = str(exc).lower()
+        if isinstance(exc, RuntimeError) and ("write" in text or "unexpected pos" in text):
+            raise OSError(errno.EIO, f"{path}: could not write ({' '.join(str(exc).split())[:200]}"
+                                     f"{_free_note(directory)}); the previous file is unchanged") from exc
         raise
+
+
+def _free_note(directory: str) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    return f"; {free / 2**20:.1f} MiB free on the disk"
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:

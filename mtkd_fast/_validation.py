@@ -7,6 +7,7 @@ the argument's name and says what was expected, so a user sees at once which inp
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import torch
@@ -117,12 +118,38 @@ def check_nonnegative_values(name: str, w: Tensor) -> None:
         raise ValueError(f"{name}: expected non-negative teacher weights, got a minimum of {lo:g}")
 
 
+# The documented temperature range (docs/safety.md; csrc/cpu/op_checks.h holds the same bounds for direct op
+# calls): T^2 scales the KL and alpha*T the gradient, so T = 1e30 overflows (an inf loss, 1e21 gradients) and a
+# tiny T is an argmax. Distillation uses T of about 1 to 20.
+TEMPERATURE_RANGE = (1e-2, 1e2)
+
+
 def check_temperature(temperature, name: str = "temperature") -> float:
-    """A finite number > 0 (T = inf makes every softmax uniform and the KL term NaN)."""
+    """A number in :data:`TEMPERATURE_RANGE` (finite: T = inf makes every softmax uniform and the KL term NaN)."""
+    lo, hi = TEMPERATURE_RANGE
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
-            not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"{name}: expected a finite positive number, got {temperature!r}")
+            not (lo <= temperature <= hi):
+        raise ValueError(f"{name}: expected a number in [{lo:g}, {hi:g}], got {temperature!r}")
     return float(temperature)
+
+
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+_DEVICE_RE = re.compile(r"(auto|cpu|cuda(:[0-9]+)?)")
+
+
+def check_device_name(name, option: str = "device") -> str:
+    """A device the commands can run on: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (``mps``, ``bogus`` and the
+    like are refused here, naming ``option``, instead of failing deep inside torch with a traceback)."""
+    if not isinstance(name, str) or not _DEVICE_RE.fullmatch(name):
+        raise ValueError(f"{option}: expected {DEVICE_NAMES}, got {name!r}")
+    return name
+
+
+def check_int_range(name: str, value, lo: int, hi: int) -> int:
+    """An integer in [lo, hi] (an overflowing ``--seed 99999999999999999999`` named, not a C overflow error)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name}: expected an integer in [{lo}, {hi}], got {value!r}")
+    return value
 
 
 def check_scale(name: str, value) -> float:
@@ -176,3 +203,20 @@ def check_finite(name: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         n_bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: expected finite values, found {n_bad} NaN/Inf entries")
+
+
+def check_finite_teachers(name: str, teachers) -> None:
+    """:func:`check_finite` of each teacher's tensor, naming the teacher (``teacher_logits[1]: ...``)."""
+    for m, t in enumerate(teachers):
+        check_finite(f"{name}[{m}]", t)
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Raise :class:`DataError` naming ``what`` (a checkpoint file) when the loaded weights hold NaN/Inf: every
+    output of such a model is NaN, so an evaluation would report a meaningless accuracy and a teacher would
+    poison the distillation (one read-back per tensor; called once per loaded file)."""
+    bad = [name for name, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise DataError(f"{what}: the weights hold NaN/Inf values (in {bad[0]}{more}); the file is not a usable model")

@@ -15,7 +15,7 @@ import pkgutil
 import shlex
 import sys
 
-from . import commands
+from . import __version__, commands
 from ._validation import DataError
 
 DEBUG_ENV = "MTKD_FAST_DEBUG"
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Fast multi-teacher knowledge distillation (MTKD-RL).")
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
@@ -49,6 +51,11 @@ def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
 def _resume_hint(argv: list[str], args) -> str:
     """What to run to continue after an interruption."""
     if args.command in ("train", "train-teacher"):
+        # the verb records its resolved out_dir; without a checkpoint there, --resume would only be refused
+        out_dir = getattr(args, "resolved_out_dir", None)
+        if out_dir is None or not os.path.isfile(os.path.join(out_dir, "checkpoint_last.pt")):
+            return ("; no checkpoint was saved yet, so there is nothing to resume: run the same command again: "
+                    "mtkd-fast " + " ".join(shlex.quote(a) for a in argv))
         again = [a for a in argv if a not in ("--resume", "--overwrite", "--no-resume")] + ["--resume"]
         return "; resume with: mtkd-fast " + " ".join(shlex.quote(a) for a in again)
     if args.command == "cache" and getattr(args, "cache_command", None) == "build":

@@ -11,17 +11,16 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import reference
 from ._validation import (
     check_finite,
+    check_finite_teachers,
     check_nonnegative_values,
     check_scale,
     check_temperature,
     check_weights,
     stack_teachers,
 )
-
-BACKENDS = ("auto", "fused", "reference")
+from .step import BACKENDS, distill_step, resolve_backend
 
 
 class MTKDLossOutput(NamedTuple):
@@ -43,9 +42,11 @@ class MTKDLossOutput(NamedTuple):
 class MTKDLoss(nn.Module):
     """L = mean_i SCE_i + alpha sum_m mean_i(wl_im KL_im) + beta sum_m mean_i(wf_im MSE_im).
 
-    ``temperature`` must be finite and > 0, ``alpha`` and ``beta`` finite and >= 0, teacher weights >= 0
-    (checked on CPU tensors always; on an accelerator under ``check_finite``, which also refuses a negative
-    weight and a NaN/Inf per-sample loss).
+    ``temperature`` must lie in ``mtkd_fast._validation.TEMPERATURE_RANGE`` ([0.01, 100]), ``alpha`` and ``beta``
+    finite and >= 0, teacher weights >= 0 (checked on CPU tensors always; on an accelerator under
+    ``check_finite``, which also refuses a negative weight and a NaN/Inf per-sample loss). A NaN or +inf logit
+    or map gives a NaN loss (as plain PyTorch); ``check_finite`` refuses it instead, naming the tensor and
+    teacher (``teacher_logits[1]: expected finite values, ...``).
 
     Args:
         temperature: softmax temperature T of the KL term (default 4).
@@ -62,7 +63,7 @@ class MTKDLoss(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        check_temperature(temperature)  # finite and > 0
+        check_temperature(temperature)  # in TEMPERATURE_RANGE
         check_scale("alpha", alpha), check_scale("beta", beta)  # finite and >= 0
         self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
         self.backend = backend
@@ -72,24 +73,9 @@ class MTKDLoss(nn.Module):
         return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, backend={self.backend!r}"
 
     def resolve_backend(self, device: torch.device, dtypes=()) -> str:
-        """The backend that will run for inputs on ``device`` (of ``dtypes``, float32 if none are given).
-
-        On a CUDA device the fused kernels first check themselves against the reference (once per process,
-        device and dtype; :func:`mtkd_fast.selftest.device_ok`); on a mismatch ``"auto"`` gives the reference.
-        """
-        fused_ok = _fused_available(device)
-        if self.backend == "fused" and not fused_ok:
-            raise RuntimeError(
-                f"backend='fused': the compiled mtkd_fast kernels are not available for device {device} "
-                "(see mtkd_fast.build_info()); use backend='auto' or 'reference'"
-            )
-        if self.backend == "reference" or not fused_ok:
-            return "reference"
-        from . import selftest
-
-        if not selftest.device_ok(device, tuple(dtypes) or (torch.float32,)) and self.backend == "auto":
-            return "reference"
-        return "fused"
+        """The backend that will run for inputs on ``device`` (of ``dtypes``, float32 if none are given);
+        :func:`mtkd_fast.step.resolve_backend` decides (on CUDA after the fused kernels' self-check)."""
+        return resolve_backend(self.backend, device, dtypes)
 
     def forward(
         self,
@@ -130,45 +116,29 @@ class MTKDLoss(nn.Module):
             raise ValueError("teacher_embeddings: the cosine state needs student_maps too")
         if self.check_finite:
             check_finite("student_logits", student_logits)
-            check_finite("teacher_logits", teachers)
+            check_finite_teachers("teacher_logits", teachers)
             check_finite("logit_weights", logit_weights)
             check_nonnegative_values("logit_weights", logit_weights)
             if has_maps:
                 for m in range(M):
                     check_finite(f"student_maps[{m}]", student_maps[m])
                     check_finite(f"teacher_maps[{m}]", teacher_maps[m])
+                if teacher_embeddings is not None:
+                    check_finite_teachers("teacher_embeddings", teacher_embeddings)
                 check_finite("feature_weights", feature_weights)
                 check_nonnegative_values("feature_weights", feature_weights)
 
         dtypes = (student_logits.dtype, student_maps[0].dtype) if has_maps else (student_logits.dtype,)
-        fused = self.resolve_backend(student_logits.device, dtypes) == "fused"
-        impl = _fused_impl() if fused else reference  # same signatures: one code path for both
-        logit = impl.mtkd_logit_kd(student_logits, teachers, targets, logit_weights, self.temperature, self.alpha)
-        loss = logit.loss
-        mse = cos = None
-        if has_maps:
-            # the fused op pools the cosine from the loss's own read of the maps
-            embeddings = None if teacher_embeddings is None else list(teacher_embeddings)
-            feat_loss, mse, cos = impl.feature_kd_and_cosine(list(student_maps), list(teacher_maps), feature_weights,
-                                                             self.beta, embeddings)
-            loss = loss + feat_loss
-            mse = mse.detach()
-        kl, tce, sce = logit.kl.detach(), logit.teacher_ce.detach(), logit.student_ce.detach()
-        wf = feature_weights if has_maps else None
-        # l_i; the reward computed with it is the trainer's business (distill_step)
-        per_sample = impl.per_sample_loss_and_reward(sce, kl, logit_weights, mse, wf, self.alpha,
-                                                     self.beta).per_sample_loss
+        wf = feature_weights if has_maps else torch.zeros_like(logit_weights)
+        # the caller's weights through the one step chain (mtkd_fast/step.py): no state, no reward
+        step = distill_step(student_logits, list(student_maps) if has_maps else None, targets, teachers,
+                            teacher_embeddings, list(teacher_maps) if has_maps else None,
+                            lambda tce, state: (logit_weights, wf, None), temperature=self.temperature,
+                            alpha=self.alpha, beta=self.beta, needs_state=False, needs_teacher_ce=False,
+                            backend=self.resolve_backend(student_logits.device, dtypes), with_reward=False,
+                            with_cosine=teacher_embeddings is not None)
+        per_sample = step.per_sample_loss
         if self.check_finite:  # finite inputs can still overflow (e.g. a huge T^2 KL)
             check_finite("per_sample_loss", per_sample)
-        return MTKDLossOutput(loss, kl, tce, sce, mse, cos, per_sample.detach())
-
-
-def _fused_impl():
-    from . import ops
-
-    return ops
-
-
-def _fused_available(device: torch.device) -> bool:
-    """True when the compiled extension has the fused kernels for ``device``."""
-    return _fused_impl().available(device)
+        return MTKDLossOutput(step.loss, step.kl, step.teacher_ce, step.student_ce, step.feature_stat, step.cos,
+                              per_sample)

@@ -105,9 +105,10 @@ def kl_per_sample(student_logits: Tensor, teacher_logits, temperature: float = 4
     _check_temperature(temperature)
     log_ps = F.log_softmax(student_logits / temperature, dim=-1)  # [B,K]
     log_pt = F.log_softmax(teachers / temperature, dim=-1)  # [M,B,K]
-    # xlogy-style: a teacher probability of exactly 0 contributes 0, never 0 * -inf.
+    # xlogy-style: only a teacher probability of exactly 0 (a -inf logit) contributes 0, never 0 * -inf; a NaN
+    # probability (a NaN or +inf logit) is not masked (!= 0, not > 0), so the row's KL is NaN as in plain PyTorch.
     pt = log_pt.exp()
-    kl = torch.where(pt > 0, pt * (log_pt - log_ps.unsqueeze(0)), torch.zeros_like(pt)).sum(-1)
+    kl = torch.where(pt != 0, pt * (log_pt - log_ps.unsqueeze(0)), torch.zeros_like(pt)).sum(-1)
     return (temperature**2) * kl.transpose(0, 1)
 
 

@@ -110,7 +110,11 @@ class Report:
 # K = 131 classes: the CUDA logit kernel splits each of the B = 5 rows over several blocks (chunks of at least
 # 64 classes), so the first-use check covers its merge of the chunks, not only the one-block-per-row case
 B, K, M = 5, 131, 3
-MAP_SHAPES = ((6, 3, 5), (4, 2, 3), (7, 4, 4))  # (C, H, W) per teacher
+# (C, H, W) per teacher, chosen to reach every walk of the CUDA map kernels: a tiny odd map; 5 x 61 x 59 = 17995
+# values per sample, three 8192-value blocks of the flat feature_kd walk with a short last one, and rows of
+# 3599 > 1024 pixels (the block-per-row walk with the cosine); C = 260 >= 256, the thread-per-channel pooling
+# of channels_last maps (and two channel blocks of feature_kd's channels_last walk)
+MAP_SHAPES = ((6, 3, 5), (5, 61, 59), (260, 2, 3))
 
 
 def _randn(gen, *shape, scale=1.0):

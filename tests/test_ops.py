@@ -1,10 +1,11 @@
 """The fused mtkd_fast::* ops against the float64 reference, on every device: forward and gradients, odd sizes,
 reduced precision, layouts, extreme logits, opcheck, torch.compile, autocast and argument errors.
 
-Tests parametrised over `device` run on the CPU kernels always and on the CUDA kernels where a GPU is there
-(skipped otherwise); the last section holds the CUDA-only checks (launch counts, shared-memory bounds, devices).
-Sample builders and tolerances (see there) live in tests/op_samples.py. On a GPU,
-`compute-sanitizer --tool memcheck .venv/bin/python -m pytest -q tests/test_ops.py -k cuda` checks memory too.
+Tests parametrised over `device` run on the CPU kernels always, on the CUDA kernels where a GPU is there
+(skipped otherwise), and on the CUDA kernels compiled for the CPU SIMT emulator (ids [cuda_emu], tests/cuda_emu,
+docs/ops.md); the last section holds the CUDA-only checks (launch counts, shared-memory bounds, devices).
+Sample builders and tolerances (see there) live in tests/op_samples.py. On a GPU, `compute-sanitizer --tool
+memcheck .venv/bin/python -m pytest -q tests/test_ops.py -k "cuda and not cuda_emu"` checks memory too.
 """
 
 import pytest
@@ -37,6 +38,11 @@ from mtkd_fast import MTKDLoss, ops
 from mtkd_fast import reference as ref
 
 pytestmark = pytest.mark.skipif(not ops.available("cpu"), reason=CPU_SKIP_REASON)
+
+# cpu and cuda (op_samples.DEVICES), and cuda_emu: the CUDA kernels of csrc/cuda compiled for the CPU SIMT
+# emulator (tests/cuda_emu; `make emu` builds it, or the fixture on first use: minutes on 2 cores). The `device`
+# fixture (conftest.py) turns it into "cpu" tensors whose mtkd_fast ops run the emulated kernels.
+DEVICES = [*DEVICES, pytest.param("cuda_emu", id="cuda_emu")]
 
 
 @pytest.mark.parametrize("B,K,M", LOGIT_SIZES)
@@ -463,7 +469,7 @@ def test_agent_stats_bad_input_names_the_argument():
         op(zs, list(zt), torch.full_like(y, 6), gs, emb, 4.0, 1e-8)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_empty_batches_return_empty_results(device):
     # B = 0: a sum over no samples (loss 0) and empty statistics on every device; on CUDA nothing is launched
     op = torch.ops.mtkd_fast
@@ -491,7 +497,7 @@ def test_empty_batches_return_empty_results(device):
 # ------------------------------------------------------------------ layouts and empty maps
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_size_one_dimensions_do_not_decide_the_layout(device):
     # a channels_last [B, C, 1, 1] (or C = 1) student map and a contiguous teacher map are walked alike: the
     # strides of size-1 dimensions never matter (the op used to refuse them when called directly)
@@ -519,7 +525,7 @@ def test_size_one_dimensions_do_not_decide_the_layout(device):
         torch.testing.assert_close(a.cpu(), b)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_empty_spatial_maps_give_the_same_cosine_everywhere(device):
     # H*W = 0 has no spatial mean: NaN in the reference, pooled_cosine, feature_kd and agent_stats alike;
     # C = 0 pools to an empty vector, whose cosine is 0
@@ -696,7 +702,7 @@ def test_recycled_gradient_buffers_never_overwrite_a_live_gradient():
 @pytest.mark.parametrize("B,K,M", [(1, 2, 2), (3, 1001, 3), (64, 100, 5), (129, 1000, 8), (256, 10, 2),
                                    (1, 1000, 8), (8, 1000, 4), (5, 40, 2), (2, 50000, 3), (2, 4000, 32),
                                    (300, 3000, 8)])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_logit_kd_on_device_matches_reference(device, dtype, B, K, M):
     zs, zt, y, w = logit_inputs(B, K, M, seed=B + K + M, dtype=dtype)
     acc = F64 if dtype == F64 else torch.float32
@@ -714,7 +720,7 @@ def test_logit_kd_on_device_matches_reference(device, dtype, B, K, M):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_logit_kd_on_device_masked_classes(device, dtype):
     # classes masked with -inf: a run of 300 in every row (whole CUDA chunks of -inf), one of 300 in teacher 1
     # only (its probability 0 there: no KL term); the statistics stay finite and match the reference
@@ -738,7 +744,7 @@ def test_logit_kd_on_device_masked_classes(device, dtype):
     torch.testing.assert_close(grad.cpu().to(F64), exp_grad, rtol=rtol, atol=rtol * exp_grad.abs().max().item())
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_logit_kd_on_device_large_logits_float16(device):
     zs, zt, y, w = logit_inputs(9, 100, 3, seed=1, dtype=F64, scale=1.0)
     zs, zt = (1e4 * zs.clamp(-1, 1)).half(), (1e4 * zt.clamp(-1, 1)).half()
@@ -751,7 +757,7 @@ def test_logit_kd_on_device_large_logits_float16(device):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_feature_kd_on_device_matches_reference(device, dtype, channels_last):
     g = gen(2)
     B = 33
@@ -777,7 +783,7 @@ def test_feature_kd_on_device_matches_reference(device, dtype, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_pooled_cosine_on_device_matches_reference(device, channels_last):
     g = gen(3)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -800,7 +806,7 @@ def test_pooled_cosine_on_device_matches_reference(device, channels_last):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_feature_kd_and_cosine_on_device_matches_reference(device, dtype, channels_last):
     # every walk of the kernel: warp rows (short NCHW rows), block rows (rows > 1024 values), channels_last
     # with several channel groups per sample, and 1x1 maps
@@ -833,7 +839,7 @@ def test_feature_kd_and_cosine_on_device_matches_reference(device, dtype, channe
 
 
 @pytest.mark.parametrize("B", [1, 3, 129, 1000])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_per_sample_loss_and_reward_on_device(device, B):
     g = gen(B)
     sce, kl, wl, mse, wf = (torch.rand(B, generator=g, dtype=F64),) + tuple(torch.rand(B, 3, generator=g, dtype=F64)
@@ -844,7 +850,7 @@ def test_per_sample_loss_and_reward_on_device(device, B):
     torch.testing.assert_close(out.reward.cpu(), ref.normalized_reward(exp))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_mtkd_loss_opcheck_and_module_on_device(device):
     zs, zt, y, w = logit_inputs(3, 7, 2, seed=5, dtype=torch.float32)
     z = zs.to(device).requires_grad_(True)
@@ -873,7 +879,7 @@ def test_mtkd_loss_opcheck_and_module_on_device(device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("B,K,shapes", DEVICE_STATS_CASES)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_agent_stats_on_device_matches_reference(device, dtype, channels_last, B, K, shapes):
     zs, zt, y, _ = logit_inputs(B, K, len(shapes), seed=B + K, dtype=dtype)
     g = gen(B)
@@ -892,7 +898,7 @@ def test_agent_stats_on_device_matches_reference(device, dtype, channels_last, B
     assert torch.equal(none.cos.cpu(), torch.zeros(B, len(shapes), dtype=acc))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_agent_stats_opcheck_on_device(device):
     zs, zt, y, _ = logit_inputs(3, 7, 2, seed=7, dtype=torch.float32)
     gs = [torch.randn(3, 4, 2, 2, device=device),
@@ -903,7 +909,7 @@ def test_agent_stats_opcheck_on_device(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_feature_kd_channels_last_small_c_large_maps_on_device(device, dtype):
     # the channels_last walk with the cosine: few channels over many pixels (rows of threads split the pixels)
     B, shapes = 3, [(5, 40, 41), (64, 23, 19), (300, 3, 3)]
@@ -922,6 +928,137 @@ def test_feature_kd_channels_last_small_c_large_maps_on_device(device, dtype):
     torch.testing.assert_close(cos.cpu().double(), ref.pooled_cosine(g64, [e.double() for e in emb]),
                                rtol=1e-4, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_feature_kd_on_device_multi_chunk_flat_walk(device, dtype, channels_last):
+    # the flat walk (no cosine) takes kChunk = 8192 values of a sample per CUDA block: 17995 values are three
+    # chunks with a short last one (odd: the scalar loop), 18496 three vectorised ones, 15 a single short one
+    g = gen(11)
+    B, shapes = 2, [(5, 61, 59), (64, 17, 17), (1, 3, 5)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    w = torch.rand(B, len(shapes), generator=g, dtype=F64)
+    acc = F64 if dtype == F64 else torch.float32
+    gd = [x.to(device).requires_grad_(True) for x in gs]
+    out = ops.mtkd_feature_kd(gd, [f.to(device) for f in fs], w.to(device, acc), 5.0)
+    grads = torch.autograd.grad(out.loss, gd)
+    exp, exp_grads = ref_feature(gs, fs, w, 5.0)
+    tol = STAT_TOL.get(dtype, 1e-4)
+    for name, a, b in zip(out._fields, out, exp):
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    rtol = GRAD_RTOL[dtype]
+    for a, b, x in zip(grads, exp_grads, gd):
+        assert a.stride() == x.stride()
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_logit_kd_on_device_chunk_max_underflows_against_the_row_max(device, dtype):
+    # classes 130-519 sit 1000 below the rest: on CUDA (B = 2, K = 1000: chunks of ~63 classes) whole chunks
+    # whose own sums are fine but whose weight exp(chunk max - row max) underflows to 0 in the merge; teacher 1
+    # has them in row 1 only
+    zs, zt, y, w = logit_inputs(2, 1000, 3, seed=31, dtype=F64)
+    zs[:, 130:520] -= 1000.0
+    zt[0, :, 130:520] -= 1000.0
+    zt[1, 1, 130:520] -= 1000.0
+    zs, zt = zs.to(dtype), zt.to(dtype)
+    y = torch.tensor([7, 999])
+    acc = F64 if dtype == F64 else torch.float32
+    z = zs.to(device).requires_grad_(True)
+    out = ops.mtkd_logit_kd(z, zt.to(device), y.to(device), w.to(device, acc), 3.0, 0.8)
+    (grad,) = torch.autograd.grad(out.loss, z)
+    exp, exp_grad = ref_logit(zs, zt, y, w, 3.0, 0.8)
+    assert all(bool(torch.isfinite(t).all()) for t in (*out, grad))
+    tol = STAT_TOL.get(dtype, 1e-4)
+    assert_stats_close(out, exp, rtol=tol, atol=tol)
+    rtol = GRAD_RTOL[dtype]
+    torch.testing.assert_close(grad.cpu().to(F64), exp_grad, rtol=rtol, atol=rtol * exp_grad.abs().max().item())
+    stats = ops.agent_stats(zs.to(device), zt.to(device), y.to(device), None, None, 3.0)
+    exp_stats = ref_stats(zs, zt, y, None, None, 3.0)
+    torch.testing.assert_close(stats.kl.cpu().to(F64), exp_stats.kl, rtol=tol, atol=tol)
+    torch.testing.assert_close(stats.teacher_ce.cpu().to(F64), exp_stats.teacher_ce, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_pooled_cosine_and_agent_stats_on_device_split_over_channel_blocks(device, dtype, channels_last):
+    # on CUDA the forward cosine splits a (sample, teacher) over blocks of channels (about 8192 values each,
+    # or 256 channels channels_last) whose last block adds up the terms: 700 x 4 x 4 is two NCHW blocks of 350
+    # channels, 512 channels two channels_last blocks of 256 (a thread per channel), 97 x 93 pixels a block per
+    # channel; 5 x 1 x 1 one block
+    g = gen(12)
+    B, shapes = 3, [(700, 4, 4), (512, 2, 3), (2, 97, 93), (5, 1, 1)]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
+    emb = [torch.randn(B, s[0], generator=g, dtype=F64).to(dtype) for s in shapes]
+    zs, zt, y, _ = logit_inputs(B, 10, len(shapes), seed=12, dtype=dtype)
+    tol = STAT_TOL.get(dtype, 1e-5)
+    want = ref.pooled_cosine([x.to(F64) for x in gs], [e.to(F64) for e in emb])
+    gd = [x.to(device).requires_grad_(True) for x in gs]
+    ed = [e.to(device).requires_grad_(True) for e in emb]
+    cos = ops.pooled_cosine(gd, ed)
+    torch.testing.assert_close(cos.cpu().to(F64), want, rtol=tol, atol=tol)
+    stats = ops.agent_stats(zs.to(device), zt.to(device), y.to(device), [x.to(device) for x in gs],
+                            [e.to(device) for e in emb])
+    torch.testing.assert_close(stats.cos.cpu().to(F64), want, rtol=tol, atol=tol)
+    up = torch.randn(B, len(shapes), generator=g, dtype=F64)
+    got = torch.autograd.grad((cos * up.to(device, cos.dtype)).sum(), gd + ed)
+    g64 = [x.to(F64).requires_grad_(True) for x in gs]
+    e64 = [e.to(F64).requires_grad_(True) for e in emb]
+    exp = torch.autograd.grad((ref.pooled_cosine(g64, e64) * up).sum(), g64 + e64)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def _torch_logit_stats(zs, zt, y, T):
+    """KL [B, M], teacher CE [B, M] and student CE [B] by plain float64 torch: a teacher probability of exactly 0
+    contributes 0 to the KL (even where the student's is 0 too), a NaN or +inf logit makes its row's values NaN."""
+    zs, zt = zs.to(F64), zt.to(F64)
+    log_ps = torch.log_softmax(zs / T, -1)
+    pt = torch.softmax(zt / T, -1)
+    kl = T * T * torch.where(pt == 0, 0.0, pt * (torch.log(pt) - log_ps)).sum(-1).t()
+    tce = -torch.log_softmax(zt, -1).gather(2, y.expand(zt.shape[0], -1).unsqueeze(2)).squeeze(2).t()
+    sce = -torch.log_softmax(zs, -1).gather(1, y[:, None]).squeeze(1)
+    return kl, tce, sce
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("device", [p for p in DEVICES if p.values[0] != "cpu"], indirect=True)
+def test_non_finite_logits_give_nan_rows_on_device(device, dtype):
+    # "mask only exact zeros" (issue 23): -inf logits are probabilities of 0 (finite statistics); a NaN or +inf
+    # logit makes its row's KL/CE NaN, as plain torch does. K = 128, B = 6: on CUDA (>= 6 SMs) each row is two
+    # chunks of 64 classes. Row 0: teacher 0's second chunk all NaN (its max is -inf: max drops NaN, like an
+    # all -inf chunk's), the first finite; row 1: one NaN in teacher 1; row 2: +inf in the student; row 3: +inf
+    # in teacher 0; row 4: -inf classes, teacher 1's second chunk all -inf; row 5: untouched. The CPU kernels:
+    # issue 23's tests.
+    zs, zt, y, w = logit_inputs(6, 128, 2, seed=41, dtype=F64)
+    zt[0, 0, 64:] = float("nan")
+    zt[1, 1, 17] = float("nan")
+    zs[2, 5] = float("inf")
+    zt[0, 3, 90] = float("inf")
+    zs[4, 70:80] = float("-inf")
+    zt[0, 4, 60:100] = float("-inf")
+    zt[1, 4, 64:] = float("-inf")
+    y = torch.tensor([1, 2, 3, 4, 5, 6])
+    zs, zt = zs.to(dtype), zt.to(dtype)
+    want_kl, want_tce, want_sce = _torch_logit_stats(zs, zt, y, 3.0)
+    assert bool(want_kl[4].isfinite().all()) and bool(want_kl[[0, 1, 2, 3], [0, 1, 0, 0]].isnan().all())
+    acc = F64 if dtype == F64 else torch.float32
+    args = (zs.to(device), list(zt.to(device)), y.to(device))
+    loss, kl, tce, sce, _ = torch.ops.mtkd_fast.logit_kd(*args, w.to(device, acc), 3.0, 0.8)
+    stats = torch.ops.mtkd_fast.agent_stats(*args, [], [], 3.0, 1e-8)
+    tol = STAT_TOL.get(dtype, 1e-4)
+    for name, got, want in [("kl", kl, want_kl), ("teacher_ce", tce, want_tce), ("student_ce", sce, want_sce),
+                            ("agent_stats kl", stats[0], want_kl), ("agent_stats teacher_ce", stats[1], want_tce)]:
+        torch.testing.assert_close(got.cpu().to(F64), want, rtol=tol, atol=tol, equal_nan=True,
+                                   msg=lambda m: f"{name}: {m}")
+    assert bool(loss.isnan())
 
 
 # ------------------------------------------------------------------ CUDA only: launch counts, shared memory, devices

@@ -102,3 +102,43 @@ def test_build_without_checkpoints_needs_random_teachers(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--random-teachers" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_verify_reports_a_nan_teacher_cache(tmp_path, dtype):
+    """A teacher with NaN weights gives a cache whose checksums are intact: verify must still call it damaged.
+    (``cache build`` refuses such a checkpoint file; the Python API builds from whatever models it is given.)"""
+    import torch
+
+    from mtkd_fast.cache import build_cache
+    from mtkd_fast.data import build_dataset
+    from mtkd_fast.models import create_model
+
+    teachers = [create_model("resnet8", 10), create_model("resnet14", 10)]
+    with torch.no_grad():
+        teachers[1].fc.bias.fill_(float("nan"))
+    ds = build_dataset("bundled", split="train", augment=True, seed=0, limit_per_class=1)
+    out = tmp_path / "c"
+    build_cache(str(out), ds, teachers, dtype=dtype, progress=False)
+    proc = run(["cache", "verify", out, "--no-progress"])
+    assert proc.returncode == 1 and "DAMAGED" in proc.stdout, proc.stdout
+    assert "NaN/Inf value(s)" in proc.stdout and "t1.logits" in proc.stdout and "t0.logits" not in proc.stdout
+
+
+def test_build_refuses_a_nan_teacher_checkpoint(tmp_path):
+    import torch
+
+    from mtkd_fast.models import create_model
+
+    files = []
+    for m, arch in enumerate(("resnet8", "resnet14")):
+        state = create_model(arch, 10).state_dict()
+        if m == 1:
+            state["fc.bias"] = torch.full_like(state["fc.bias"], float("nan"))
+        files.append(tmp_path / f"{arch}.pth")
+        torch.save({"model": state}, files[-1])
+    proc = run(["cache", "build", "--out", tmp_path / "c", "--teachers", "resnet8", "resnet14", "--checkpoints",
+                *files, "--limit-per-class", "1", "--no-progress", "--device", "cpu"])
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"--checkpoints: {files[1]}: the weights hold NaN/Inf values (in fc.bias)" in err

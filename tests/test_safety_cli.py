@@ -125,3 +125,28 @@ def test_ctrl_c_inside_a_library_clean_up_still_counts_as_interrupted(monkeypatc
     monkeypatch.delenv("MTKD_FAST_DEBUG", raising=False)
     assert cli.main(["info"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_the_first_checkpoint_does_not_offer_a_failing_resume(tmp_path):
+    out = tmp_path / "run"
+    # a long first epoch: interrupted while it runs, before anything is saved
+    args = ["train", "--student", "resnet8", "--strategy", "none", "--dataset", "bundled", "--limit-per-class",
+            "100", "--batch-size", "8", "--no-progress", "--device", "cpu", "--epochs", "3", "--out-dir", str(out)]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("MTKD_FAST_DEBUG", None)
+    proc = subprocess.Popen(command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not (out / "config.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # config.json is written just before the first epoch starts
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    err = stderr.strip()
+    assert not (out / "checkpoint_last.pt").exists(), "the epoch ended before the signal: make it longer"
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.splitlines()) == 1, stderr
+    assert "--resume" not in err and "nothing to resume" in err
+    assert err.endswith("run the same command again: mtkd-fast " + " ".join(args))
+    # and that command is accepted in the same out_dir (it holds only config.json)
+    again = subprocess.run(command() + args[:-4] + ["--epochs", "1", "--max-steps-per-epoch", "1", "--out-dir",
+                                                    str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr

@@ -17,7 +17,7 @@ from mtkd_fast.train import TrainConfig
     ({"dynamic": "yes"}, "dynamic: expected true or false, got 'yes'"),
     ({"limit_per_class": 1.5}, "limit_per_class: expected an integer"),
     ({"temperature": float("inf")}, "temperature: expected a finite number"),
-    ({"temperature": 0}, "temperature: expected a finite positive number"),
+    ({"temperature": 0}, "temperature: expected a number in [0.01, 100]"),
     ({"data_root": 3}, "data_root: expected a string"),
 ])
 def test_config_file_values_are_validated(tmp_path, capsys, values, message):

@@ -30,6 +30,16 @@ inline void check_weights_arg(const char* name, const at::Tensor& w, int64_t B, 
   TORCH_CHECK(w.device() == device, name, ": expected device ", device, ", got ", w.device());
 }
 
+// The documented temperature range (mtkd_fast._validation.TEMPERATURE_RANGE, docs/safety.md): T^2 scales the
+// KL and alpha*T the gradient, so a huge T overflows (T = 1e30: T^2 is inf in float32) and a tiny one is an
+// argmax; NaN fails the range test too (it compares false).
+constexpr double kMinTemperature = 1e-2, kMaxTemperature = 1e2;
+
+inline void check_temperature_arg(double temperature) {
+  TORCH_CHECK(temperature >= kMinTemperature && temperature <= kMaxTemperature,
+              "temperature: expected a number in [", kMinTemperature, ", ", kMaxTemperature, "], got ", temperature);
+}
+
 struct LogitDims {
   int64_t B, K, M;
 };
@@ -67,7 +77,7 @@ inline LogitDims check_logit_kd_args(const at::Tensor& student, at::TensorList t
               "student_logits: expected shape [B, K] with B >= 1 and K >= 2, got ", student.sizes());
   const auto [B, K, M] = check_logits_and_targets(student, teachers, targets);
   check_weights_arg("weights", weights, B, M, acc_dtype(student.scalar_type()), student.device());
-  TORCH_CHECK(temperature > 0, "temperature: expected a positive number, got ", temperature);
+  check_temperature_arg(temperature);
   return {B, K, M};
 }
 
@@ -172,8 +182,7 @@ inline LogitDims check_agent_stats_args(const at::Tensor& student, at::TensorLis
   TORCH_CHECK(student.dim() == 2 && student.size(1) >= 2,
               "student_logits: expected shape [B, K] with K >= 2, got ", student.sizes());
   const auto [B, K, M] = check_logits_and_targets(student, teachers, targets);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature: expected a finite positive number, got ",
-              temperature);
+  check_temperature_arg(temperature);
   TORCH_CHECK(eps >= 0, "eps: expected a non-negative number, got ", eps);
   const int64_t n_maps = static_cast<int64_t>(maps.size());
   TORCH_CHECK(n_maps == 0 || n_maps == M, "student_maps: expected ", M, " maps (one per teacher) or none, got ",

@@ -84,7 +84,7 @@ inline void stream_fence() { _mm_sfence(); }
 
 // e^x for four floats x <= 0 (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r, and
 // 2^n from the exponent bits): within 2 ulp of expf. x below ln(FLT_MIN) ~ -87.3 gives 0 (where expf returns
-// a subnormal), so a probability that underflows is exactly 0 as the kernels' p > 0 tests expect; NaN stays NaN.
+// a subnormal), so a probability that underflows is exactly 0 as the kernels' p != 0 tests expect; NaN stays NaN.
 inline __m128 exp_nonpositive(__m128 x) {
   const __m128 underflow = _mm_cmplt_ps(x, _mm_set1_ps(-87.3365478515625f));
   x = _mm_max_ps(_mm_set1_ps(-88.0f), x);  // max(c, x) returns x when x is NaN

@@ -77,8 +77,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_cosine_backw
         const acc_t cx = std::max(p.norm_x, static_cast<acc_t>(eps)), ce = std::max(p.norm_e, static_cast<acc_t>(eps));
         const acc_t go = gout[i * M + m];
         const acc_t a = go / (cx * ce);
-        const acc_t bx = p.norm_x > 0 ? go * p.cos / (cx * p.norm_x) : acc_t(0);
-        const acc_t be = p.norm_e > 0 ? go * p.cos / (ce * p.norm_e) : acc_t(0);
+        // only an exact zero norm is masked: a NaN norm (a NaN input) keeps its NaN gradient
+        const acc_t bx = p.norm_x != acc_t(0) ? go * p.cos / (cx * p.norm_x) : acc_t(0);
+        const acc_t be = p.norm_e != acc_t(0) ? go * p.cos / (ce * p.norm_e) : acc_t(0);
         scalar_t* ge = grad_emb[m].data_ptr<scalar_t>() + i * C;
         const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
         for (int64_t c = 0; c < C; ++c) {

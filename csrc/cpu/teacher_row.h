@@ -44,15 +44,16 @@ inline TeacherRowStats<acc_t> teacher_row_stats(const scalar_t* zt, const scalar
     tT += e[k];
   }
   const acc_t tlseT = std::log(tT), inv_tT = acc_t(1) / tT;
-  // KL = sum_k p_t (log p_t - log p_s); p_t == 0 contributes 0 (xlogy)
+  // KL = sum_k p_t (log p_t - log p_s); only an exact p_t == 0 contributes 0 (xlogy: a -inf logit). A NaN p_t
+  // (a NaN or +inf teacher logit) must reach the sum, as in plain PyTorch, so the test is != 0, never > 0.
   acc_t kl_sum = 0;
-  // a select, not a branch, so the loop vectorises (the unused product may be NaN for an infinite logit)
+  // a select, not a branch, so the loop vectorises (the unused product may be NaN for a -inf logit)
 #pragma omp simd reduction(+ : kl_sum)
   for (int64_t k = 0; k < K; ++k) {
     const acc_t p = e[k] * inv_tT;
     const acc_t log_pt = (static_cast<acc_t>(zt[k]) - tmax) * invT - tlseT;
     const acc_t log_ps = (static_cast<acc_t>(zs[k]) - smax) * invT - lseT;
-    kl_sum += p > 0 ? p * (log_pt - log_ps) : acc_t(0);
+    kl_sum += p != acc_t(0) ? p * (log_pt - log_ps) : acc_t(0);
     per_class(k, p);
   }
   return {std::log(t1) - (static_cast<acc_t>(zt[y]) - tmax), kl_sum};

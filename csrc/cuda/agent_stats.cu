@@ -2,8 +2,8 @@
 // maths as csrc/cpu/agent_stats.cpp). One launch per tensor family:
 // - logits: a warp per (sample, teacher); lanes walk the two rows with consecutive classes (coalesced): one
 //   pass for the maxima, one for the sums (served from L1: a row is K values), warp shuffles only;
-// - maps: a block per (sample, teacher) pools student map m of sample i with coalesced reads in either
-//   layout (pool_channels, csrc/cuda/pool.cuh), then the cosine with e_m.
+// - maps: blocks of channels per (sample, teacher) pool student map m of sample i with coalesced reads in
+//   either layout (pool_channels and ChannelSplit, csrc/cuda/pool.cuh), then the cosine with e_m.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) agent_logit_stats_kernel(const scala
     sT += exp(xs * invT);
     tT += e;
     t1 += exp(xt);
-    if (e > 0) num += e * (xt - xs) * invT;  // p == 0 contributes 0 (xlogy)
+    if (e != 0) num += e * (xt - xs) * invT;  // only p == 0 contributes 0 (xlogy): NaN stays NaN
   }
   sT = warp_reduce(sT, SumOp{});
   tT = warp_reduce(tT, SumOp{});
@@ -80,31 +80,19 @@ struct StatsMaps {
   bool channels_last[kMaxTeachers];
 };
 
-// Block per (sample, teacher): the spatial means x_c of student map m, sample i, and their cosine with e_m.
+// Blocks of channels per (sample, teacher) (ChannelSplit, csrc/cuda/pool.cuh): the spatial means x_c of student
+// map m, sample i, and their cosine with e_m, the last block of each (sample, teacher) adding up its blocks' terms.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) agent_cosine_kernel(StatsMaps<scalar_t> maps,
-                                                               StatsRows<acc_t> embeddings, int M, acc_t eps,
-                                                               acc_t* __restrict__ cos) {
+                                                               StatsRows<acc_t> embeddings, ChannelSplit split,
+                                                               int M, acc_t eps, acc_t* __restrict__ partial,
+                                                               unsigned int* counter, acc_t* __restrict__ cos) {
   __shared__ acc_t red[kWarp];
   __shared__ acc_t part[kThreads];
-  const int64_t i = blockIdx.x / M;
-  const int m = static_cast<int>(blockIdx.x % M);
-  const int64_t C = maps.channels[m], HW = maps.spatial[m];
-  const scalar_t* __restrict__ g = maps.map[m] + i * C * HW;
-  const acc_t* __restrict__ e = embeddings.teacher[m] + i * C;
-  const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);  // H*W = 0: NaN means, as the reference
-  acc_t dot = 0, xx = 0, ee = 0;
-  const auto add = [&](int64_t c, acc_t sum) {
-    const acc_t x = sum * inv_hw, ev = e[c];
-    dot += x * ev;
-    xx += x * x;
-    ee += ev * ev;
-  };
-  pool_channels<kThreads>(g, C, HW, maps.channels_last[m], part, add);
-  dot = block_allreduce(dot, red, SumOp{}, acc_t(0));
-  xx = block_allreduce(xx, red, SumOp{}, acc_t(0));
-  ee = block_allreduce(ee, red, SumOp{}, acc_t(0));
-  if (threadIdx.x == 0) cos[blockIdx.x] = (dot / max(sqrt(xx), eps)) / max(sqrt(ee), eps);
+  const ChannelBlock b = locate_channel_block(split, M);
+  const int64_t C = maps.channels[b.m], HW = maps.spatial[b.m];
+  cosine_channel_block<kThreads>(maps.map[b.m] + b.i * C * HW, embeddings.teacher[b.m] + b.i * C, C, HW,
+                                 maps.channels_last[b.m], split, b, M, eps, part, red, partial, counter, cos);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> agent_stats_cuda(const at::Tensor& student, at::TensorList teachers,
@@ -143,8 +131,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> agent_stats_cuda(const at::Tensor
       mp.channels_last[m] = is_channels_last_map(maps[m]);
       emb.teacher[m] = embeddings[m].const_data_ptr<acc_t>();
     }
-    agent_cosine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(tasks), kThreads, 0, stream>>>(
-        mp, emb, static_cast<int>(d.M), static_cast<acc_t>(eps), cos.data_ptr<acc_t>());
+    const auto split = split_channels<kThreads>(d.B, d.M, mp.channels, mp.spatial, mp.channels_last);
+    const auto work = split_workspace(split, d.B, d.M, opts, stream);
+    agent_cosine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(split.block_start[d.M]), kThreads, 0, stream>>>(
+        mp, emb, split, static_cast<int>(d.M), static_cast<acc_t>(eps), work.partial.data_ptr<acc_t>(),
+        reinterpret_cast<unsigned int*>(work.counters.data_ptr<int>()), cos.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {kl, tce, cos};

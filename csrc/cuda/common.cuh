@@ -7,6 +7,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <array>
+#include <atomic>
+
 namespace mtkd {
 namespace cuda {
 
@@ -78,6 +81,31 @@ __device__ __forceinline__ bool is_last_arrival(unsigned int* counter, unsigned 
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The current device's multiprocessor count, asked once per device (not a runtime call per op call).
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::array<std::atomic<int>, kMaxDevices> cache{};  // 0: not asked yet
+  const int device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "CUDA device index ", device, " out of range");
+  int count = cache[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
+
+// The static shared memory of a kernel (fixed when nvcc compiles it), asked once per kernel.
+template <auto Kernel>
+int64_t static_shared_bytes() {
+  static const int64_t bytes = [] {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
+    return static_cast<int64_t>(attr.sharedSizeBytes);
+  }();
+  return bytes;
+}
 
 }  // namespace cuda
 }  // namespace mtkd

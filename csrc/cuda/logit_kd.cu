@@ -94,8 +94,8 @@ __global__ void __launch_bounds__(kThreads) logit_kd_kernel(
       s1 += exp(d);
       sT += e;
       // teacher: e (x_t - x_s) with both rows shifted by their chunk max (small terms, nothing cancels);
-      // e == 0 contributes 0 (xlogy)
-      if (r > 0 && e > 0) x += e * (d - (static_cast<acc_t>(stage[k]) - hs));
+      // only e == 0 contributes 0 (xlogy): a NaN e (a NaN or +inf logit) makes the row's KL NaN, as in torch
+      if (r > 0 && e != 0) x += e * (d - (static_cast<acc_t>(stage[k]) - hs));
     }
     s1 = warp_reduce(s1, SumOp{});
     sT = warp_reduce(sT, SumOp{});
@@ -130,7 +130,9 @@ __global__ void __launch_bounds__(kThreads) logit_kd_kernel(
     for (int q = lane; q < chunks; q += kWarp) {
       const acc_t* rec = row_records + (static_cast<int64_t>(q) * R + r) * kRecord;
       const acc_t h = __ldcg(rec);
-      if (h == -inf) continue;
+      // a chunk of -inf logits only adds nothing; a chunk of NaNs has max -inf too (max drops NaN, as fmaxf)
+      // but NaN sums, which must reach the row's statistics
+      if (h == -inf && __ldcg(rec + 1) == 0) continue;
       const acc_t a1 = exp(h - Mr), aT = exp((h - Mr) * invT), chunk_sT = __ldcg(rec + 2);
       s1 += a1 * __ldcg(rec + 1);
       sT += aT * chunk_sT;
@@ -206,17 +208,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> logit_kd_
   const auto opts = student.options().dtype(acc_dtype(student.scalar_type()));
   at::Tensor loss = at::empty({}, opts), kl = at::empty({d.B, d.M}, opts), tce = at::empty({d.B, d.M}, opts);
   at::Tensor sce = at::empty({d.B}, opts), grad = at::empty({d.B, d.K}, student.options());
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, student.get_device()));
+  const int sms = multiprocessor_count();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "mtkd_logit_kd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TeacherRows<scalar_t> rows{};
     for (int64_t m = 0; m < d.M; ++m) rows.ptr[m] = teachers[m].const_data_ptr<scalar_t>();
     // chunk length: the M + 1 staged rows fit next to the kernel's static arrays; within that, enough chunks per
     // row for kBlocksPerSM blocks per SM, but no chunk under kMinChunk classes (unless K is)
-    cudaFuncAttributes attr{};
-    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, logit_kd_kernel<scalar_t, acc_t>));
-    const int64_t max_len = (kStageLimit - static_cast<int64_t>(attr.sharedSizeBytes)) /
+    const int64_t max_len = (kStageLimit - static_shared_bytes<logit_kd_kernel<scalar_t, acc_t>>()) /
                             ((d.M + 1) * static_cast<int64_t>(sizeof(scalar_t)));
     TORCH_CHECK(max_len >= 1, "teacher_logits: too many teachers for the CUDA kernel's shared memory");
     const int64_t wanted = std::min(ceil_div(int64_t{kBlocksPerSM} * sms, d.B), ceil_div(d.K, kMinChunk));

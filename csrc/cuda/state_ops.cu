@@ -1,5 +1,6 @@
 // CUDA kernels of the agent-state helpers: pooled cosine COS_{i,m} (forward and backward: one launch each
-// for all teachers, a block per (sample, teacher), coalesced pooling in either layout) and the per-sample loss with the normalised reward
+// for all teachers, coalesced pooling in either layout; the forward splits each (sample, teacher) over blocks
+// of channels, the backward takes a block per (sample, teacher)) and the per-sample loss with the normalised reward
 // (one block). Same maths as csrc/cpu/state_ops.cpp.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,7 +42,7 @@ __device__ void pool_and_dots(const CosineArgs<scalar_t>& a, int m, int64_t i, a
   const scalar_t* e = a.emb[m] + i * C;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
   acc_t d = 0, sx = 0, se = 0;
-  pool_channels<kThreads>(a.map[m] + i * C * HW, C, HW, a.channels_last[m], part, [&](int64_t c, acc_t sum) {
+  pool_channels<kThreads>(a.map[m] + i * C * HW, C, HW, a.channels_last[m], C, part, [&](int64_t c, acc_t sum) {
     const acc_t mean = sum * inv_hw, ev = static_cast<acc_t>(e[c]);
     if (x != nullptr) x[c] = mean;
     d += mean * ev;
@@ -53,17 +54,18 @@ __device__ void pool_and_dots(const CosineArgs<scalar_t>& a, int m, int64_t i, a
   ee = block_allreduce(se, red, SumOp{}, acc_t(0));
 }
 
-// Forward: no channel means kept, so no dynamic shared memory (any C).
+// Forward: blocks of channels per (sample, teacher) (ChannelSplit, csrc/cuda/pool.cuh), no channel means kept,
+// so no dynamic shared memory (any C).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) pooled_cosine_kernel(CosineArgs<scalar_t> a, int M, acc_t eps,
-                                                                acc_t* __restrict__ cos) {
+__global__ void __launch_bounds__(kThreads) pooled_cosine_kernel(CosineArgs<scalar_t> a, ChannelSplit split, int M,
+                                                                acc_t eps, acc_t* __restrict__ partial,
+                                                                unsigned int* counter, acc_t* __restrict__ cos) {
   __shared__ acc_t red[kWarp];
   __shared__ acc_t part[kThreads];
-  const int64_t i = blockIdx.x / M;
-  const int m = blockIdx.x % M;
-  acc_t dot, xx, ee;
-  pool_and_dots<scalar_t, acc_t>(a, m, i, static_cast<acc_t*>(nullptr), part, red, dot, xx, ee);
-  if (threadIdx.x == 0) cos[blockIdx.x] = (dot / max(sqrt(xx), eps)) / max(sqrt(ee), eps);
+  const ChannelBlock b = locate_channel_block(split, M);
+  const int64_t C = a.channels[b.m], HW = a.spatial[b.m];
+  cosine_channel_block<kThreads>(a.map[b.m] + b.i * C * HW, a.emb[b.m] + b.i * C, C, HW, a.channels_last[b.m],
+                                 split, b, M, eps, part, red, partial, counter, cos);
 }
 
 // dcos/dx = e / (n_x n_e) - cos x / (n_x |x|) with n = max(|.|, eps) (clamp not differentiated), / (H W).
@@ -82,8 +84,9 @@ __global__ void __launch_bounds__(kThreads) pooled_cosine_backward_kernel(Cosine
   const acc_t nx = sqrt(xx), ne = sqrt(ee), cx = max(nx, eps), ce = max(ne, eps);
   const acc_t cosv = (dot / cx) / ce, go = grad[blockIdx.x];
   const acc_t coef_e = go / (cx * ce);
-  const acc_t coef_x = nx > 0 ? go * cosv / (cx * nx) : acc_t(0);
-  const acc_t coef_ee = ne > 0 ? go * cosv / (ce * ne) : acc_t(0);
+  // only an exactly zero norm contributes no term: a NaN norm (a NaN in the map) keeps the gradient NaN
+  const acc_t coef_x = nx != 0 ? go * cosv / (cx * nx) : acc_t(0);
+  const acc_t coef_ee = ne != 0 ? go * cosv / (ce * ne) : acc_t(0);
   const int64_t C = a.channels[m], HW = a.spatial[m];
   const scalar_t* e = a.emb[m] + i * C;
   const acc_t inv_hw = acc_t(1) / static_cast<acc_t>(HW);
@@ -131,11 +134,9 @@ int64_t check_cuda_cosine(at::TensorList maps, at::TensorList embeddings, double
 
 // The backward keeps C channel means in dynamic shared memory next to the kernel's static arrays: the sum
 // must fit the 48 KiB a launch gets without opting in.
-template <typename Kernel>
-void check_backward_shared_memory(Kernel kernel, int64_t max_c, size_t acc_size) {
-  cudaFuncAttributes attr{};
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int64_t limit = 48 * 1024, static_bytes = static_cast<int64_t>(attr.sharedSizeBytes);
+template <auto Kernel>
+void check_backward_shared_memory(int64_t max_c, size_t acc_size) {
+  const int64_t limit = 48 * 1024, static_bytes = static_shared_bytes<Kernel>();
   TORCH_CHECK(max_c * static_cast<int64_t>(acc_size) + static_bytes <= limit, "student_maps: at most ",
               (limit - static_bytes) / static_cast<int64_t>(acc_size),
               " channels for the CUDA pooled_cosine backward, got ", max_c);
@@ -152,10 +153,12 @@ at::Tensor pooled_cosine_cuda(at::TensorList maps, at::TensorList embeddings, do
     using acc_t = at::opmath_type<scalar_t>;
     int64_t max_c = 0;
     const auto args = cosine_args<scalar_t>(maps, embeddings, max_c);
-    pooled_cosine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(B * M), kThreads, 0,
-                                            c10::cuda::getCurrentCUDAStream()>>>(args, static_cast<int>(M),
-                                                                                 static_cast<acc_t>(eps),
-                                                                                 cos.data_ptr<acc_t>());
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const auto split = split_channels<kThreads>(B, M, args.channels, args.spatial, args.channels_last);
+    const auto work = split_workspace(split, B, M, cos.options(), stream);
+    pooled_cosine_kernel<scalar_t, acc_t><<<static_cast<unsigned>(split.block_start[M]), kThreads, 0, stream>>>(
+        args, split, static_cast<int>(M), static_cast<acc_t>(eps), work.partial.data_ptr<acc_t>(),
+        reinterpret_cast<unsigned int*>(work.counters.data_ptr<int>()), cos.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return cos;
@@ -183,7 +186,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> pooled_cosine_backw
     using acc_t = at::opmath_type<scalar_t>;
     int64_t max_c = 0;
     auto args = cosine_args<scalar_t>(maps, embeddings, max_c);
-    check_backward_shared_memory(pooled_cosine_backward_kernel<scalar_t, acc_t>, max_c, sizeof(acc_t));
+    check_backward_shared_memory<pooled_cosine_backward_kernel<scalar_t, acc_t>>(max_c, sizeof(acc_t));
     for (int64_t m = 0; m < M; ++m) {
       args.grad_map[m] = grad_maps[m].data_ptr<scalar_t>();
       args.grad_emb[m] = grad_emb[m].data_ptr<scalar_t>();

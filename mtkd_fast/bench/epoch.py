@@ -107,10 +107,10 @@ class BenchSpec:
             raise ValueError(f"teachers: expected at least 2 teachers, got {list(spec.teachers)}")
         from .. import models
 
-        valid = set(models.list_models())
         for what, name in [("students", n) for n in spec.students] + [("teachers", n) for n in spec.teachers]:
-            if name not in valid:
-                raise ValueError(f"{what}: unknown model {name!r}; valid names: {', '.join(sorted(valid))}")
+            if not models.is_model(name):
+                raise ValueError(f"{what}: unknown model {name!r}; valid names: {', '.join(models.list_models())}, "
+                                 "or timm:<a timm model>")
         if spec.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp: expected None, 'bf16' or 'fp16', got {spec.amp!r}")
         from ..teachers import resolve_precision

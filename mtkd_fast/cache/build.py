@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .._io import clean_temp_files, write_json_atomic
 from .._lock import DirLock
+from .._validation import check_temperature
 from ..teachers import LiveTeachers
 from . import storage
 from .manifest import (
@@ -166,8 +167,7 @@ def plan_cache(dataset, teachers, *, views: int = 1, teacher_names: Sequence[str
         K = min(t["num_classes"] for t in tdesc)
         if not isinstance(topk, int) or not 1 <= topk <= K:
             raise ValueError(f"topk: expected an integer in [1, {K}] (the number of classes), got {topk!r}")
-        if not topk_temperature > 0:
-            raise ValueError(f"topk_temperature: expected a positive number, got {topk_temperature}")
+        check_temperature(topk_temperature, "topk_temperature")
     enc = {"logits": dtype, "embeddings": dtype, "feature_maps": feature_dtype}
     topk_rec = {"k": topk, "temperature": float(topk_temperature)} if topk else None
     _choose_stored_fields(tdesc, fields, views, N, enc, topk_rec, budget_bytes)
@@ -306,6 +306,10 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
         model.to(device)
     live = teachers.to(device) if isinstance(teachers, LiveTeachers) else \
         LiveTeachers(models, precision=teacher_precision, fold_bn=fold_bn, compile=teacher_compile)
+    # the manifest hashes the teachers' weights now; the outputs must come from those weights (live re-reads them
+    # before each batch) and a change during the build is refused below
+    live.refresh()
+    weights_key = live.weights_key()
     layout = plan_cache(dataset, models, views=views, teacher_names=teacher_names, checkpoints=checkpoints,
                         dtype=dtype, feature_dtype=feature_dtype, topk=topk, topk_temperature=topk_temperature,
                         fields=fields, budget_bytes=budget_bytes, chunk_size=chunk_size,
@@ -356,6 +360,9 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
         for v, c in todo:
             s, e = c * cs, min(N, (c + 1) * cs)
             _write_unit(live, layout, arrays, dataset, v, s, e, batch_size, num_workers, device, pbar)
+            if live.weights_key() != weights_key:  # this unit may mix weights: do not record it
+                raise ValueError("teachers: their weights changed during the cache build, so the outputs would not "
+                                 "match the hashed weights; build again with fixed teachers")
             for a in arrays.values():
                 a.flush()
             write_json_atomic(_chunk_record_path(path, v, c), _chunk_checksums(arrays, v, s, e))

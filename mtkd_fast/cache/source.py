@@ -64,10 +64,17 @@ def verify_cache(path: str, progress: bool = False) -> dict:
         from tqdm.auto import tqdm
         it = tqdm(units, unit="chunk", desc="cache verify")
     for v, c in it:
+        s, e = chunk_bounds(manifest, c)
         for name in verify_chunk(manifest, arrays, v, c):
-            s, e = chunk_bounds(manifest, c)
             problems.append(f"{os.path.join(path, manifest['arrays'][name]['file'])}: checksum mismatch in view {v}, "
                             f"chunk {c} (samples {s}..{e - 1})")
+        # intact bytes can still be wrong outputs: a teacher with NaN weights gives a NaN cache whose checksums
+        # match, and training on it would go non-finite
+        for name, a in arrays.items():
+            bad = storage.count_non_finite(a[v, s:e], manifest["arrays"][name]["dtype"])
+            if bad:
+                problems.append(f"{os.path.join(path, manifest['arrays'][name]['file'])}: {bad} NaN/Inf value(s) in "
+                                f"view {v}, chunk {c} (samples {s}..{e - 1}); the teachers' outputs were not finite")
     return {"ok": not problems, "problems": problems, "chunks_checked": len(units)}
 
 

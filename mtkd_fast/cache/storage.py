@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -161,13 +163,44 @@ def parse_bytes(text: str) -> int:
 # ---- files -------------------------------------------------------------------------------------------------
 
 def create_array_file(path: str, nbytes: int) -> None:
-    """Create (or extend) a file to ``nbytes``; an existing file of that size is left as it is (resume)."""
+    """Create (or extend) a file to ``nbytes`` with its disk blocks allocated; an existing file of that size
+    keeps its data (resume).
+
+    The arrays are written through a memory map, and a write into a sparse file's hole on a full disk kills the
+    process with SIGBUS. So the blocks are reserved here first (``posix_fallocate``): a disk without room for
+    the file fails now, with one error naming the file and the free space, and the build resumes once there is
+    space."""
     with open(path, "ab") as f:
         size = f.seek(0, os.SEEK_END)
         if size > nbytes:
             raise ValueError(f"{path}: expected at most {nbytes} bytes for this cache layout, found {size}")
-        if size < nbytes:
+        allocated = min(os.fstat(f.fileno()).st_blocks * 512, nbytes)
+        free = free_bytes(os.path.dirname(os.path.abspath(path)))
+        if nbytes - allocated > free:
+            raise _no_space(path, nbytes - allocated, free)
+        if nbytes and allocated < nbytes:
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise _no_space(path, nbytes - allocated, free_bytes(os.path.dirname(os.path.abspath(path)))) \
+                        from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                f.truncate(nbytes)  # a file system without fallocate: sparse, as before
+        elif size < nbytes:
             f.truncate(nbytes)
+
+
+def free_bytes(directory: str) -> int:
+    """Bytes free to this user on ``directory``'s file system (a test can replace it)."""
+    return shutil.disk_usage(directory).free
+
+
+def _no_space(path: str, need: int, free: int) -> OSError:
+    return OSError(errno.ENOSPC, f"{path}: no space left on the device: the cache array needs {format_bytes(need)} "
+                                 f"more, {format_bytes(free)} free; free some space and run the same command again "
+                                 "to resume the build")
 
 
 def open_array(path: str, dtype: str, shape: Sequence[int], mode: str = "r") -> np.memmap:
@@ -179,6 +212,16 @@ def open_array(path: str, dtype: str, shape: Sequence[int], mode: str = "r") -> 
         raise ValueError(f"{path}: cache array is truncated or has the wrong size: expected {expected} bytes "
                          f"({dtype} {list(shape)}), found {size}")
     return np.memmap(path, dtype=numpy_dtype(dtype), mode=mode, shape=tuple(shape))
+
+
+def count_non_finite(a: np.ndarray, dtype: str) -> int:
+    """NaN/Inf values in a slice of a stored array (integer arrays hold none). bfloat16 is stored as its raw
+    16 bits: all exponent bits set means Inf or NaN."""
+    if dtype == "bfloat16":
+        return int(np.count_nonzero((np.asarray(a).view(np.uint16) & 0x7F80) == 0x7F80))
+    if dtype in ("float16", "float32"):
+        return int(a.size - np.count_nonzero(np.isfinite(a)))
+    return 0
 
 
 def checksum(a: np.ndarray) -> str:

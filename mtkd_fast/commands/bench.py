@@ -29,28 +29,34 @@ def register(sub):
     e.add_argument("--steps", type=int, default=10,
                    help="steps per measured epoch (the random dataset has steps x batch-size samples; default 10)")
     e.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions per configuration (median)")
-    e.add_argument("--batch-size", type=int, default=0, help="default: the setting's (cifar 64, imagenet 256)")
-    e.add_argument("--students", nargs="+", default=None, metavar="ARCH", help="default: the setting's")
-    e.add_argument("--teachers", nargs="+", default=None, metavar="ARCH", help="default: the setting's")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: the setting's, cifar 64, imagenet 256)")
+    e.add_argument("--students", nargs="+", default=None, metavar="ARCH",
+                   help="student model names, space-separated, each benchmarked in turn (default: the setting's)")
+    e.add_argument("--teachers", nargs="+", default=None, metavar="ARCH",
+                   help="teacher model names, space-separated (default: the setting's)")
     e.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="CONFIG",
-                   help=f"which configurations (default all: {' '.join(CONFIGS)})")
+                   help=f"which configurations, space-separated (default all: {' '.join(CONFIGS)})")
     e.add_argument("--memory-steps", type=int, default=2,
                    help="steps run in the fresh process that measures each configuration's peak memory (0: skip)")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when available)")
     e.add_argument("--amp", default=None, choices=["bf16", "fp16"],
-                   help="autocast for the mtkd_fast configurations (the authors' way stays float32)")
-    e.add_argument("--channels-last", action="store_true", help="channels_last for the mtkd_fast configurations")
+                   help="autocast for the mtkd_fast configurations (the authors' way stays float32; default: none)")
+    e.add_argument("--channels-last", action="store_true",
+                   help="channels_last for the mtkd_fast configurations' students (default off)")
     e.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="compute precision of the live teachers in the mtkd_fast configurations (default auto: "
                         "what `mtkd-fast train` picks for the strategy on this device)")
     e.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the live teachers")
+                   help="torch.compile the live teachers (default off)")
     e.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the live teachers' BatchNorm into their convolutions (default on)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--out", default="bench_results", help="output directory for epoch_bench.csv/.png/.json/.md")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--seed", type=int, default=0,
+                   help="seed of the random dataset, the models' initialisation and the data order (default 0)")
+    e.add_argument("--out", default="bench_results",
+                   help="output directory for epoch_bench.csv/.png/.json/.md (default bench_results)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=run_epoch)
     _register_ops(verbs)
     _register_teachers(verbs)
@@ -61,14 +67,19 @@ def run_epoch(args):
     import torch
 
     from .._io import write_bytes_atomic
+    from .._validation import check_device_name
     from ..bench import BenchSpec, format_table, plot, run_epoch_bench, write_csv
 
+    # an explicit --batch-size 0 is refused like train's (BenchSpec's 0 means "the setting's")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    check_device_name(args.device, "--device")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads: expected a positive integer, got {args.threads}")
         torch.set_num_threads(args.threads)
     spec = BenchSpec(setting=args.setting, students=tuple(args.students or ()), teachers=tuple(args.teachers or ()),
-                     steps=args.steps, repetitions=args.repetitions, batch_size=args.batch_size,
+                     steps=args.steps, repetitions=args.repetitions, batch_size=args.batch_size or 0,
                      configs=tuple(args.configs), device=args.device, memory_steps=args.memory_steps, seed=args.seed,
                      amp=args.amp, channels_last=args.channels_last, progress=not args.no_progress,
                      teacher_precision=args.teacher_precision, teacher_compile=args.teacher_compile,

@@ -15,12 +15,20 @@ def register(sub):
     b = verbs.add_parser("build", help="run every teacher once on every (training sample, view) and store the outputs "
                                        "(resumable; under torchrun the ranks split the work)")
     b.add_argument("--out", required=True, help="cache directory (created; an unfinished build there is resumed)")
-    b.add_argument("--dataset", default="bundled", help="bundled | cifar100 | imagefolder (default: bundled)")
-    b.add_argument("--data-root", default=None)
-    b.add_argument("--seed", type=int, default=0, help="augmentation seed: view v of sample i depends on (seed, v, i)")
-    b.add_argument("--limit-per-class", type=int, default=None, help="use the first N training samples of each class")
-    b.add_argument("--teachers", nargs="+", required=True, metavar="ARCH", help="teacher model names")
-    b.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE", help="one checkpoint per teacher")
+    b.add_argument("--dataset", default="bundled",
+                   help="bundled | cifar100 | imagefolder, as in `mtkd-fast train` (default: bundled)")
+    b.add_argument("--data-root", default=None, metavar="DIR",
+                   help="the dataset's folder (cifar100, imagefolder; bundled: Fashion-MNIST IDX files instead of "
+                        "the shipped subset)")
+    b.add_argument("--seed", type=int, default=0,
+                   help="augmentation seed: view v of sample i depends on (seed, v, i); the training run's --seed "
+                        "must match (default 0)")
+    b.add_argument("--limit-per-class", type=int, default=None,
+                   help="use the first N training samples of each class (the training run's --limit-per-class "
+                        "must match; default: all)")
+    b.add_argument("--teachers", nargs="+", required=True, metavar="ARCH", help="teacher model names (required)")
+    b.add_argument("--checkpoints", nargs="+", default=None, metavar="FILE",
+                   help='one {"model": state_dict} file per teacher, in --teachers order')
     b.add_argument("--random-teachers", action="store_true",
                    help="build from randomly initialised teachers (benchmarks only); without it --checkpoints is "
                         "required")
@@ -28,61 +36,86 @@ def register(sub):
                    help="allow legacy teacher checkpoints that hold Python objects besides tensors (unpickling can "
                         "run code: only for files you trust)")
     b.add_argument("--views", type=int, default=1, help="V, augmentation views per sample (default 1)")
-    b.add_argument("--view-schedule", default="cyclic", choices=["cyclic", "shuffled"])
-    b.add_argument("--schedule-seed", type=int, default=0)
+    b.add_argument("--view-schedule", default="cyclic", choices=["cyclic", "shuffled"],
+                   help="which view epoch e replays: cyclic (view e mod V) or shuffled (a seeded permutation of the "
+                        "V views in each cycle of V epochs) (default cyclic)")
+    b.add_argument("--schedule-seed", type=int, default=0, help="the seed of --view-schedule shuffled (default 0)")
     b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="encoding of logits and embeddings")
+                   help="encoding of logits and embeddings (default float16)")
     b.add_argument("--feature-dtype", default=None, choices=["float16", "bfloat16", "float32", "int8"],
                    help="encoding of feature maps (default: --dtype; int8 has per-(sample, channel) scales)")
-    b.add_argument("--topk", type=int, default=None, help="store only the k largest logits (+ indices, tail mass)")
-    b.add_argument("--topk-temperature", type=float, default=4.0, help="T of the stored tail mass (use the KD T)")
+    b.add_argument("--topk", type=int, default=None,
+                   help="store only the k largest logits (+ indices, tail mass) (default: all logits)")
+    b.add_argument("--topk-temperature", type=float, default=4.0,
+                   help="T of the stored tail mass (use the KD T; default 4)")
     b.add_argument("--fields", nargs="+", default=["logits", "embeddings", "feature_maps"],
-                   choices=["logits", "embeddings", "feature_maps"])
+                   choices=["logits", "embeddings", "feature_maps"],
+                   help="what to store (logits always are); fields left out are computed live in training "
+                        "(default all three)")
     b.add_argument("--budget", default=None, help="storage budget, e.g. 200G: fields that do not fit are left out "
                                                   "(feature maps first) and computed live in training")
-    b.add_argument("--chunk-size", type=int, default=1024)
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--workers", type=int, default=0)
-    b.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    b.add_argument("--chunk-size", type=int, default=1024,
+                   help="samples per unit of work, checksum and resume (default 1024)")
+    b.add_argument("--batch-size", type=int, default=256,
+                   help="images per teacher forward; does not change the content (default 256)")
+    b.add_argument("--workers", type=int, default=0,
+                   help="data loading worker processes; does not change the content (default 0)")
+    b.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N (auto: CUDA when available, under torchrun the local rank's "
+                        "GPU)")
     b.add_argument("--teacher-precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="the teachers' compute precision, recorded in the manifest (default auto: the precision "
                         "every strategy's auto accepts: fp32 while a strategy keeps fp32 teachers, as MTKD-RL does, "
                         "else bf16 where the device computes it fast); a training run asking another precision "
                         "explicitly refuses the cache")
     b.add_argument("--teacher-compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the teachers")
+                   help="torch.compile the teachers (default off)")
     b.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=True,
                    help="fold the teachers' BatchNorm into their convolutions (default on)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=run_build)
 
     i = verbs.add_parser("info", help="what a cache was made from and what it holds")
-    i.add_argument("path")
+    i.add_argument("path", help="the cache directory")
     i.add_argument("--json", action="store_true", help="print the manifest without the checksums, as JSON")
     i.set_defaults(func=run_info)
 
     v = verbs.add_parser("verify", help="check every array's size and every chunk's checksum (exit 1 if damaged)")
-    v.add_argument("path")
-    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("path", help="the cache directory")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
     v.set_defaults(func=run_verify)
 
     s = verbs.add_parser("size", help="storage a cache would take, from the real models' output shapes")
-    s.add_argument("--teachers", nargs="+", required=True, metavar="ARCH")
-    s.add_argument("--num-classes", type=int, required=True)
-    s.add_argument("--image-size", type=int, required=True)
-    s.add_argument("--samples", type=int, required=True)
-    s.add_argument("--views", type=int, default=1)
-    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    s.add_argument("--feature-dtype", default=None, choices=["float16", "bfloat16", "float32", "int8"])
-    s.add_argument("--topk", type=int, default=None)
+    s.add_argument("--teachers", nargs="+", required=True, metavar="ARCH", help="teacher model names")
+    s.add_argument("--num-classes", type=int, required=True, help="the dataset's number of classes")
+    s.add_argument("--image-size", type=int, required=True, help="the (square) training image size")
+    s.add_argument("--samples", type=int, required=True, help="training samples to cache")
+    s.add_argument("--views", type=int, default=1, help="V, augmentation views per sample (default 1)")
+    s.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="encoding of logits and embeddings (default float16)")
+    s.add_argument("--feature-dtype", default=None, choices=["float16", "bfloat16", "float32", "int8"],
+                   help="encoding of feature maps (default: --dtype)")
+    s.add_argument("--topk", type=int, default=None, help="store only the k largest logits (default: all)")
     s.add_argument("--fields", nargs="+", default=["logits", "embeddings", "feature_maps"],
-                   choices=["logits", "embeddings", "feature_maps"])
+                   choices=["logits", "embeddings", "feature_maps"], help="what to store (default all three)")
     s.set_defaults(func=run_size)
+
+
+def _positive(option: str, value, allow_none: bool = False, lo: int = 1):
+    """An integer option >= ``lo`` (the same rule as its train twin), named as the user typed it."""
+    if value is None and allow_none:
+        return value
+    if value is None or value < lo:
+        raise ValueError(f"{option}: expected an integer >= {lo}, got {value}")
+    return value
 
 
 def _device(name: str):
     import torch
 
+    from mtkd_fast._validation import check_device_name
+
+    check_device_name(name, "--device")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -108,6 +141,18 @@ def run_build(args):
     for path in args.checkpoints or []:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--checkpoints: no such file {path!r}")
+    from mtkd_fast._validation import check_finite_weights, check_int_range, check_temperature
+    from mtkd_fast.train.config import SEED_MAX
+
+    check_int_range("--seed", args.seed, 0, SEED_MAX)
+    check_int_range("--schedule-seed", args.schedule_seed, 0, SEED_MAX)
+    _positive("--limit-per-class", args.limit_per_class, allow_none=True)
+    for option, value in (("--views", args.views), ("--chunk-size", args.chunk_size),
+                          ("--batch-size", args.batch_size)):
+        _positive(option, value)
+    _positive("--workers", args.workers, lo=0)
+    _positive("--topk", args.topk, allow_none=True)
+    check_temperature(args.topk_temperature, "--topk-temperature")
     device = _device(args.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started_dist = False
@@ -124,6 +169,7 @@ def run_build(args):
             model = models.create_model(name, int(ds.num_classes))
             if args.checkpoints:
                 models.load_checkpoint(model, args.checkpoints[m], trusted=args.trust_checkpoint)
+                check_finite_weights(model, f"--checkpoints: {args.checkpoints[m]}")
             teachers.append(model)
         manifest = build_cache(
             args.out, ds, teachers, views=args.views, teacher_names=args.teachers, checkpoints=args.checkpoints,
@@ -200,6 +246,12 @@ def run_size(args):
     from mtkd_fast import models
     from mtkd_fast.cache.storage import format_bytes, per_sample_bytes
 
+    _positive("--num-classes", args.num_classes, lo=2)
+    for option, value in (("--image-size", args.image_size), ("--samples", args.samples), ("--views", args.views)):
+        _positive(option, value)
+    if args.topk is not None and not 1 <= args.topk <= args.num_classes:
+        raise ValueError(f"--topk: expected an integer in [1, {args.num_classes}] (the number of classes), "
+                         f"got {args.topk}")
     total = 0
     feature_dtype = args.feature_dtype or args.dtype
     for name in args.teachers:
@@ -208,8 +260,8 @@ def run_size(args):
             model = models.create_model(name, args.num_classes).eval()
             try:
                 feats, z = model(torch.zeros(1, 3, args.image_size, args.image_size), is_feat=True)
-            except ValueError as err:  # e.g. a ViT, whose position embeddings fix the image size
-                raise ValueError(f"--image-size: {name}: {err}") from err
+            except (ValueError, RuntimeError) as err:  # a ViT's fixed size; a map pooled or convolved below 1x1
+                raise ValueError(f"--image-size: {name}: {str(err).splitlines()[0]}") from err
         K, D, shape = z.shape[1], feats[-1].shape[1], tuple(feats[-2].shape[1:])
         b = per_sample_bytes(K, D, shape, logits=args.dtype,
                              embeddings=args.dtype if "embeddings" in args.fields else None,

@@ -27,23 +27,31 @@ def register(sub):
 def run(args):
 
     from mtkd_fast import data, models
+    from mtkd_fast._validation import check_device_name, check_finite_weights
     from mtkd_fast.train import evaluate
     from mtkd_fast.train.checkpoint import load_checkpoint_file, load_module_state
     from mtkd_fast.train.distributed import resolve_device
 
+    # the same rules as train's twins (--limit-per-class 0 would otherwise mean "everything")
+    if args.limit_per_class is not None and args.limit_per_class < 1:
+        raise ValueError(f"--limit-per-class: expected a positive integer, got {args.limit_per_class}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    check_device_name(args.device, "--device")
     if not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint: no such file {args.checkpoint!r}")
     if args.data_root is not None and not os.path.exists(args.data_root):
         raise FileNotFoundError(f"data_root: no such directory {args.data_root!r}")
     state = load_checkpoint_file(args.checkpoint, trusted=args.trust_checkpoint)  # before reading any data
     device = resolve_device(args.device)
-    subset = {"limit_per_class": args.limit_per_class} if args.limit_per_class else {}
+    subset = {"limit_per_class": args.limit_per_class} if args.limit_per_class is not None else {}
     ds = data.build_dataset(args.dataset, split=args.split, root=args.data_root, augment=False, **subset)
     model = models.create_model(args.model, int(ds.num_classes))
     if isinstance(state, dict) and "student" in state and "optimizer" in state:  # a training checkpoint
         load_module_state(model, state["student"], args.checkpoint, "student")
     else:
         models.load_checkpoint(model, args.checkpoint, trusted=args.trust_checkpoint)
+    check_finite_weights(model, args.checkpoint)  # NaN outputs would give a meaningless top-1
     model.to(device)
     loader = data.build_loader(ds, args.batch_size, shuffle=False, device=str(device))
     result = evaluate(model, loader, device)

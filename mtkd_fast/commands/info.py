@@ -1,10 +1,10 @@
-"""``mtkd-fast info``: what the installed extension was built with."""
+"""``mtkd-fast info``: the package version and what the installed extension was built with."""
 
 import json
 
 
 def register(sub):
-    p = sub.add_parser("info", help="show what the compiled extension contains (build_info)")
+    p = sub.add_parser("info", help="show the version and what the compiled extension contains (build_info)")
     p.set_defaults(func=run)
 
 
@@ -15,7 +15,7 @@ def run(args):
     from mtkd_fast.teachers import cpu_has_fast_bf16, resolve_precision
     from mtkd_fast.train.config import STRATEGIES
 
-    info = mtkd_fast.build_info()
+    info = {"version": mtkd_fast.__version__, **mtkd_fast.build_info()}
     # what --teacher-precision auto picks on this machine's devices, per strategy ("cache": cache build's)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     info["teacher_precision_auto"] = {

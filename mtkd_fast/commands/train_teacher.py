@@ -6,16 +6,25 @@ from __future__ import annotations
 
 import argparse
 
-from .train import add_config_flags, overrides_from_args, print_result
+from ._options import add_config_flags, overrides_from_args
+from .train import print_result
+
+# what a teacher's pretraining uses of TrainConfig: no teachers, no distillation method, no agent
+GROUPS = ("model", "data", "optimisation", "output")
 
 
 def register(sub):
+    from mtkd_fast.train import config
+
     p = sub.add_parser("train-teacher", help="pretrain a teacher with cross-entropy (the authors' settings)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model name (see `mtkd-fast train-teacher --model list`)")
-    add_config_flags(p, skip=("student", "teachers", "teacher_checkpoints", "teacher_cache", "strategy", "alpha",
-                              "beta", "temperature", "feature_kd", "warmup_weights", "dynamic", "agent_step",
-                              "agent_lr", "agent_update", "agent_buffer_dtype", "loss_backend"))
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       usage="%(prog)s --model MODEL [options]")
+    p.add_argument("--model", required=True,
+                   help="the model to train (`--model list` prints every name and exits)")
+    # the defaults teacher_config gives, not TrainConfig's
+    shown = dict(config.TEACHER_DEFAULTS, out_dir=config.teacher_out_dir("MODEL"),
+                 lr=f"{config.TEACHER_LR}, or {config.SMALL_TEACHER_LR} for {', '.join(config.SMALL_LR_TEACHERS)}")
+    add_config_flags(p, skip=("student",), groups=GROUPS, defaults=shown)
     p.set_defaults(func=run)
 
 
@@ -26,5 +35,9 @@ def run(args):
     if args.model == "list":
         print("\n".join(list_models()))
         return 0
-    print_result(train_teacher(args.model, **overrides_from_args(args)))
+    from mtkd_fast.train.config import teacher_config
+
+    overrides = overrides_from_args(args)
+    args.resolved_out_dir = teacher_config(args.model, **overrides).out_dir  # for the CLI's Ctrl-C hint
+    print_result(train_teacher(args.model, **overrides))
     return 0

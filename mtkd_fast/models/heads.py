@@ -12,11 +12,15 @@ _HEAD_NAMES = ("fc", "linear", "classifier", "head")
 def classifier_head(model: nn.Module) -> nn.Linear:
     """The ``nn.Linear`` that turns ``model``'s pooled embedding ``feats[-1]`` into its logits.
 
-    Looks for the zoo's classifier attributes (``fc``, ``linear``, ``classifier``, ``head``; a Sequential counts
-    through its last module), else takes the last ``nn.Linear`` registered. Raises ValueError when there is none.
+    Asks a timm model's ``get_classifier()``, then looks for the zoo's classifier attributes (``fc``, ``linear``,
+    ``classifier``, ``head``; a Sequential counts through its last module), else takes the last ``nn.Linear``
+    registered. Raises ValueError when there is none.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    named = model.get_classifier() if callable(getattr(model, "get_classifier", None)) else None  # timm's own answer
+    if isinstance(named, nn.Linear):
+        return named
     for name in _HEAD_NAMES:
         sub = getattr(model, name, None)
         if isinstance(sub, nn.Sequential) and len(sub) > 0:

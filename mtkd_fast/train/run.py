@@ -15,6 +15,7 @@ from torch import nn
 
 from .._io import clean_temp_files, load_torch_file
 from .._lock import DirLock
+from .._validation import DataError, check_finite_weights
 from ..agent import MTKDAgent
 from ..teachers import LiveTeachers
 from . import distributed as D
@@ -73,6 +74,9 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"teacher_checkpoints: no such file {path!r} (teacher {name})")
             counts[path] = checkpoint_num_classes(path, trusted=config.trust_checkpoint)
+            if counts[path] is None:  # no 2-d weight at all: not a classifier's state_dict
+                raise DataError(f"teacher_checkpoints: {path} holds no classifier weights (no 2-d '*weight' "
+                                f"tensor); expected {{'model': state_dict}} or a state_dict of a {name}")
         if len(set(counts.values())) > 1:
             listed = ", ".join(f"{p}: {k}" for p, k in counts.items())
             raise ValueError(f"teacher_checkpoints: the teachers have different class counts ({listed})")
@@ -85,6 +89,7 @@ def build_teachers(config: TrainConfig, num_classes: int, device: torch.device) 
         model = models.create_model(name, num_classes)
         if config.teacher_checkpoints:
             models.load_checkpoint(model, config.teacher_checkpoints[m], trusted=config.trust_checkpoint)
+            check_finite_weights(model, f"teacher_checkpoints[{m}]: {config.teacher_checkpoints[m]}")
         teachers.append(model.to(device))
     return teachers
 
@@ -124,10 +129,11 @@ def teacher_precision_record(config: TrainConfig, source) -> dict:
 
 def _check_model_names(config: TrainConfig) -> None:
     """Fail before any data is read when a model name is unknown (the error lists the valid names)."""
-    valid = set(_models().list_models())
+    models = _models()
     for what, name in [("student", config.student)] + [(f"teachers[{m}]", t) for m, t in enumerate(config.teachers)]:
-        if name not in valid:
-            raise ValueError(f"{what}: unknown model {name!r}; valid names: {', '.join(sorted(valid))}")
+        if not models.is_model(name):
+            raise ValueError(f"{what}: unknown model {name!r}; valid names: {', '.join(models.list_models())}, "
+                             "or timm:<a timm model>")
 
 
 def _check_data_root(config: TrainConfig) -> None:
@@ -244,9 +250,16 @@ def _train(config: TrainConfig) -> dict:
     if config.resume:
         path = os.path.join(config.out_dir, CHECKPOINT_LAST)
         trainer.resume(path)
-    if dist_info.is_main:
+        if trainer.start_epoch >= config.epochs and dist_info.is_main:
+            print(f"resume: {path} has finished {trainer.start_epoch} of {config.epochs} epochs; nothing to train "
+                  "(give a larger --epochs to continue it)", flush=True)
+    # config.json describes what the run trained with: a resume that trains nothing leaves it as it is
+    if dist_info.is_main and trainer.start_epoch < config.epochs:
         os.makedirs(config.out_dir, exist_ok=True)
-        write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(config.to_dict(), indent=2).encode())
+        # --resume / --overwrite say what this command did with the out_dir, not how the run trains: stored off,
+        # so `train --config RUN/config.json --resume` works for a run started with --overwrite
+        record = {**config.to_dict(), "resume": False, "overwrite": False}
+        write_bytes_atomic(os.path.join(config.out_dir, CONFIG_JSON), json.dumps(record, indent=2).encode())
         if source is not None:
             write_bytes_atomic(os.path.join(config.out_dir, TEACHERS_JSON),
                                json.dumps(teacher_precision_record(config, source), indent=2).encode())

@@ -1,8 +1,10 @@
 """The MTKD-RL trainer: alternating student / agent optimisation (docs/method.md section 7) and the baselines.
 
-``Trainer`` owns one run's modules, optimisers and metrics; ``Trainer.train_step`` is one student step (plus the
-agent update when it falls due) and never waits for the device; ``Trainer.fit`` runs epochs with progress,
-evaluation, CSV/PNG logs and atomic checkpoints. ``train(config)`` builds everything from a ``TrainConfig``.
+``Trainer`` is a :class:`mtkd_fast.Distiller` (the method: strategy, feature transfer, agent, its optimiser and
+replay buffer) plus the student's data, optimisation, metrics and checkpoints; ``Trainer.train_step`` is one
+student step (the Distiller runs the agent update when it falls due) and never waits for the device;
+``Trainer.fit`` runs epochs with progress, evaluation, CSV/PNG logs and atomic checkpoints. ``train(config)``
+builds everything from a ``TrainConfig``.
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
-from .._validation import DataError
-from ..agent import AgentReplayBuffer, MTKDAgent, normalized_reward
-from ..loss import MTKDLoss
+from .._validation import DataError, check_finite_weights
+from ..agent import MTKDAgent
+from ..distiller import Distiller, _config_options
 from . import distributed as D
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
 from .diagnostics import WeightDiagnostics, write_diagnostics
-from .step import distill_step, feature_kl_per_sample
-from .strategies import make_strategy
+from .step import feature_kl_per_sample
+from .strategies import NoDistillation
 
-__all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "CHECKPOINT_LAST",
-           "CHECKPOINT_BEST", "STUDENT_BEST", "METRICS_CSV", "WEIGHTS_PNG"]
+__all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "NonFiniteTrainingError",
+           "CHECKPOINT_LAST", "CHECKPOINT_BEST", "STUDENT_BEST", "METRICS_CSV", "WEIGHTS_PNG"]
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
 CHECKPOINT_BEST = "checkpoint_best.pt"
@@ -40,12 +42,24 @@ WEIGHTS_PNG = "teacher_weights.png"
 CONFIG_JSON = "config.json"
 # what a run writes into its out_dir (a run is there when any of these is)
 RUN_OUTPUTS = (CHECKPOINT_LAST, CHECKPOINT_BEST, STUDENT_BEST, STUDENT_LAST, METRICS_CSV, WEIGHTS_PNG, CONFIG_JSON)
-# TrainConfig fields a resumed run must share with its checkpoint (see Trainer.check_resume_config)
-RESUME_FIXED = ("student", "teachers", "teacher_checkpoints", "dataset", "limit_per_class", "strategy", "feature_kd",
-                "warmup_weights", "agent_update", "optimizer", "schedule", "milestones", "lr_decay", "lr")
+# What a resume does with each TrainConfig field (docs/safety.md, "Resuming", holds the same table; a test checks
+# that every field is in exactly one group). RESUME_FIXED: what defines the run (its data, models, method,
+# optimiser and their hyper-parameters, whose state the checkpoint restores): a resume with another value is
+# refused naming the field, since the restored optimiser, agent and RNG would silently ignore the new value or
+# the run would go on as another one. RESUME_APPLIED: how the run executes (length, device, speed, logging): the
+# new value is used from the resumed epoch on and recorded in config.json. RESUME_CONTROL: what the command does
+# with the out_dir, not part of the run.
+RESUME_FIXED = ("student", "teachers", "teacher_checkpoints", "teacher_cache", "dataset", "limit_per_class",
+                "val_split", "strategy", "aekd_nu", "temperature", "alpha", "beta", "feature_kd", "warmup_weights",
+                "dynamic", "agent_step", "agent_lr", "agent_update", "agent_buffer_dtype", "transfer_resize",
+                "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
+                "lr_decay", "seed", "amp", "teacher_precision")
+RESUME_APPLIED = ("epochs", "max_steps_per_epoch", "data_root", "num_workers", "data_backend", "loss_backend",
+                  "device", "channels_last", "compile", "teacher_compile", "fold_bn", "trust_checkpoint",
+                  "log_every", "progress", "tensorboard", "eval_every")
+RESUME_CONTROL = ("out_dir", "resume", "overwrite")
 
 _AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # device-side running sums, read back once per log interval / epoch
 _METERS = ("loss", "ce", "kd", "feat", "top1", "top5", "count", "agent_loss", "agent_batches")
 
@@ -98,7 +112,8 @@ def evaluate(model: nn.Module, loader: Iterable, device=None, amp: Optional[str]
 
 
 class Trainer:
-    """One run: student (+ feature transfer), teacher source, weighting strategy (+ agent), optimisers.
+    """One run: student, teacher source, the method as a :class:`mtkd_fast.Distiller` (built from ``config`` with
+    the ``feature_transfer``, ``agent`` and ``teacher_heads`` given here; None for strategy "none"), optimiser.
 
     Args:
         config: the run's :class:`TrainConfig` (method, optimisation and output options).
@@ -118,18 +133,20 @@ class Trainer:
         self.config = config
         self.device = torch.device(device)
         self.dist = dist_info or D.DistInfo()
-        self.strategy = make_strategy(config.strategy, agent, config.warmup_weights, teacher_heads, config.temperature,
-                                      config.aekd_nu)
-        if self.strategy.needs_teachers:
+        # the method (strategy, transfer, agent, its optimiser and buffer) is one Distiller; "none" has none
+        self.distiller: Optional[Distiller] = None
+        if config.strategy != "none":
             if teachers is None:
                 raise ValueError(f"teachers: strategy {config.strategy!r} needs a teacher source")
             if feature_transfer is None and config.beta > 0:
                 raise ValueError("feature_transfer: feature distillation (beta > 0) needs a feature transfer module")
-        self.teachers = teachers if self.strategy.needs_teachers else None
-        self.agent = agent.to(self.device) if (agent is not None and config.strategy == "mtkd_rl") else None
+            if config.strategy == "mtkd_rl" and agent is None:
+                raise ValueError("agent: the mtkd_rl strategy needs an MTKDAgent")
+            options = {name: getattr(config, name) for name in _config_options()}
+            self.distiller = Distiller(feature_transfer=feature_transfer, agent=agent, teacher_heads=teacher_heads,
+                                       **options).to(self.device)
+        self.teachers = teachers if self.distiller is not None else None
         self.student = student.to(self.device)
-        self.feature_transfer = feature_transfer.to(self.device) if (feature_transfer is not None and
-                                                                     self.teachers is not None) else None
         self.net = StudentWithTransfer(self.student, self.feature_transfer)
         if config.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -138,19 +155,14 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_module: nn.Module = DDP(self.net, device_ids=ids)
-            if self.agent is not None:
-                D.broadcast_module(self.agent)
         else:
             self.train_module = self.net
         if config.compile:
             self.train_module = torch.compile(self.train_module)
         self.optimizer = _build_optimizer(config, self.net.parameters())
         self.scheduler = _build_scheduler(config, self.optimizer)
-        self.agent_optimizer = torch.optim.SGD(self.agent.parameters(), lr=config.agent_lr) if self.agent else None
-        self.loss_fn = MTKDLoss(config.temperature, config.alpha, config.beta, backend=config.loss_backend)
         self.amp_dtype = _AMP_DTYPES[config.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
-        self.buffer: Optional[AgentReplayBuffer] = None
         self.num_teachers = getattr(self.teachers, "num_teachers", 0) if self.teachers is not None else 0
         self.diagnostics = WeightDiagnostics(max(self.num_teachers, 1), self.device)
         self.epoch = 0
@@ -160,6 +172,27 @@ class Trainer:
         self.best_top1 = -math.inf
         self.history: list[dict] = []
         self._reset_meters()
+
+    # the Distiller's parts, under the names the trainer has always had
+    @property
+    def strategy(self):
+        return self.distiller.strategy if self.distiller is not None else NoDistillation()
+
+    @property
+    def agent(self) -> Optional[MTKDAgent]:
+        return self.distiller.agent if self.distiller is not None else None
+
+    @property
+    def agent_optimizer(self):
+        return self.distiller.agent_optimizer if self.distiller is not None else None
+
+    @property
+    def feature_transfer(self) -> Optional[nn.Module]:
+        return self.distiller.feature_transfer if self.distiller is not None else None
+
+    @property
+    def buffer(self):
+        return self.distiller.buffer if self.distiller is not None else None
 
     # ------------------------------------------------------------------ one step
     def _reset_meters(self):
@@ -171,6 +204,8 @@ class Trainer:
         self.epoch = epoch
         self.step_in_epoch = 0
         self.steps_this_epoch = steps
+        if self.distiller is not None:
+            self.distiller.begin_epoch(epoch, steps)
         self._reset_meters()
 
     def train_step(self, images: Tensor, labels: Tensor, indices: Optional[Tensor] = None, view: int = 0) -> dict:
@@ -186,38 +221,25 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             logits, maps = self.train_module(images)
         t_out = _on_device(t_out, self.device) if t_out is not None else None  # first read: waits for the teachers
-        if self.amp_dtype is not None:  # the losses run in float32 whatever the student's autocast dtype
-            logits = logits.float()
-            maps = [m.float() for m in maps] if maps is not None else None
-        wl = wf = reward = state = actions = None
+        wl = wf = reward = None
         zero = torch.zeros((), device=self.device)
         if t_out is None:
-            per_sample = F.cross_entropy(logits, labels, reduction="none")
-            loss = per_sample.mean()
+            logits = logits.float() if self.amp_dtype is not None else logits  # the loss in float32
+            loss = F.cross_entropy(logits, labels)
             ce, kd, feat = loss.detach(), zero, zero
         else:
-            tl = t_out.logits.to(self.device)
-            # state -> weights -> loss -> reward, the one sequence bench_ops.py times (train/step.py)
-            step = distill_step(
-                logits, maps, labels, tl, t_out.embeddings, t_out.feature_maps,
-                lambda tce, state: self.strategy.weights(self.epoch, tl, tce, state, student_logits=logits.detach(),
-                                                         student_maps=maps, labels=labels),
-                temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.beta, feature_kd=cfg.feature_kd,
-                needs_state=self.strategy.needs_state, needs_teacher_ce=self.strategy.needs_teacher_ce,
-                backend=self.loss_fn.resolve_backend(self.device), with_reward=self.agent is not None,
-            )
-            loss, per_sample, reward = step.loss, step.per_sample_loss, step.reward
-            wl, wf, state, actions = step.logit_weights, step.feature_weights, step.state, step.actions
-            self.diagnostics.update(wl, wf, tl, labels, state, self.agent)
-            ce = step.student_ce.mean()
-            kd = cfg.alpha * (wl * step.kl).mean(0).sum()
-            feat = cfg.beta * (wf * step.feature_stat).mean(0).sum() if step.feature_stat is not None else zero
+            # state -> weights -> loss -> reward, and the agent's store and update (mtkd_fast/step.py via Distiller)
+            out = self.distiller.step(logits, labels, t_out, maps=maps)
+            loss, reward, wl, wf = out.loss, out.reward, out.logit_weights, out.feature_weights
+            self.diagnostics.update(wl, wf, t_out.logits, labels, out.state, self.agent)
+            ce = out.student_ce.mean()
+            kd = cfg.alpha * (wl * out.kl).mean(0).sum()
+            feat = cfg.beta * (wf * out.feature_stat).mean(0).sum() if out.feature_stat is not None else zero
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
-        batch_index = self.step_in_epoch
         self.step_in_epoch += 1
         with torch.no_grad():
             B = labels.shape[0]
@@ -227,53 +249,19 @@ class Trainer:
                                         torch.tensor(float(B), device=self.device), zero, zero]).double()
             if wl is not None:
                 self.weight_sums += torch.stack([wl.sum(0), wf.sum(0)]).double()
-        if self.agent is not None:
-            if reward is None or self.dist.enabled:  # normalised over the global batch
-                reward = self._reward(per_sample.detach())
-            self._store(state, reward, actions)
-            # the authors' trigger: after batch index agent_step, 2 agent_step, ... (and at the epoch's end)
-            if batch_index % cfg.agent_step == 0 and batch_index != 0:
-                self.update_agent()
         return {"loss": loss.detach(), "logit_weights": wl, "feature_weights": wf, "reward": reward}
 
-    def _reward(self, per_sample: Tensor) -> Tensor:
-        """Normalised reward over the global batch (all ranks' samples), this rank's slice."""
-        gathered, offset = D.all_gather_cat(per_sample)
-        return normalized_reward(gathered)[offset:offset + per_sample.shape[0]]
-
-    def _store(self, state, reward, actions) -> None:
-        if self.buffer is None:
-            capacity = self.config.agent_step + 1
-            if self.steps_this_epoch:
-                capacity = min(capacity, self.steps_this_epoch)
-            self.buffer = AgentReplayBuffer(capacity, state.features.shape[0], state.features.shape[1],
-                                            state.kl.shape[1], dtype=_BUFFER_DTYPES[self.config.agent_buffer_dtype],
-                                            device=self.device, store_actions=actions is not None)
-        self.buffer.append(state, reward, actions)
-
     def update_agent(self) -> None:
-        """One SGD step of the agent per stored mini-batch, in order, then clear the store
-        (docs/method.md section 6)."""
-        if self.agent is None or self.buffer is None or len(self.buffer) == 0:
-            return
-        self.agent.train()
-        params = list(self.agent.parameters())
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for state, reward, actions in self.buffer:
-            loss = self.agent.loss(state, reward, actions)
-            self.agent_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            D.average_gradients(params)
-            self.agent_optimizer.step()
-            total += loss.detach().double()
-        self.meters[_METERS.index("agent_loss")] += total
-        self.meters[_METERS.index("agent_batches")] += len(self.buffer)
-        self.buffer.clear()
-        self.agent.eval()
+        """The agent update now (the Distiller runs it by itself at the authors' trigger and each epoch's end)."""
+        if self.distiller is not None:
+            self.distiller.update_agent()
 
     def end_epoch(self) -> dict:
         """Final agent update of the epoch, learning-rate schedule step, and the epoch's training metrics."""
-        self.update_agent()
+        if self.distiller is not None:  # the epoch's last agent update
+            agent = self.distiller.end_epoch()
+            self.meters[_METERS.index("agent_loss")] += agent["agent_loss_sum"].to(self.meters)
+            self.meters[_METERS.index("agent_batches")] += agent["agent_batches"]
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         sums = D.all_reduce_sum(self.meters.clone())
@@ -328,7 +316,10 @@ class Trainer:
         for name in RESUME_FIXED:
             if name == "teacher_checkpoints":
                 continue
-            if name in saved and saved[name] != now[name]:
+            same = saved.get(name) == now[name]
+            if name == "teacher_cache" and saved.get(name) and now[name]:  # the same directory, however written
+                same = os.path.realpath(saved[name]) == os.path.realpath(now[name])
+            if name in saved and not same:
                 raise ValueError(f"{name}: the checkpoint {path} was trained with {saved[name]!r}, this run has "
                                  f"{now[name]!r}; resume with the same {name} or start a new run in another out_dir")
         old_paths = list(saved.get("teacher_checkpoints") or [])
@@ -344,6 +335,11 @@ class Trainer:
             if not same:
                 raise ValueError(f"teacher_checkpoints[{m}]: the checkpoint {path} was trained with teacher weights "
                                  f"from {a!r}, this run gives {b!r} (other content); resume with the same files")
+        changed = [f"{n} {saved[n]!r} -> {now[n]!r}" for n in RESUME_APPLIED
+                   if n != "epochs" and n in saved and saved[n] != now[n]]  # epochs: _refit_schedule says it
+        if changed and self.dist.is_main:
+            print(f"resume: applying the new {', '.join(changed)} from epoch {int(ckpt.get('epoch', 0)) + 1}",
+                  flush=True)
 
     def _refit_schedule(self, saved_epochs: int, path: str) -> None:
         """The checkpoint's schedule was fitted to ``saved_epochs``; with another ``epochs`` a cosine schedule is
@@ -368,6 +364,7 @@ class Trainer:
     def load_state_dict(self, ckpt: dict, path: str = "<checkpoint>") -> None:
         self.check_resume_config(ckpt, path)
         load_module_state(self.student, ckpt["student"], path, "student")
+        check_finite_weights(self.student, f"{path} (student)")  # it would only train NaN onwards
         if self.feature_transfer is not None:
             if ckpt.get("feature_transfer") is None:
                 raise ValueError(f"{path}: has no feature transfer state, but this run distils features")
@@ -430,15 +427,25 @@ class Trainer:
                        unit="img", unit_scale=True, disable=not (cfg.progress and main),
                        dynamic_ncols=True, leave=False)
             t0 = time.perf_counter()
+            # the first step (0-based) whose loss was not finite, kept on the device: no read-back per step
+            first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+            i = -1
             for i, (images, labels, indices) in enumerate(loader):
                 if steps is not None and i >= steps:
                     break
-                self.train_step(images, labels, indices, view)
+                try:
+                    out = self.train_step(images, labels, indices, view)
+                except Exception as exc:  # e.g. the agent's BCE refusing NaN probabilities: name the cause instead
+                    self._stop_if_non_finite(epoch, first_bad, i, out_dir, exc)
+                    raise
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(out["loss"]), i, first_bad)
                 bar.update(images.shape[0] * self.dist.world_size)
                 if (i + 1) % cfg.log_every == 0:  # the only per-interval host read-back
+                    self._stop_if_non_finite(epoch, first_bad, i, out_dir)
                     n = max(float(self.meters[_METERS.index("count")]), 1.0)
                     bar.set_postfix(loss=f"{float(self.meters[0]) / n:.3f}")
             bar.close()
+            self._stop_if_non_finite(epoch, first_bad, i, out_dir)  # before anything is saved
             metrics = self.end_epoch()
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, **metrics, "time_s": seconds,
@@ -470,6 +477,31 @@ class Trainer:
             "student_checkpoint": os.path.join(out_dir, STUDENT_BEST),
         }
 
+    def _stop_if_non_finite(self, epoch: int, first_bad: Tensor, step: int, out_dir: str,
+                            cause: Optional[BaseException] = None) -> None:
+        """Raise :class:`NonFiniteTrainingError` when a loss, the epoch's meters or a weight of the student, its
+        feature transfer or the agent is NaN/Inf (one read-back). A NaN step poisons every later one and the
+        checkpoint it would write, so the run stops before saving, naming the last good checkpoint."""
+        params = [p.detach() for p in self.net.parameters()]
+        if self.agent is not None:
+            params += [p.detach() for p in self.agent.parameters()]
+        checks = [torch.isfinite(t).all() for t in [self.meters, *params]] + [first_bad < 0]
+        if bool(torch.stack(checks).all()):  # one read-back
+            return
+        bad = int(first_bad)
+        where = f"step {bad + 1}" if bad >= 0 else f"step {step + 1}"
+        last = os.path.join(out_dir, CHECKPOINT_LAST)
+        if os.path.isfile(last):
+            saved = load_checkpoint_file(last, map_location="cpu", trusted=self.config.trust_checkpoint,
+                                         require_training=True)
+            good = f"the last good checkpoint is {last} (epoch {int(saved['epoch'])})"
+        else:
+            good = "no checkpoint was written yet"
+        raise NonFiniteTrainingError(
+            f"training: the loss or the weights became NaN/Inf at epoch {epoch + 1}, {where}; stopped before saving: "
+            f"{good} (check the teachers' weights and the inputs, or lower --lr, --temperature, --alpha, --beta)"
+        ) from cause
+
     def _write_outputs(self, out_dir: str, is_best: bool, writer) -> None:
         state = self.state_dict()
         save_atomic(state, os.path.join(out_dir, CHECKPOINT_LAST))
@@ -491,6 +523,10 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+class NonFiniteTrainingError(DataError):
+    """Training produced a NaN/Inf loss or weight; the command line reports it in one line (exit status 1)."""
+
+
 def _on_device(t_out, device):
     """Teacher outputs on the student's device (a cache may hand them over on the CPU)."""
     if t_out.logits.device == device:
