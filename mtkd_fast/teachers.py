@@ -311,8 +311,7 @@ class LiveTeachers(nn.Module):
         channels_last: run the teachers on channels_last (NHWC) tensors. Default (None): on, except for
             float32 with ``fold_bn=False``, which runs the teachers exactly as given (bit for bit the float32
             eager outputs: NHWC convolutions sum in another order).
-            Measured with the CIFAR teacher pool at B=64 on an AVX512-BF16 CPU (one thread):
-            NHWC is 1.65x faster than NCHW in float32 and 1.03-1.18x in bf16 (benchmarks/RESULTS.md); on CUDA,
+            Its speed on the CIFAR teacher pool is in benchmarks/RESULTS.md ("The teacher engine"); on CUDA,
             NHWC is what tensor-core convolutions take (not measured here). Folding, channels_last and compile
             run on copies of the teachers: their weights are held twice.
         overlap: on CUDA, run the teachers on their own stream so they overlap whatever the caller enqueues next
