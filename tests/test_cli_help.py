@@ -120,8 +120,8 @@ def _other_value(f):
         value = not default
     elif isinstance(default, int):
         value = default + 3
-    elif isinstance(default, float):
-        value = default + 0.375
+    elif isinstance(default, float):  # half the default stays inside every validated range (momentum < 1, ...)
+        value = default / 2 if default else 0.375
     else:
         raise AssertionError(f"no test value for {f.name}")
     if isinstance(value, bool):
