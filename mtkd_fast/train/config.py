@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from ..data import BACKENDS as DATA_BACKENDS
 from ..data import DATASETS
-from ..distiller import AGENT_UPDATES, BUFFER_DTYPES, FEATURE_KD, TRANSFER_RESIZE, WARMUP_WEIGHTS
+from ..distiller import AEKD_SOLVERS, AGENT_UPDATES, BUFFER_DTYPES, FEATURE_KD, TRANSFER_RESIZE, WARMUP_WEIGHTS
 from ..distiller import STRATEGIES as _DISTILL_STRATEGIES
 from ..step import BACKENDS as LOSS_BACKENDS
 from ..teachers import PRECISIONS
@@ -149,6 +149,15 @@ class TrainConfig:
         None, group="method",
         help="strategy aekd: the nu-SVM parameter in (0, 1], bounding each teacher's weight by 1 / (nu M); "
              "none: 1 / (0.6 M), the CA-MKD code's default")
+    aekd_solver: str = _option(
+        "exact", group="method", choices=AEKD_SOLVERS,
+        help="strategy aekd: exact (the true min-norm weights) or libsvm (scikit-learn's OneClassSVM as the CA-MKD "
+             "code runs it, which stops at its starting point when the gradients are tiny; needs "
+             "mtkd_fast[baselines])")
+    camkd_weight_grad: bool = _option(
+        False, group="method",
+        help="strategy camkd: let the gradient flow through the feature weights into the student, as the CA-MKD "
+             "code does (default: the weights are detached)")
     temperature: float = _option(4.0, group="method", help="the KD temperature T of the logit KL (and feature_kd kl)")
     alpha: float = _option(1.0, group="method", help="weight of the logit KD term")
     beta: float = _option(5.0, group="method", help="weight of the feature KD term (0: the logit terms only)")
