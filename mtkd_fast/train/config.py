@@ -212,6 +212,10 @@ class TrainConfig:
     lr_decay: float = _option(0.1, group="optimisation", help="multistep's factor at each milestone")
     seed: int = _option(
         0, group="optimisation", help="seeds the initialisation, the data order and the augmentation")
+    data_seed: Optional[int] = _option(
+        None, group="optimisation",
+        help="seeds the training images' augmentation instead of seed (none: seed); a teacher cache holds the "
+             "views of one augmentation seed, so runs of several seeds over one cache share it")
     max_steps_per_epoch: Optional[int] = _option(
         None, group="optimisation", help="cut every epoch short after N steps (smoke tests, demos)")
     # speed
