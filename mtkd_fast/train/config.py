@@ -118,7 +118,8 @@ class TrainConfig:
              "running them; fields it left out are computed live")
     dataset: str = _option(
         "bundled", group="data", choices=DATASETS,
-        help="bundled: the Fashion-MNIST subset shipped with the package (10 classes, 3x32x32); cifar100: "
+        help="bundled: the Fashion-MNIST subset shipped with the package (10 classes, 3x32x32); fashion_mnist: the "
+             "full set (60000/10000) from --data-root's IDX files or Debian's dataset-fashion-mnist; cifar100: "
              "--data-root is the cifar-100-python folder; imagefolder: --data-root holds train/ and val/ class "
              "folders (ImageNet layout)")
     data_root: Optional[str] = _option(
