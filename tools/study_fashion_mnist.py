@@ -75,7 +75,11 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS])
     p.add_argument("--max-steps", type=int, default=None, help="cut every epoch short (a smoke run)")
+    p.add_argument("--report", action="store_true",
+                   help="only write study.png and the markdown table (study.md) from the finished runs")
     args = p.parse_args(argv)
+    if args.report:
+        return _report(args.out)
 
     from mtkd_fast import data, models
     from mtkd_fast.cache import build_cache
@@ -166,6 +170,49 @@ def main(argv=None) -> int:
                                     "epoch_time_s": statistics.fmean(r["epoch_time_s"] for r in rows
                                                                      if r["method"] == lab)})
             _write_csv(os.path.join(args.out, "summary.csv"), summary)
+    return 0
+
+
+def _report(out: str) -> int:
+    """study.md (the table: mean ± std per method over the finished seeds, epoch time, MTKD-RL's agent
+    diagnostics) and study.png (every run's test top-1) from runs.csv."""
+    from mtkd_fast._optional import pyplot
+
+    with open(os.path.join(out, "runs.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = [m[0] for m in METHODS if any(r["method"] == m[0] for r in rows)]
+    diag_keys = [("diag_entropy_wl", "entropy"), ("diag_policy_wl", "policy share"), ("diag_prior_wl", "prior share")]
+    diag_keys += [(k, "corr(w, right) " + k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("diag_corr_wl_right")]
+    lines = ["| method | seeds | test top-1 (mean ± std) | per seed | epoch time (s) | "
+             + " | ".join(name for _, name in diag_keys) + " |",
+             "| --- " * (5 + len(diag_keys)) + "|"]
+    for label in labels:
+        rs = [r for r in rows if r["method"] == label]
+        accs = [float(r["test_top1"]) for r in rs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        cells = [label, str(len(accs)), f"{statistics.fmean(accs):.2f} ± {std:.2f}",
+                 ", ".join(f"{a:.1f}" for a in accs), f"{statistics.fmean(float(r['epoch_time_s']) for r in rs):.1f}"]
+        for key, _ in diag_keys:
+            vals = [float(r[key]) for r in rs if r.get(key) not in (None, "")]
+            cells.append(f"{statistics.fmean(vals):.3f}" if vals else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(out, "study.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plt = pyplot("the study plot")
+    if plt is not None:
+        fig, ax = plt.subplots(figsize=(9, 3.6))
+        for i, label in enumerate(labels):
+            accs = [float(r["test_top1"]) for r in rows if r["method"] == label]
+            ax.scatter([i] * len(accs), accs, s=14, color="tab:blue")
+            ax.errorbar(i + 0.15, statistics.fmean(accs), yerr=statistics.stdev(accs) if len(accs) > 1 else 0,
+                        fmt="o", color="black", capsize=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=8)
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title("student resnet8 on 50 images per class; teachers on all 60000 (dots: seeds; bars: mean ± std)",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "study.png"), dpi=110)
     return 0
 
 
