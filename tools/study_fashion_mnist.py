@@ -35,6 +35,8 @@ METHODS = [
     # the agent frozen at its initialisation (its weights are then the blend of its initial heads and the priors):
     # an lr of 1e-30 leaves every float32 weight unchanged by an SGD step
     ("MTKD-RL frozen agent", "mtkd_rl", {"agent_lr": 1e-30}),
+    # issue 27's check: does the warm-up's all-ones weights (M times AVER's strength) decide the outcome?
+    ("MTKD-RL uniform warm-up", "mtkd_rl", {"warmup_weights": "uniform"}),
 ]
 
 
