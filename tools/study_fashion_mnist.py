@@ -132,10 +132,10 @@ def main(argv=None) -> int:
     rows = []
     for seed in args.seeds:
         for label, strategy, changes in METHODS:
-            if label not in args.methods:
-                continue
             run_dir = os.path.join(args.out, "runs", label.replace(" ", "_"), f"seed{seed}")
             done = os.path.join(run_dir, "result.json")
+            if label not in args.methods and not os.path.exists(done):  # finished runs stay in the tables
+                continue
             if not os.path.exists(done):
                 cfg = TrainConfig(student=args.student, strategy=strategy, seed=seed, data_seed=0,
                                   limit_per_class=args.per_class, epochs=args.epochs, batch_size=64, lr=0.05,
