@@ -113,6 +113,7 @@ EXTRAS_REQUIRE = {
     "plots": ["matplotlib"],  # PNGs of training curves, teacher weights and benchmarks
     "dali": [_dali_requirement()],  # data backend "dali" (image folders)
     "yaml": ["pyyaml"],  # YAML training configs (JSON needs nothing)
+    "baselines": ["scikit-learn"],  # strategy aekd with aekd_solver "libsvm" (the CA-MKD code's OneClassSVM)
     "timm": ["timm>=1.0"],  # timm:<name> teachers and students (forward_head(pre_logits=True), head_hidden_size)
     "test": ["pytest", "pytest-benchmark"],
 }

@@ -198,34 +198,29 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
                  teacher_models: list, device: torch.device, out_dir: str) -> dict:
     """One student run through ``Trainer.fit``; returns its result (history, paths)."""
     from . import data, models
-    from .agent import MTKDAgent
     from .cache import open_teacher_source
     from .train import TrainConfig, Trainer
-    from .train.run import seed_everything
+    from .train.run import build_student_side
     from .train.trainer import CHECKPOINT_BEST, STUDENT_BEST
 
     config = TrainConfig(student=settings.student, teachers=list(settings.teachers) if method != "none" else [],
                          teacher_cache=cache_dir if method != "none" else None, dataset="bundled",
                          limit_per_class=settings.student_per_class, strategy=method, epochs=settings.epochs,
                          batch_size=settings.batch_size, lr=settings.lr, weight_decay=settings.weight_decay,
-                         schedule="cosine", seed=seed, max_steps_per_epoch=settings.max_steps_per_epoch,
-                         device=str(device), out_dir=out_dir, eval_every=settings.eval_every, log_every=10**6,
+                         schedule="cosine", seed=seed, data_seed=settings.data_seed,
+                         max_steps_per_epoch=settings.max_steps_per_epoch, device=str(device), out_dir=out_dir,
+                         eval_every=settings.eval_every, log_every=10**6,
                          progress=True)  # an epoch bar on stderr; the epoch lines go to train.log
-    seed_everything(seed)  # the same student initialisation for every method
     num_classes = int(train_set.num_classes)
-    student = models.create_model(settings.student, num_classes).to(device)
-    source = feature_transfer = agent = None
+    source = teacher_shapes = embedding_dims = None
     if method != "none":
         source = open_teacher_source(cache_dir, teachers=teacher_models, device=device, dataset=train_set)
         layout = source.manifest["teachers"]
-        student.eval()
-        with torch.no_grad():
-            feats, _ = student(torch.zeros(1, *train_set.image_shape, device=device), is_feat=True)
-        feature_transfer = models.FeatureTransfer(student_shape=tuple(feats[-2].shape[1:]),
-                                                  teacher_shapes=[tuple(t["feature_map_shape"]) for t in layout])
-        if method == "mtkd_rl":
-            sizes = [int(t["embedding_dim"]) + num_classes + 3 for t in layout]
-            agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
+        teacher_shapes = [tuple(t["feature_map_shape"]) for t in layout]
+        embedding_dims = [int(t["embedding_dim"]) for t in layout]
+    # train's own builder: the same student initialisation for every method, and config.json rebuilds this run
+    student, feature_transfer, agent = build_student_side(config, num_classes, device, train_set.image_shape,
+                                                          teacher_shapes, embedding_dims)
     heads = [models.classifier_head(t) for t in teacher_models] if method == "camkd" else None
     trainer = Trainer(config, student, source, feature_transfer, agent, device=device, teacher_heads=heads)
 

@@ -36,8 +36,11 @@ _BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 BUFFER_DTYPES = tuple(_BUFFER_DTYPES)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # the TrainConfig options of the method, with TrainConfig's defaults (tests/test_distiller.py keeps them equal)
+# how strategy aekd solves its dual: exactly, or with the CA-MKD code's libsvm (train/strategies.py)
+AEKD_SOLVERS = ("exact", "libsvm")
 _CHOICES = {"feature_kd": FEATURE_KD, "warmup_weights": WARMUP_WEIGHTS, "agent_update": AGENT_UPDATES,
-            "agent_buffer_dtype": BUFFER_DTYPES, "loss_backend": BACKENDS, "transfer_resize": TRANSFER_RESIZE}
+            "agent_buffer_dtype": BUFFER_DTYPES, "loss_backend": BACKENDS, "transfer_resize": TRANSFER_RESIZE,
+            "aekd_solver": AEKD_SOLVERS}
 _EXTRA_FORMAT = 1
 
 
@@ -81,6 +84,7 @@ class Distiller(nn.Module):
                  dynamic: bool = False, agent_step: int = 1000, agent_lr: float = 0.1, agent_update: str = "bce",
                  agent_buffer_dtype: str = "float32", loss_backend: str = "auto",
                  transfer_resize: str = "independent", aekd_nu: Optional[float] = None,
+                 aekd_solver: str = "exact", camkd_weight_grad: bool = False,
                  teacher_heads: Optional[Sequence[nn.Module]] = None, feature_transfer: Optional[nn.Module] = None,
                  agent: Optional[MTKDAgent] = None):
         super().__init__()
@@ -128,7 +132,8 @@ class Distiller(nn.Module):
         # saves it
         object.__setattr__(self, "_agent", agent)
         object.__setattr__(self, "strategy", make_strategy(strategy, agent, warmup_weights, teacher_heads,
-                                                           temperature, aekd_nu))
+                                                           temperature, aekd_nu, bool(camkd_weight_grad),
+                                                           aekd_solver))
         self.agent_optimizer = torch.optim.SGD(agent.parameters(), lr=self.agent_lr) if agent is not None else None
         if agent is not None:
             agent.eval()
@@ -246,15 +251,29 @@ class Distiller(nn.Module):
                                  "(the agent state)")
             dtypes = (logits.dtype,) + ((maps[0].dtype,) if maps else ())
             strategy, epoch = self.strategy, self.epoch
+            graded = []  # feature weights that carry a gradient (camkd_weight_grad)
+
+            def choose_weights(tce, state):
+                wl, wf, actions = strategy.weights(epoch, tl, tce, state, student_logits=logits.detach(),
+                                                   student_maps=maps, labels=targets)
+                if wf.requires_grad:  # the loss ops take their weights detached; the term below adds d wf
+                    graded.append(wf)
+                    wf = wf.detach()
+                return wl, wf, actions
+
             out = distill_step(
-                logits, maps, targets, tl, teacher_embeddings, teacher_maps,
-                lambda tce, state: strategy.weights(epoch, tl, tce, state, student_logits=logits.detach(),
-                                                    student_maps=maps, labels=targets),
+                logits, maps, targets, tl, teacher_embeddings, teacher_maps, choose_weights,
                 temperature=self.temperature, alpha=self.alpha, beta=self.beta, feature_kd=self.feature_kd,
                 needs_state=strategy.needs_state, needs_teacher_ce=strategy.needs_teacher_ce,
                 backend=resolve_backend(self.loss_backend, logits.device, dtypes),
                 with_reward=self._agent is not None,
             )
+            loss = out.loss
+            if graded and out.feature_stat is not None:
+                # the product rule's other half, as the CA-MKD code's undetached weights give it: the value is 0,
+                # the gradient beta * mean_i sum_m feature_stat_im * d wf_im
+                wf = graded[0]
+                loss = loss + self.beta * ((wf - wf.detach()) * out.feature_stat).mean(0).sum()
             reward = out.reward
             if self._agent is not None and self.training:
                 if _distributed().is_distributed():  # normalised over the global batch
@@ -266,7 +285,7 @@ class Distiller(nn.Module):
                     self.update_agent()
             if self.training:
                 self.step_in_epoch += 1
-        return DistillerOutput(out.loss, out.logit_weights, out.feature_weights, out.kl, out.teacher_ce,
+        return DistillerOutput(loss, out.logit_weights, out.feature_weights, out.kl, out.teacher_ce,
                                out.student_ce, out.per_sample_loss, reward, out.feature_stat, out.state)
 
     # ------------------------------------------------------------------ epochs and the agent update
@@ -399,7 +418,8 @@ def _distributed():
 def _config_options() -> tuple:
     """The method's TrainConfig options, i.e. Distiller's keyword options."""
     return ("strategy", "temperature", "alpha", "beta", "feature_kd", "warmup_weights", "dynamic", "agent_step",
-            "agent_lr", "agent_update", "agent_buffer_dtype", "loss_backend", "transfer_resize", "aekd_nu")
+            "agent_lr", "agent_update", "agent_buffer_dtype", "loss_backend", "transfer_resize", "aekd_nu",
+            "aekd_solver", "camkd_weight_grad")
 
 
 def _unpack(teacher_logits, teacher_embeddings, teacher_maps):

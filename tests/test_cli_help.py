@@ -111,7 +111,7 @@ def _other_value(f):
     special = {"teachers": ["resnet14", "resnet20"], "teacher_checkpoints": ["a.pth", "b.pth"],
                "milestones": [3, 7], "student": "resnet20", "device": "cpu", "val_split": "val",
                "aekd_nu": 0.25, "limit_per_class": 3, "max_steps_per_epoch": 5, "teacher_cache": "cache_dir",
-               "data_root": "data_dir", "out_dir": "elsewhere"}
+               "data_root": "data_dir", "data_seed": 3, "out_dir": "elsewhere"}
     if f.name in special:
         value = special[f.name]
     elif "choices" in f.metadata:

@@ -23,7 +23,7 @@ from .loader import ArrayLoader, FolderLoader, epoch_indices, split_batches
 __all__ = ["build_dataset", "build_loader", "view_params", "pixel_box", "PadCrop", "ResizedCrop", "ViewParams",
            "epoch_indices", "DATASETS", "dali_available"]
 
-DATASETS = ("bundled", "cifar100", "imagefolder")
+DATASETS = ("bundled", "fashion_mnist", "cifar100", "imagefolder")
 BACKENDS = ("auto", "dali", "torchvision")
 _told_no_dali: set = set()  # the reasons already reported (once per process each)
 
@@ -59,8 +59,10 @@ def build_dataset(name: str, split: str = "train", root=None, augment: bool = Tr
 
     ``name``: ``"bundled"`` (the Fashion-MNIST subset in the package, 10 classes, 1000 train / 200 test
     images per class, delivered 3x32x32; ``root`` = a folder of Fashion-MNIST IDX files uses those
-    instead), ``"cifar100"`` (``root`` = the ``cifar-100-python`` folder) or ``"imagefolder"`` (``root`` =
-    an ImageNet-layout folder with ``train/`` and ``val/``; options: ``image_size`` (224),
+    instead), ``"fashion_mnist"`` (the full Fashion-MNIST, 60000 / 10000, from the IDX files in ``root``; None:
+    Debian's ``dataset-fashion-mnist`` folder, :data:`fashion_mnist.DEBIAN_ROOT`), ``"cifar100"`` (``root`` =
+    the ``cifar-100-python`` folder) or ``"imagefolder"`` (``root`` = an ImageNet-layout folder with ``train/``
+    and ``val/``; options: ``image_size`` (224),
     ``resize_size`` (256), ``mean``, ``std``, ``on_bad_image`` ('error' or 'skip'), ``scale``, ``ratio``).
     ``split``: ``"train"``, or ``"test"``/``"val"`` (same meaning). ``augment=False``: the deterministic
     eval transform. ``limit_per_class``: keep the first N samples of each class (stored order; sorted file
@@ -83,12 +85,14 @@ def build_dataset(name: str, split: str = "train", root=None, augment: bool = Tr
                                   limit_per_class=limit_per_class, **options)
     if options:
         raise ValueError(f"options: {sorted(options)} apply only to 'imagefolder', not to {name!r}")
-    if name == "bundled":
+    if name in ("bundled", "fashion_mnist"):
         from . import fashion_mnist
 
+        if name == "fashion_mnist":
+            root = fashion_mnist.full_root(root)
         images, labels, mean, std, source = fashion_mnist.load_arrays(split_key, root)
         images, labels = _limit_per_class(images, labels, limit_per_class)
-        return ArrayDataset("bundled", split_key, images, labels, fashion_mnist.CLASS_NAMES, list(mean) * 3,
+        return ArrayDataset(name, split_key, images, labels, fashion_mnist.CLASS_NAMES, list(mean) * 3,
                             list(std) * 3, augment=augment, seed=seed, recipe=PadCrop(padding=4), base_padding=2,
                             channels=3, source=source)
     if name == "cifar100":

@@ -22,6 +22,8 @@ import numpy as np
 BUNDLED_PATH = Path(__file__).resolve().parent / "bundled" / "fashion_mnist_subset.npz.xz"
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot"]
+# where Debian's dataset-fashion-mnist package puts the full set's IDX files (gzip-compressed)
+DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
@@ -60,6 +62,17 @@ def _find(root: Path, stem: str) -> Path:
         if (root / name).exists():
             return root / name
     raise FileNotFoundError(f"root: expected {stem}[.gz] in {root} (Fashion-MNIST IDX files)")
+
+
+def full_root(root=None) -> Path:
+    """The folder of the full set's IDX files: ``root``, or :data:`DEBIAN_ROOT` when ``root`` is None and it
+    exists (else a one-line error naming both ways to provide it)."""
+    if root is not None:
+        return Path(os.path.expanduser(str(root)))
+    if DEBIAN_ROOT.is_dir():
+        return DEBIAN_ROOT
+    raise FileNotFoundError(f"root: dataset 'fashion_mnist' needs the folder of its IDX files (--data-root DIR), "
+                            f"or Debian's dataset-fashion-mnist package ({DEBIAN_ROOT})")
 
 
 def load_arrays(split: str, root=None):

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from .._validation import check_device_name, check_int_range, check_temperature
 from ..data import BACKENDS as DATA_BACKENDS
 from ..data import DATASETS
-from ..distiller import AGENT_UPDATES, BUFFER_DTYPES, FEATURE_KD, TRANSFER_RESIZE, WARMUP_WEIGHTS
+from ..distiller import AEKD_SOLVERS, AGENT_UPDATES, BUFFER_DTYPES, FEATURE_KD, TRANSFER_RESIZE, WARMUP_WEIGHTS
 from ..distiller import STRATEGIES as _DISTILL_STRATEGIES
 from ..step import BACKENDS as LOSS_BACKENDS
 from ..teachers import PRECISIONS
@@ -130,7 +130,8 @@ class TrainConfig:
              "running them; fields it left out are computed live")
     dataset: str = _option(
         "bundled", group="data", choices=DATASETS,
-        help="bundled: the Fashion-MNIST subset shipped with the package (10 classes, 3x32x32); cifar100: "
+        help="bundled: the Fashion-MNIST subset shipped with the package (10 classes, 3x32x32); fashion_mnist: the "
+             "full set (60000/10000) from --data-root's IDX files or Debian's dataset-fashion-mnist; cifar100: "
              "--data-root is the cifar-100-python folder; imagefolder: --data-root holds train/ and val/ class "
              "folders (ImageNet layout)")
     data_root: Optional[str] = _option(
@@ -161,6 +162,15 @@ class TrainConfig:
         None, group="method",
         help="strategy aekd: the nu-SVM parameter in (0, 1], bounding each teacher's weight by 1 / (nu M); "
              "none: 1 / (0.6 M), the CA-MKD code's default")
+    aekd_solver: str = _option(
+        "exact", group="method", choices=AEKD_SOLVERS,
+        help="strategy aekd: exact (the true min-norm weights) or libsvm (scikit-learn's OneClassSVM as the CA-MKD "
+             "code runs it, which stops at its starting point when the gradients are tiny; needs "
+             "mtkd_fast[baselines])")
+    camkd_weight_grad: bool = _option(
+        False, group="method",
+        help="strategy camkd: let the gradient flow through the feature weights into the student, as the CA-MKD "
+             "code does (default: the weights are detached)")
     temperature: float = _option(4.0, group="method", help="the KD temperature T of the logit KL (and feature_kd kl)")
     alpha: float = _option(1.0, group="method", help="weight of the logit KD term")
     beta: float = _option(5.0, group="method", help="weight of the feature KD term (0: the logit terms only)")
@@ -215,6 +225,10 @@ class TrainConfig:
     lr_decay: float = _option(0.1, group="optimisation", help="multistep's factor at each milestone")
     seed: int = _option(
         0, group="optimisation", help="seeds the initialisation, the data order and the augmentation")
+    data_seed: Optional[int] = _option(
+        None, group="optimisation",
+        help="seeds the training images' augmentation instead of seed (none: seed); a teacher cache holds the "
+             "views of one augmentation seed, so runs of several seeds over one cache share it")
     max_steps_per_epoch: Optional[int] = _option(
         None, group="optimisation", help="cut every epoch short after N steps (smoke tests, demos)")
     # speed

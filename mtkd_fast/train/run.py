@@ -23,8 +23,8 @@ from .checkpoint import write_bytes_atomic
 from .config import TrainConfig, teacher_config
 from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
 
-__all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes",
-           "build_teachers"]
+__all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes", "build_teachers",
+           "build_student_side"]
 
 
 def seed_everything(seed: int) -> None:
@@ -169,6 +169,31 @@ def _claim_out_dir(config: TrainConfig) -> Optional[DirLock]:
     return lock
 
 
+def build_student_side(config: TrainConfig, num_classes: int, device, image_shape,
+                       teacher_map_shapes: Optional[list] = None, embedding_dims: Optional[list] = None) -> tuple:
+    """``(student, feature_transfer, agent)`` for ``config``, initialised from ``config.seed`` in one fixed order
+    (student, transfer, agent) whatever ran before: the one place ``train`` and the demo build them, so a run's
+    saved config.json rebuilds the same modules (issue 27). ``teacher_map_shapes`` (C, H, W) per teacher: build
+    the feature transfer (None: no teachers, student only); ``embedding_dims``: the agent's (strategy mtkd_rl)."""
+    models = _models()
+    seed_everything(config.seed)
+    student = models.create_model(config.student, num_classes).to(device)
+    feature_transfer = agent = None
+    if teacher_map_shapes is not None:
+        student.eval()
+        with torch.no_grad():  # the shape of the map the transfer reads (eval: no RNG, no BatchNorm update)
+            feats, _ = student(torch.zeros(1, *image_shape, device=device), is_feat=True)
+        feature_transfer = models.FeatureTransfer(student_shape=tuple(feats[-2].shape[1:]),
+                                                  teacher_shapes=[tuple(s) for s in teacher_map_shapes],
+                                                  chained_resize=config.transfer_resize == "chained")
+        if config.strategy == "mtkd_rl":
+            if embedding_dims is None or len(embedding_dims) != len(teacher_map_shapes):
+                raise ValueError("embedding_dims: strategy mtkd_rl needs one embedding width per teacher")
+            sizes = [int(d) + num_classes + 3 for d in embedding_dims]
+            agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
+    return student, feature_transfer, agent
+
+
 def train(config: TrainConfig) -> dict:
     """Run ``config`` to the end (or from its last checkpoint with ``resume``). Returns the final metrics and the
     paths of the CSV, the PNG and the checkpoints (see docs/training.md for the layout).
@@ -204,20 +229,19 @@ def _train(config: TrainConfig) -> dict:
     data = _data()
     seed_everything(config.seed)
     subset = {"limit_per_class": config.limit_per_class} if config.limit_per_class else {}
-    train_set = data.build_dataset(config.dataset, split="train", root=config.data_root, augment=True, seed=config.seed,
-                                   **subset)
+    train_set = data.build_dataset(config.dataset, split="train", root=config.data_root, augment=True,
+                                   seed=config.seed if config.data_seed is None else config.data_seed, **subset)
     val_set = data.build_dataset(config.dataset, split=config.val_split, root=config.data_root, augment=False,
                                  seed=config.seed, **subset)
     num_classes = int(train_set.num_classes)
 
     models = _models()
-    student = models.create_model(config.student, num_classes).to(device)
     teachers = build_teachers(config, num_classes, device) if config.strategy != "none" else []
     source = _teacher_source(config, teachers, device, train_set) if config.strategy != "none" else None
     if source is not None and dist_info.is_main:
         print(source.describe(), flush=True)
 
-    feature_transfer = agent = None
+    teacher_shapes = embedding_dims = None
     if source is not None:
         # probe one small batch for the map shapes, embedding widths and class count
         train_set.set_view(0)
@@ -228,22 +252,16 @@ def _train(config: TrainConfig) -> dict:
         if probe.logits.shape[-1] != num_classes:
             raise ValueError(f"teachers: predict {probe.logits.shape[-1]} classes but dataset {config.dataset!r} "
                              f"has {num_classes}")
-        student.eval()
-        with torch.no_grad():
-            feats, _ = student(images, is_feat=True)
-        student_shape = tuple(feats[-2].shape[1:])
         teacher_shapes = [tuple(f.shape[1:]) for f in probe.feature_maps]
+        embedding_dims = [int(e.shape[1]) for e in probe.embeddings]
         if config.strategy == "mtkd_rl":
             for m, (e, f) in enumerate(zip(probe.embeddings, probe.feature_maps)):
                 if e.shape[1] != f.shape[1]:
                     name = config.teachers[m] if m < len(config.teachers) else f"teacher {m}"
                     raise ValueError(f"teachers[{m}]: {name}'s embedding ({e.shape[1]} values) is not the pooled "
                                      f"feats[-2] ({f.shape[1]} channels), which MTKD-RL's cosine state needs")
-        feature_transfer = models.FeatureTransfer(student_shape=student_shape, teacher_shapes=teacher_shapes,
-                                                  chained_resize=config.transfer_resize == "chained")
-        if config.strategy == "mtkd_rl":
-            sizes = [int(e.shape[1]) + num_classes + 3 for e in probe.embeddings]
-            agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
+    student, feature_transfer, agent = build_student_side(config, num_classes, device, train_set.image_shape,
+                                                          teacher_shapes, embedding_dims)
     heads = [models.classifier_head(t) for t in teachers] if config.strategy == "camkd" else None
     trainer = Trainer(config, student, source, feature_transfer, agent, device=device, dist_info=dist_info,
                       teacher_heads=heads)

@@ -15,6 +15,11 @@ That code divides the EB-KD and CA-MKD weighted sums over teachers by B*M, so th
 - ``aekd`` (Du et al., NeurIPS 2020; the ``AEKD`` branch and ``helper/optimization.py``): one weight per teacher
   per batch, the min-norm point of the teachers' KD gradients w.r.t. the student logits (a nu-SVM dual), summing
   to 1; logits only.
+
+Two options reproduce the CA-MKD code's step exactly where the default departs from it (docs/training.md, "The
+baselines as published"): ``camkd_weight_grad`` lets the gradient flow through CA-MKD's feature weights (the code
+does not detach them), and ``aekd_solver="libsvm"`` solves AEKD's dual with scikit-learn's ``OneClassSVM`` as the
+code does (which stops early when the Gram matrix is tiny) instead of exactly.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from torch import Tensor, nn
 
 from .._validation import stack_teachers
 from ..agent import AgentState, MTKDAgent
+from ..distiller import AEKD_SOLVERS
 
 __all__ = ["aver_weights", "ebkd_weights", "camkd_weights", "camkd_feature_weights", "aekd_weights",
-           "min_norm_simplex", "WeightStrategy", "make_strategy", "AEKD_C"]
+           "min_norm_simplex", "libsvm_simplex", "WeightStrategy", "make_strategy", "AEKD_C", "AEKD_SOLVERS"]
 
 # CA-MKD's default tolerance C for AEKD (train_student.py ``-C``): nu = 1 / (C M)
 AEKD_C = 0.6
@@ -69,18 +75,21 @@ def camkd_weights(teacher_ce: Tensor) -> Tensor:
     return _confidence(teacher_ce)
 
 
-def camkd_feature_weights(student_maps: Sequence[Tensor], teacher_heads: Sequence[nn.Module], labels: Tensor) -> Tensor:
+def camkd_feature_weights(student_maps: Sequence[Tensor], teacher_heads: Sequence[nn.Module], labels: Tensor,
+                          with_grad: bool = False) -> Tensor:
     """CA-MKD's feature weights (``CAMKD.py`` with ``CalWeight``): teacher m's classifier applied to the globally
     average-pooled transformed student map G_m gives a cross-entropy CE_m against the label; the weight is
-    (1 - softmax_m(CE)_m) / (M - 1) / M. Computed without gradient (in the CA-MKD code these weights are not
-    detached, so a small gradient also flows through them into the student). Returns [B, M]."""
+    (1 - softmax_m(CE)_m) / (M - 1) / M. Returns [B, M].
+
+    ``with_grad`` False (the default): computed without gradient. True: as in the CA-MKD code, the weights stay a
+    differentiable function of the maps G_m, so the student's gradient also flows through them."""
     if len(student_maps) != len(teacher_heads) or len(student_maps) < 2:
         raise ValueError(f"teacher_heads: expected one classifier head per teacher map ({len(student_maps)}), "
                          f"got {len(teacher_heads)}")
-    with torch.no_grad():
+    with torch.set_grad_enabled(with_grad and torch.is_grad_enabled()):
         cols = []
         for m, (g, head) in enumerate(zip(student_maps, teacher_heads)):
-            pooled = g.detach().mean(dim=(2, 3))
+            pooled = (g if with_grad else g.detach()).mean(dim=(2, 3))
             weight = getattr(head, "weight", None)
             if weight is not None and weight.shape[-1] != pooled.shape[1]:
                 raise ValueError(f"teacher_heads[{m}]: takes {weight.shape[-1]} features but the transformed map "
@@ -142,14 +151,39 @@ def min_norm_simplex(gram: Tensor, cap: float = 1.0) -> Tensor:
     return best / best.sum()
 
 
+def libsvm_simplex(gram: Tensor, nu: float) -> Tensor:
+    """AEKD's dual solved as the CA-MKD code does (``helper/optimization.py``, ``find_optimal_svm``): scikit-learn's
+    ``OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6)`` fitted on ``gram`` [M, M], a = dual_coef / (M nu) on the
+    support vectors (0 elsewhere), as float32 [M] on ``gram``'s device. libsvm stops when its KKT gap is under
+    tol, so on a Gram matrix whose entries are below it (the CIFAR shape) it returns its starting point.
+    Needs scikit-learn (``pip install mtkd_fast[baselines]``); reads ``gram`` back to the host."""
+    from .._optional import require
+
+    svm_module = require("sklearn.svm", "baselines", "aekd_solver='libsvm'")
+    if not isinstance(gram, Tensor) or gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 1:
+        raise ValueError(f"gram: expected a square [M, M] tensor, got "
+                         f"{tuple(gram.shape) if isinstance(gram, Tensor) else type(gram).__name__}")
+    M = gram.shape[0]
+    svm = svm_module.OneClassSVM(kernel="precomputed", nu=nu, tol=1e-6)
+    svm.fit(gram.detach().to("cpu", torch.float64).numpy())
+    a = torch.zeros(M, dtype=torch.float64)
+    a[torch.as_tensor(svm.support_, dtype=torch.long)] = torch.as_tensor(svm.dual_coef_[0], dtype=torch.float64) \
+        / (M * nu)
+    return a.to(torch.float32).to(gram.device)
+
+
 def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-                 nu: Optional[float] = None) -> Tensor:
+                 nu: Optional[float] = None, solver: str = "exact") -> Tensor:
     """AEKD's per-batch teacher weights as in the CA-MKD code (``svm_norm`` off, its default).
 
     g_m = d KD_m / d z_s with KD_m = T^2 * KL(p^T(z_m) || p^T(z_s)) averaged over the batch, i.e.
     T (p^T(z_s) - p^T(z_m)) / B per sample; v_m = the mean of g_m over the batch [K]; the weights solve the
     one-class nu-SVM dual min a^T V V^T a over a >= 0, sum a = 1, a_m <= 1 / (nu M), nu clamped to [1/M, 1]
-    (``nu`` None: 1 / (0.6 M), the code's default C = 0.6). Returns [M], summing to 1 (no gradient)."""
+    (``nu`` None: 1 / (0.6 M), the code's default C = 0.6). ``solver``: ``"exact"`` (:func:`min_norm_simplex`, the
+    true minimum, float64) or ``"libsvm"`` (:func:`libsvm_simplex`, the code's OneClassSVM, float32). Returns [M],
+    summing to 1 (no gradient)."""
+    if solver not in AEKD_SOLVERS:
+        raise ValueError(f"aekd_solver: expected one of {list(AEKD_SOLVERS)}, got {solver!r}")
     teachers = stack_teachers("teacher_logits", teacher_logits, student_logits)
     M, B, _ = teachers.shape
     if nu is None:
@@ -162,6 +196,8 @@ def aekd_weights(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
         p_s = F.softmax(zs / temperature, dim=-1)
         p_t = F.softmax(teachers.detach().to(torch.float64) / temperature, dim=-1)
         v = (temperature * (p_s[None] - p_t) / B).mean(dim=1)  # [M, K]
+        if solver == "libsvm":
+            return libsvm_simplex(v @ v.T, nu)
         return min_norm_simplex(v @ v.T, cap=1.0 / (nu * M))
 
 
@@ -181,7 +217,8 @@ class WeightStrategy:
     def weights(self, epoch: int, teacher_logits: Tensor, teacher_ce: Optional[Tensor], state: Optional[AgentState],
                 student_logits: Optional[Tensor] = None, student_maps: Optional[Sequence[Tensor]] = None,
                 labels: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
-        """Return (logit_weights, feature_weights, sampled_actions_or_None), weights [B, M] without gradient.
+        """Return (logit_weights, feature_weights, sampled_actions_or_None), weights [B, M] without gradient
+        (but camkd's feature weights with ``weight_grad``).
         ``student_logits`` [B, K], ``student_maps`` (the transformed maps G_m) and ``labels`` are given by the
         trainer for the strategies that need them."""
         raise NotImplementedError
@@ -217,12 +254,14 @@ class ConfidenceAware(WeightStrategy):
     """CA-MKD as in its code: logit weights :func:`camkd_weights` from the teachers' own cross-entropies, feature
     weights :func:`camkd_feature_weights` from each teacher's classifier applied to the transformed student map
     (both summing to 1/M), and no feature distillation in epoch 0 (the code's first epoch). Needs the teachers'
-    classifier heads (``mtkd_fast.models.classifier_head``)."""
+    classifier heads (``mtkd_fast.models.classifier_head``). ``weight_grad``: the feature weights keep their
+    gradient (the code's step; the caller adds the product-rule term, see ``Distiller.step``)."""
 
     name = "camkd"
     needs_teacher_ce = True
 
-    def __init__(self, teacher_heads: Optional[Sequence[nn.Module]]):
+    def __init__(self, teacher_heads: Optional[Sequence[nn.Module]], weight_grad: bool = False):
+        self.weight_grad = bool(weight_grad)
         if not teacher_heads:
             raise ValueError("teacher_heads: strategy 'camkd' needs the teachers' classifier heads (its feature "
                              "weights apply each teacher's classifier to the transformed student features)")
@@ -236,7 +275,8 @@ class ConfidenceAware(WeightStrategy):
             return wl, torch.zeros_like(wl), None
         if labels is None:
             raise ValueError("labels: the camkd strategy's feature weights need the batch labels")
-        return wl, camkd_feature_weights(student_maps, self.teacher_heads, labels).to(wl.dtype), None
+        wf = camkd_feature_weights(student_maps, self.teacher_heads, labels, with_grad=self.weight_grad)
+        return wl, wf.to(wl.dtype), None
 
 
 class AdaptiveEnsemble(WeightStrategy):
@@ -246,14 +286,18 @@ class AdaptiveEnsemble(WeightStrategy):
 
     name = "aekd"
 
-    def __init__(self, temperature: float = 4.0, nu: Optional[float] = None):
+    def __init__(self, temperature: float = 4.0, nu: Optional[float] = None, solver: str = "exact"):
+        if solver not in AEKD_SOLVERS:
+            raise ValueError(f"aekd_solver: expected one of {list(AEKD_SOLVERS)}, got {solver!r}")
         self.temperature = float(temperature)
         self.nu = nu
+        self.solver = solver
 
     def weights(self, epoch, teacher_logits, teacher_ce, state, student_logits=None, student_maps=None, labels=None):
         if student_logits is None:
             raise ValueError("student_logits: the aekd strategy needs the student's logits")
-        a = aekd_weights(student_logits, teacher_logits, self.temperature, self.nu).to(teacher_logits.dtype)
+        a = aekd_weights(student_logits, teacher_logits, self.temperature, self.nu, self.solver)
+        a = a.to(teacher_logits.dtype)
         wl = a[None, :].expand(teacher_logits.shape[1], -1).contiguous()
         return wl, torch.zeros_like(wl), None
 
@@ -294,17 +338,19 @@ class MTKDRL(WeightStrategy):
 
 def make_strategy(name: str, agent: Optional[MTKDAgent] = None, warmup_weights: str = "ones",
                   teacher_heads: Optional[Sequence[nn.Module]] = None, temperature: float = 4.0,
-                  aekd_nu: Optional[float] = None) -> WeightStrategy:
+                  aekd_nu: Optional[float] = None, camkd_weight_grad: bool = False,
+                  aekd_solver: str = "exact") -> WeightStrategy:
     """The strategy called ``name`` (none | aver | ebkd | camkd | aekd | mtkd_rl). mtkd_rl needs ``agent``; camkd
-    needs ``teacher_heads`` (each teacher's final linear layer); aekd uses ``temperature`` and ``aekd_nu``."""
+    needs ``teacher_heads`` (each teacher's final linear layer) and uses ``camkd_weight_grad``; aekd uses
+    ``temperature``, ``aekd_nu`` and ``aekd_solver``."""
     if name == "mtkd_rl":
         if agent is None:
             raise ValueError("agent: the mtkd_rl strategy needs an MTKDAgent")
         return MTKDRL(agent, warmup_weights)
     if name == "camkd":
-        return ConfidenceAware(teacher_heads)
+        return ConfidenceAware(teacher_heads, camkd_weight_grad)
     if name == "aekd":
-        return AdaptiveEnsemble(temperature, aekd_nu)
+        return AdaptiveEnsemble(temperature, aekd_nu, aekd_solver)
     simple = {"none": NoDistillation, "aver": Average, "ebkd": EntropyBased}
     if name not in simple:
         raise ValueError(f"strategy: expected one of {sorted(list(simple) + ['camkd', 'aekd', 'mtkd_rl'])}, "

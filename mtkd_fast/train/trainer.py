@@ -50,10 +50,10 @@ RUN_OUTPUTS = (CHECKPOINT_LAST, CHECKPOINT_BEST, STUDENT_BEST, STUDENT_LAST, MET
 # new value is used from the resumed epoch on and recorded in config.json. RESUME_CONTROL: what the command does
 # with the out_dir, not part of the run.
 RESUME_FIXED = ("student", "teachers", "teacher_checkpoints", "teacher_cache", "dataset", "limit_per_class",
-                "val_split", "strategy", "aekd_nu", "temperature", "alpha", "beta", "feature_kd", "warmup_weights",
-                "dynamic", "agent_step", "agent_lr", "agent_update", "agent_buffer_dtype", "transfer_resize",
-                "batch_size", "optimizer", "lr", "momentum", "nesterov", "weight_decay", "schedule", "milestones",
-                "lr_decay", "seed", "amp", "teacher_precision")
+                "val_split", "strategy", "aekd_nu", "aekd_solver", "camkd_weight_grad", "temperature", "alpha",
+                "beta", "feature_kd", "warmup_weights", "dynamic", "agent_step", "agent_lr", "agent_update",
+                "agent_buffer_dtype", "transfer_resize", "batch_size", "optimizer", "lr", "momentum", "nesterov",
+                "weight_decay", "schedule", "milestones", "lr_decay", "seed", "data_seed", "amp", "teacher_precision")
 RESUME_APPLIED = ("epochs", "max_steps_per_epoch", "data_root", "num_workers", "data_backend", "loss_backend",
                   "device", "channels_last", "compile", "teacher_compile", "fold_bn", "trust_checkpoint",
                   "log_every", "progress", "tensorboard", "eval_every")
