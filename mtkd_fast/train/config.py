@@ -249,8 +249,9 @@ class TrainConfig:
     teacher_precision: str = _option(
         "auto", group="teachers", choices=PRECISIONS,
         help="the live teachers' compute precision; auto: bf16 where the device computes it fast, but fp32 for "
-             "strategy mtkd_rl (a paired study: docs/training.md, Teacher precision), and the same for a cache "
-             "built with auto; a cache of another precision is refused; fp16 on CUDA only")
+             "strategy mtkd_rl (a paired study: docs/training.md, Teacher precision); a cache built with auto is "
+             "fp32, which every strategy's auto accepts; a cache of another precision is refused; fp16 on CUDA "
+             "only")
     teacher_compile: bool = _option(False, group="teachers", help="torch.compile the live teachers")
     fold_bn: bool = _option(
         True, group="teachers",
