@@ -759,9 +759,13 @@ def test_logit_kd_on_device_large_logits_float16(device):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_feature_kd_on_device_matches_reference(device, dtype, channels_last):
-    g = gen(2)
-    B = 33
-    shapes = [(64, 8, 8), (48, 7, 7), (5, 3, 1), (3, 2, 2)]  # multi-chunk, odd, tiny (unvectorised) maps
+    # multi-chunk, odd, tiny (unvectorised) maps
+    shapes = [(64, 8, 8), (48, 7, 7), (5, 3, 1), (3, 2, 2)]
+    _check_feature_kd_on_device(device, dtype, channels_last, gen(2), 33, shapes)
+
+
+def _check_feature_kd_on_device(device, dtype, channels_last, g, B, shapes):
+    """mtkd_feature_kd on ``device`` against the float64 reference: every output, every gradient and its strides."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
     fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
@@ -770,12 +774,10 @@ def test_feature_kd_on_device_matches_reference(device, dtype, channels_last):
     gd = [x.to(device).requires_grad_(True) for x in gs]
     out = ops.mtkd_feature_kd(gd, [f.to(device) for f in fs], w.to(device, acc), 5.0)
     grads = torch.autograd.grad(out.loss, gd)
-    g64 = [x.to(F64).requires_grad_(True) for x in gs]
-    exp = ref.mtkd_feature_kd(g64, [f.to(F64) for f in fs], w, 5.0)
-    exp_grads = torch.autograd.grad(exp.loss, g64)
+    exp, exp_grads = ref_feature(gs, fs, w, 5.0)
     tol = STAT_TOL.get(dtype, 1e-4)
-    for a, b in zip(out, exp):
-        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol)
+    for name, a, b in zip(out._fields, out, exp):
+        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
     rtol = GRAD_RTOL[dtype]
     for a, b, x in zip(grads, exp_grads, gd):
         assert a.stride() == x.stride()
@@ -936,24 +938,7 @@ def test_feature_kd_channels_last_small_c_large_maps_on_device(device, dtype):
 def test_feature_kd_on_device_multi_chunk_flat_walk(device, dtype, channels_last):
     # the flat walk (no cosine) takes kChunk = 8192 values of a sample per CUDA block: 17995 values are three
     # chunks with a short last one (odd: the scalar loop), 18496 three vectorised ones, 15 a single short one
-    g = gen(11)
-    B, shapes = 2, [(5, 61, 59), (64, 17, 17), (1, 3, 5)]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    gs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
-    fs = [torch.randn(B, *s, generator=g, dtype=F64).to(dtype).contiguous(memory_format=fmt) for s in shapes]
-    w = torch.rand(B, len(shapes), generator=g, dtype=F64)
-    acc = F64 if dtype == F64 else torch.float32
-    gd = [x.to(device).requires_grad_(True) for x in gs]
-    out = ops.mtkd_feature_kd(gd, [f.to(device) for f in fs], w.to(device, acc), 5.0)
-    grads = torch.autograd.grad(out.loss, gd)
-    exp, exp_grads = ref_feature(gs, fs, w, 5.0)
-    tol = STAT_TOL.get(dtype, 1e-4)
-    for name, a, b in zip(out._fields, out, exp):
-        torch.testing.assert_close(a.cpu().to(F64), b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
-    rtol = GRAD_RTOL[dtype]
-    for a, b, x in zip(grads, exp_grads, gd):
-        assert a.stride() == x.stride()
-        torch.testing.assert_close(a.cpu().to(F64), b, rtol=rtol, atol=rtol * b.abs().max().item())
+    _check_feature_kd_on_device(device, dtype, channels_last, gen(11), 2, [(5, 61, 59), (64, 17, 17), (1, 3, 5)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
