@@ -395,6 +395,7 @@ def main(argv=None) -> int:
     ap.add_argument("--take", nargs=2, metavar=("RUN_CSV", "TRACKED_CSV"),
                     help="copy a benchmark run's CSV onto a tracked one (benchmarks/results/...) before rendering")
     ap.add_argument("--append", action="store_true", help="with --take: add the run's rows instead of replacing")
+    ap.add_argument("--root", default=ROOT, help="the checkout whose documents are rendered (default: this one)")
     args = ap.parse_args(argv)
     if args.append and not args.take:
         ap.error("--append: only with --take")
@@ -404,11 +405,11 @@ def main(argv=None) -> int:
                 ap.error("--take: not with --check")
             take(*args.take, append=args.append)
         failed = 0
-        for rel in documents():
-            path = os.path.join(ROOT, rel)
+        for rel in documents(args.root):
+            path = os.path.join(args.root, rel)
             with open(path, encoding="utf-8") as f:
                 text = f.read()
-            new, stale = render_text(text, ROOT, rel)
+            new, stale = render_text(text, args.root, rel)
             for line, spec in stale:
                 print(f"{rel}:{line}: rendered block '{spec}' is stale" if args.check else f"{rel}:{line}: {spec}")
             if stale and not args.check:

@@ -1,0 +1,355 @@
+"""Every measured number in the docs comes from a tracked file.
+
+- The rendered blocks of README.md, benchmarks/RESULTS.md and docs/*.md (``<!-- rendered: CSV view=... -->``)
+  are what tools/render_results.py makes of their CSVs today.
+- The tracked benchmark CSVs (benchmarks/results/*.csv) are in the one schema of mtkd_fast/bench/record.py and
+  say where each row comes from (``provenance``).
+- Outside the blocks, a ratio (``1.37x``, ``1.2-1.5x``) or a percentage in prose or a table must be traceable: each
+  number equals, at the decimals it is written with, a number of a tracked CSV (benchmarks/**/*.csv, docs/**/*.csv,
+  JSON in ``extra`` included) or of a rendered block (which the first test ties to its CSV); a whole number must be
+  exact. Fenced code blocks and inline code (commands, verbatim program output) are not prose and are skipped.
+  What is not a measurement (a target, a test threshold, the paper's own figure) is in ALLOWED with its reason;
+  measured figures still waiting for a tracked CSV are in PENDING, which may only shrink: an entry whose text is
+  gone from its document fails too.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mtkd_fast.bench.record import COLUMNS, RUN_COLUMNS, Record
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("render_results", os.path.join(ROOT, "tools", "render_results.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rr = _tool()
+
+RATIO = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s*(?:-|to)\s*(\d+(?:\.\d+)?))?x\b")
+PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s*(?:-|to)\s*(\d+(?:\.\d+)?))?\s?%")
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
+
+# (document, text as matched): why it is not a measurement
+ALLOWED = {
+    ("benchmarks/RESULTS.md", "8x"): "the ops target (>= 8x the authors' arithmetic)",
+    ("benchmarks/RESULTS.md", "1.5x"): "the ops target (>= 1.5x torch.compile of the reference)",
+    ("benchmarks/RESULTS.md", "2x"): "the live-teacher targets (>= 2x the authors' way, >= 2x float32 eager; "
+                                     "'within 2x' of the byte floor on a GPU)",
+    ("docs/training.md", "2x"): "the live-teacher target (>= 2x the authors' step)",
+    ("docs/training.md", "50%"): "arithmetic: the bf16 buffer's MiB over the fp32 one's, both in the same table row",
+    ("docs/training.md", "2%"): "a test threshold (tests/test_live_teachers.py)",
+    ("docs/training.md", "3%"): "a test threshold (tests/test_live_teachers.py)",
+    ("docs/cache.md", "10%"): "the setting of the measurement (a student map within 10% of the teacher's)",
+    ("docs/method.md", "15%"): "the paper's figure (RTX 4090), not a measurement of this package",
+    ("docs/method.md", "14%"): "the paper's figure (RTX 4090), not a measurement of this package",
+    ("docs/method.md", "13%"): "the paper's figure (RTX 4090), not a measurement of this package",
+    ("docs/study.md", "3x"): "arithmetic: the warm-up's weights of 1 against AVER's 1/M with M = 3 teachers",
+}
+
+# (document, text as matched): measured figures without a tracked CSV yet (the runs' files were not kept, or the
+# figure comes from a test or a study whose results are not tracked); each is debt, to be replaced by a rendered
+# block or a tracked CSV, and removed from here
+PENDING = {
+    ("benchmarks/RESULTS.md", "2-3x"): "the loaded 2026-12-06 runs' round-to-round spread (rounds not kept)",
+    ("docs/cache.md", "79.1%"): "the replay experiment's teachers' top-1 (its CSV not kept)",
+    ("docs/cache.md", "81.0%"): "the replay experiment's teachers' top-1 (its CSV not kept)",
+    ("docs/demo.md", "87.7%"): "the long demo run's output (quoted verbatim above it; its CSVs not kept)",
+    ("docs/demo.md", "72-78%"): "the long demo run's teachers (quoted verbatim above it; its CSVs not kept)",
+    ("docs/ops.md", "3x"): "swapcontext against the emulator's fibers (measured while building it)",
+    ("docs/study.md", "83.25%"): "the study's teachers' top-1 (the study's CSVs are not tracked)",
+    ("docs/study.md", "86.60%"): "the study's teachers' top-1",
+    ("docs/study.md", "84.75%"): "the study's teachers' top-1",
+    ("docs/study.md", "65%"): "the study's student alone",
+    ("docs/study.md", "83-87%"): "the study's teachers' top-1",
+    ("docs/training.md", "2.1-2.4%"): "the CA-MKD gradient check (a test's numbers)",
+    ("docs/training.md", "5.7%"): "the issue's check on the authors' own models",
+    # the precision section's error table (tests/test_live_teachers.py's measurements)
+    **{("docs/training.md", t): "the bf16 error table (tests/test_live_teachers.py)" for t in (
+        "1.01%", "0.89%", "2.45%", "99.2%", "0.45%", "0.43%", "1.13%", "100%", "1.08%", "0.75%", "1.81%", "98.4%",
+        "3.92%", "3.38%", "9.03%", "96.9%")},
+}
+
+
+def _blank(m) -> str:
+    return re.sub(r"[^\n]", " ", m.group(0))
+
+
+def prose(text: str) -> str:
+    """The text outside rendered blocks, fenced code and inline code (those blanked, so lines keep their numbers)."""
+    text = rr.BLOCK.sub(_blank, text)
+    text = re.sub(r"```.*?```", _blank, text, flags=re.S)
+    return re.sub(r"`[^`\n]*`", _blank, text)
+
+
+def _numbers_in(value, out: set) -> None:
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, (int, float)):
+        out.add(float(value))
+    elif isinstance(value, dict):
+        for v in value.values():
+            _numbers_in(v, out)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _numbers_in(v, out)
+    elif isinstance(value, str):
+        s = value.strip()
+        if s[:1] in "[{":
+            try:
+                _numbers_in(json.loads(s), out)
+                return
+            except ValueError:
+                pass
+        out.update(float(n) for n in NUMBER.findall(s))
+
+
+def tracked_csvs(root: str = ROOT) -> list:
+    out = []
+    for top in ("benchmarks", "docs"):
+        for dirpath, _, files in os.walk(os.path.join(root, top)):
+            out += [os.path.join(dirpath, f) for f in files if f.endswith(".csv")]
+    return sorted(out)
+
+
+def tracked_values(root: str = ROOT) -> set:
+    """Every number in a tracked CSV and in a rendered block."""
+    values: set = set()
+    for path in tracked_csvs(root):
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                for key, cell in row.items():
+                    if key not in RUN_COLUMNS:  # the machine's name, versions and load are not results
+                        _numbers_in(cell, values)
+    for rel in rr.documents(root):
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            for m in rr.BLOCK.finditer(f.read()):
+                _numbers_in(m.group("body"), values)
+    return values
+
+
+def traceable(number: str, values: set) -> bool:
+    """``number`` as written equals a tracked value at its own decimals (a whole number: exactly)."""
+    decimals = len(number.partition(".")[2])
+    x = float(number)
+    if decimals == 0:
+        return any(abs(v - x) < 1e-9 for v in values)
+    half = 0.5 * 10 ** -decimals * (1 + 1e-9)  # a value on the rounding boundary may be written either way
+    return any(abs(v - x) <= half for v in values)
+
+
+def untraced(root: str = ROOT) -> list:
+    """['doc:line: text'] for each ratio or percentage outside the blocks that no tracked file gives."""
+    values, out = tracked_values(root), []
+    for rel in rr.documents(root):
+        with open(os.path.join(root, rel), encoding="utf-8") as f:
+            text = prose(f.read())
+        key_rel = rel.replace(os.sep, "/")
+        for pattern in (RATIO, PERCENT):
+            for m in pattern.finditer(text):
+                literal = m.group(0).replace(" ", "")
+                if (key_rel, literal) in ALLOWED or (key_rel, literal) in PENDING:
+                    continue
+                if not all(traceable(n, values) for n in m.groups() if n):
+                    out.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}")
+    return out
+
+
+# ---- the repository's documents ---------------------------------------------------------------------------------
+
+def test_rendered_blocks_match_their_csvs():
+    stale, seen = [], 0
+    for rel in rr.documents():
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            text = f.read()
+        seen += len(rr.blocks(text))
+        _, bad = rr.render_text(text, ROOT, rel)
+        stale += [f"{rel}:{line}: {spec}" for line, spec in bad]
+    assert seen >= 10, f"expected the rendered blocks of RESULTS.md, README.md and docs/cache.md, found {seen}"
+    assert not stale, "stale rendered blocks (run python tools/render_results.py):\n" + "\n".join(stale)
+
+
+def test_readme_headline_and_results_are_rendered():
+    for rel, view in (("README.md", "view=headline"), ("benchmarks/RESULTS.md", "view=ops"),
+                      ("benchmarks/RESULTS.md", "view=teachers"), ("benchmarks/RESULTS.md", "view=epoch")):
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            assert view in f.read(), f"{rel}: no rendered block with {view}"
+
+
+def test_tracked_results_are_in_the_one_schema_with_provenance():
+    paths = [p for p in tracked_csvs() if os.sep + "results" + os.sep in p]
+    assert len(paths) >= 8, paths
+    for path in paths:
+        rows = rr.read_rows(path)  # refuses another header
+        assert rows, path
+        for row in rows:
+            assert row["provenance"] == "measured" or row["provenance"].startswith("transcribed from "), \
+                f"{path}: provenance {row['provenance']!r}"
+            assert row["date"] and row["commit"], f"{path}: a row without the run's date and commit"
+
+
+def test_numbers_outside_blocks_are_traceable():
+    bad = untraced()
+    assert not bad, ("ratios or percentages that no tracked CSV or rendered block gives (render them, add the run's "
+                     "CSV, or, for what is not a measurement, ALLOWED with a reason):\n" + "\n".join(bad))
+
+
+def test_allowed_and_pending_entries_still_occur():
+    texts = {}
+    for rel in rr.documents():
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            texts[rel.replace(os.sep, "/")] = prose(f.read())
+    gone = []
+    for rel, literal in list(ALLOWED) + list(PENDING):
+        found = any(m.group(0).replace(" ", "") == literal
+                    for pattern in (RATIO, PERCENT) for m in pattern.finditer(texts.get(rel, "")))
+        if not found:
+            gone.append(f"{rel}: {literal}")
+    assert not gone, "entries whose text is gone from their document (remove them):\n" + "\n".join(gone)
+
+
+def test_docstrings_cite_results_instead_of_figures():
+    """Code comments and docstrings point at RESULTS.md / the docs for speed-ups instead of carrying them (a
+    measured ratio has decimals, or says faster/slower/more/less; "1x" as ShuffleNetV2's width is not one)."""
+    bad = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "mtkd_fast")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                with open(path, encoding="utf-8") as f:
+                    for i, line in enumerate(f, 1):
+                        if re.search(r"(?<![\w.])(?:\d+\.\d+x\b|\d+x (?:faster|slower|more|less|as long)\b)", line):
+                            bad.append(f"{os.path.relpath(path, ROOT)}:{i}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+# ---- the rule and the renderer on made-up files -----------------------------------------------------------------
+
+def test_traceable_rounds_to_the_written_decimals():
+    values = {1.3689, 7.0, 0.045}
+    assert traceable("1.37", values) and traceable("1.4", values) and traceable("7", values)
+    assert not traceable("1.36", values) and not traceable("1.23", values) and not traceable("1", values)
+    assert traceable("0.05", values) and traceable("0.04", values) and not traceable("0.03", values)
+
+
+def test_a_drifted_number_is_found(tmp_path):
+    os.makedirs(tmp_path / "benchmarks" / "results")
+    rec = Record(meta={"harness": "test", "date": "2026-01-01T00:00:00Z", "commit": "abc", "provenance": "measured"})
+    rec.add("cache", "cifar", "student_only", [0.4, 0.5, 0.45], baseline="student_only", label="student only")
+    rec.add("cache", "cifar", "mtkd_rl_cached", [0.6, 0.55, 0.5], baseline="student_only", label="cached")
+    rec.write(str(tmp_path / "benchmarks" / "results" / "cache.csv"))
+    block = "<!-- rendered: benchmarks/results/cache.csv view=cache -->\n<!-- end rendered -->\n"
+    (tmp_path / "README.md").write_text("# x\n\n" + block + "\nThe cached step costs 1.22x student-only; "
+                                        "also 1.37x and 12% by hand.\n")
+    assert rr.main(["--root", str(tmp_path), "--check"]) == 1  # the empty block is stale
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    assert rr.main(["--root", str(tmp_path), "--check"]) == 0
+    # 0.55 / 0.45 = 1.22: in the block; 1.37x and 12% come from nowhere
+    assert [b.split(": ", 1)[1] for b in untraced(str(tmp_path))] == ["1.37x", "12%"]
+    text = (tmp_path / "README.md").read_text()
+    assert "| 1.22 / 1.25 |" in text  # 0.55 / 0.45 and 0.5 / 0.4
+    (tmp_path / "README.md").write_text(text.replace("| 1.22 / 1.25 |", "| 1.21 / 1.25 |"))
+    assert rr.main(["--root", str(tmp_path), "--check"]) == 1
+
+
+def test_check_names_the_stale_block_from_the_command_line(tmp_path):
+    os.makedirs(tmp_path / "docs")
+    shutil.copytree(os.path.join(ROOT, "benchmarks", "results"), tmp_path / "benchmarks" / "results")
+    tracked = tmp_path / "benchmarks" / "results" / "teachers.csv"
+    data = tracked.read_text()
+    assert ",3,2.823,," in data
+    tracked.write_text(data.replace(",3,2.823,,", ",3,2.9,,", 1))
+    with open(os.path.join(ROOT, "benchmarks", "RESULTS.md"), encoding="utf-8") as f:
+        (tmp_path / "docs" / "t.md").write_text(f.read())
+    tool = os.path.join(ROOT, "tools", "render_results.py")
+    out = subprocess.run([sys.executable, tool, "--root", str(tmp_path), "--check"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "docs/t.md:" in out.stdout and "teachers.csv view=teachers' is stale" in out.stdout, out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_take_reads_what_the_harness_writes_and_the_views_agree_with_float64(tmp_path):
+    """A run's CSV as Record writes it goes in with --take; the speed-ups rendered equal baseline / variant in
+    float64 at the table's decimals."""
+    rng = random.Random(7)
+    rec = Record("cpu", harness="test")
+    variants = [f"v{i}" for i in range(5)]
+    medians = {}
+    for threads in (1, 3, 2):
+        for v in variants:
+            times = [rng.uniform(0.05, 3.0) for _ in range(7)]
+            medians[(threads, v)] = sorted(times)[3], min(times)
+            rec.add("teachers", "pool", v, times, baseline="v0", threads=threads, label=f"label {v}")
+    run = tmp_path / "run.csv"
+    rec.write(str(run))
+    os.makedirs(tmp_path / "benchmarks" / "results")
+    tracked = tmp_path / "benchmarks" / "results" / "teachers.csv"
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.md").write_text("<!-- rendered: benchmarks/results/teachers.csv view=teachers -->\n"
+                                           "<!-- end rendered -->\n")
+    assert rr.main(["--root", str(tmp_path), "--take", str(run), str(tracked)]) == 0
+    body = (tmp_path / "docs" / "x.md").read_text()
+    for v in variants:
+        line = next(ln for ln in body.splitlines() if ln.startswith(f"| label {v} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for k, threads in enumerate((1, 3, 2)):
+            med, low = medians[(threads, v)]
+            b_med, b_low = medians[(threads, "v0")]
+            assert cells[1 + 2 * k] == f"{med * 1e3:.0f} / {low * 1e3:.0f}"
+            assert cells[2 + 2 * k] == f"{rr.ratio(b_med / med)} / {rr.ratio(b_low / low)}"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="expected the columns"):
+        rr.read_rows(str(bad))
+    assert rr.main(["--root", str(tmp_path), "--take", str(bad), str(tracked)]) == 1
+
+
+def test_appended_runs_render_as_spans_and_per_run_ratios(tmp_path):
+    """Three ops runs (as the harness writes them) appended to one tracked CSV: the block shows each variant's
+    lowest-highest median over the runs and each run's speed-up, as computed in float64 from the times."""
+    rng = random.Random(11)
+    os.makedirs(tmp_path / "benchmarks" / "results")
+    tracked = tmp_path / "benchmarks" / "results" / "ops.csv"
+    (tmp_path / "README.md").write_text("<!-- rendered: benchmarks/results/ops.csv view=ops -->\n"
+                                        "<!-- end rendered -->\n")
+    med = {}
+    for run in range(3):
+        rec = Record("cpu", harness="test")
+        for v in ("fused", "authors", "compiled_reference", "reference"):
+            times = [rng.uniform(0.001, 0.09) for _ in range(5)]
+            med[(run, v)] = sorted(times)[2]
+            rec.add("ops", "cifar", v, times, baseline="fused", threads=1, floor_s=0.0007)
+        rec.write(str(tmp_path / f"run{run}.csv"))
+        assert rr.main(["--root", str(tmp_path), "--take", str(tmp_path / f"run{run}.csv"), str(tracked)]
+                       + ["--append"] * (run > 0)) == 0
+    line = next(ln for ln in (tmp_path / "README.md").read_text().splitlines() if ln.startswith("| CIFAR |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    for col, v in ((3, "authors"), (4, "compiled_reference"), (5, "reference")):
+        values = [med[(r, v)] * 1e3 for r in range(3)]
+        assert cells[col] == f"{rr.fmt_span((min(values), max(values)))} ms"
+    assert cells[6] == ", ".join(rr.ratio(med[(r, "authors")] / med[(r, "fused")]) for r in range(3))
+    floors = [med[(r, "fused")] / 0.0007 for r in range(3)]
+    assert cells[8] == rr.fmt_ratio_span(floors)
+
+
+def test_schema_has_provenance_and_harness_rows_say_measured(tmp_path):
+    assert "provenance" in COLUMNS
+    rec = Record("cpu", harness="test")
+    rec.add("ops", "cifar", "fused", [0.1, 0.2, 0.3])
+    rows = rr.read_rows(rec.write(str(tmp_path / "r.csv")))
+    assert rows[0]["provenance"] == "measured" and rows[0]["load_end"]
