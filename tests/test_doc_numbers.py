@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mtkd_fast.bench.record import COLUMNS, RUN_COLUMNS, Record
 
@@ -345,6 +346,30 @@ def test_appended_runs_render_as_spans_and_per_run_ratios(tmp_path):
     assert cells[6] == ", ".join(rr.ratio(med[(r, "authors")] / med[(r, "fused")]) for r in range(3))
     floors = [med[(r, "fused")] / 0.0007 for r in range(3)]
     assert cells[8] == rr.fmt_ratio_span(floors)
+
+
+def test_a_bench_run_updates_the_docs_with_one_command(tmp_path, capsys):
+    """`mtkd-fast bench ops --out DIR` writes the CSV that --take puts under benchmarks/results/ and renders."""
+    from mtkd_fast import ops
+    from mtkd_fast.cli import main
+
+    if not ops.available(torch.device("cpu")):
+        pytest.skip("no compiled kernels (make build)")
+    assert main(["bench", "ops", "--rounds", "3", "--shapes", "cifar", "--variants", "fused,reference",
+                 "--threads", "1", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    os.makedirs(tmp_path / "benchmarks" / "results")
+    tracked = tmp_path / "benchmarks" / "results" / "ops.csv"
+    (tmp_path / "README.md").write_text("<!-- rendered: benchmarks/results/ops.csv view=ops -->\n"
+                                        "<!-- end rendered -->\n")
+    assert rr.main(["--root", str(tmp_path), "--take", str(tmp_path / "run" / "ops_bench.csv"), str(tracked)]) == 0
+    rows = {r["variant"]: r for r in rr.read_rows(str(tracked))}
+    line = next(ln for ln in (tmp_path / "README.md").read_text().splitlines() if ln.startswith("| CIFAR | 1 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    fused, ref = float(rows["fused"]["median_s"]) * 1e3, float(rows["reference"]["median_s"]) * 1e3
+    assert cells[2].startswith(f"{rr.sig(fused)} / ") and cells[5] == f"{rr.sig(ref)} ms"
+    assert cells[3] == cells[4] == cells[6] == cells[7] == "-"  # variants this run left out
+    assert rr.main(["--root", str(tmp_path), "--check"]) == 0
 
 
 def test_schema_has_provenance_and_harness_rows_say_measured(tmp_path):

@@ -130,15 +130,19 @@ def view_ops(sources: list) -> str:
     for case, threads in _keys(rows, "case", "threads"):
         mine = _pick(rows, case=case, threads=threads)
         fused = _pick(mine, variant="fused")
-        floor = span(fused, "median_x_floor")
+
+        def ms(variant):  # a run of `bench ops --variants ...` may leave variants out
+            rows_v = _pick(mine, variant=variant)
+            return f"{fmt_span(span(rows_v, 'median_s'), 1e3)} ms" if rows_v else "-"
+
+        floor = [v for v in (num(r, "median_x_floor") for r in fused) if v is not None]
         out.append([
             "CIFAR" if case == "cifar" else "ImageNet" if case == "imagenet" else case, threads,
             f"{fmt_span(span(fused, 'median_s'), 1e3)} / {fmt_span(span(fused, 'min_s'), 1e3)} ms",
-            *(f"{fmt_span(span(_pick(mine, variant=v), 'median_s'), 1e3)} ms"
-              for v in ("authors", "compiled_reference", "reference")),
-            ", ".join(ratio(x) for x in _per_run_ratios(mine, "authors")),
-            ", ".join(ratio(x) for x in _per_run_ratios(mine, "compiled_reference")),
-            fmt_ratio_span(list(floor)),
+            *(ms(v) for v in ("authors", "compiled_reference", "reference")),
+            ", ".join(ratio(x) for x in _per_run_ratios(mine, "authors")) or "-",
+            ", ".join(ratio(x) for x in _per_run_ratios(mine, "compiled_reference")) or "-",
+            fmt_ratio_span(floor) if floor else "-",
         ])
         cos = _pick(mine, variant="mtkdloss_cos_in_loss")
         if cos:
