@@ -68,8 +68,6 @@ ALLOWED = {
 # block or a tracked CSV, and removed from here
 PENDING = {
     ("benchmarks/RESULTS.md", "2-3x"): "the loaded 2026-12-06 runs' round-to-round spread (rounds not kept)",
-    ("docs/cache.md", "79.1%"): "the replay experiment's teachers' top-1 (its CSV not kept)",
-    ("docs/cache.md", "81.0%"): "the replay experiment's teachers' top-1 (its CSV not kept)",
     ("docs/demo.md", "87.7%"): "the long demo run's output (quoted verbatim above it; its CSVs not kept)",
     ("docs/demo.md", "72-78%"): "the long demo run's teachers (quoted verbatim above it; its CSVs not kept)",
     ("docs/ops.md", "3x"): "swapcontext against the emulator's fibers (measured while building it)",
