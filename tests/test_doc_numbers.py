@@ -282,7 +282,7 @@ def test_check_names_the_stale_block_from_the_command_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_take_reads_what_the_harness_writes_and_the_views_agree_with_float64(tmp_path):
+def test_take_reads_what_the_harness_writes_and_the_views_agree_with_float64(tmp_path, capsys):
     """A run's CSV as Record writes it goes in with --take; the speed-ups rendered equal baseline / variant in
     float64 at the table's decimals."""
     rng = random.Random(7)
@@ -311,6 +311,12 @@ def test_take_reads_what_the_harness_writes_and_the_views_agree_with_float64(tmp
             b_med, b_low = medians[(threads, "v0")]
             assert cells[1 + 2 * k] == f"{med * 1e3:.0f} / {low * 1e3:.0f}"
             assert cells[2 + 2 * k] == f"{rr.ratio(b_med / med)} / {rr.ratio(b_low / low)}"
+    # a second run appended: this view shows one run and says so in one line
+    capsys.readouterr()
+    assert rr.main(["--root", str(tmp_path), "--take", str(run), str(tracked), "--append"]) == 1
+    assert len(rr.read_rows(str(tracked))) == 2 * 3 * len(variants)
+    err = capsys.readouterr().err
+    assert "this view shows one run" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="expected the columns"):

@@ -116,6 +116,15 @@ def _pick(rows: list, **where) -> list:
     return [r for r in rows if all((r[k] if k in r else r["extra"].get(k)) == v for k, v in where.items())]
 
 
+def _one(rows: list, **where) -> dict:
+    """The one row matching ``where``; a view that shows one run refuses a CSV holding several."""
+    found = _pick(rows, **where)
+    if len(found) != 1:
+        raise ValueError(f"expected one row with {where}, found {len(found)} (this view shows one run: --take "
+                         "without --append replaces the tracked CSV's run)")
+    return found[0]
+
+
 # ---- views: one per kind of table -----------------------------------------------------------------------------
 
 def _per_run_ratios(rows: list, variant: str) -> list:
@@ -168,8 +177,8 @@ def view_teachers(sources: list) -> str:
     for (variant,) in _keys(rows, "variant"):
         line = [_pick(rows, variant=variant)[0]["label"] or variant]
         for t in threads:
-            (r,) = _pick(rows, variant=variant, threads=t)
-            (b,) = _pick(rows, variant=r["baseline"], threads=t)
+            r = _one(rows, variant=variant, threads=t)
+            b = _one(rows, variant=r["baseline"], threads=t)
             line += [f"{num(r, 'median_s') * 1e3:.0f} / {num(r, 'min_s') * 1e3:.0f}",
                      f"{ratio(num(b, 'median_s') / num(r, 'median_s'))} / {ratio(num(b, 'min_s') / num(r, 'min_s'))}"]
         out.append(line)
@@ -277,7 +286,7 @@ def view_cache(sources: list) -> str:
     steps = [r for r in rows if r["benchmark"] == "cache" and r["baseline"]]
     out = []
     for r in steps:
-        (b,) = _pick(rows, benchmark="cache", variant=r["baseline"])
+        b = _one(rows, benchmark="cache", variant=r["baseline"])
         x = ("1.00" if r is b else f"{num(r, 'median_s') / num(b, 'median_s'):.2f} / "
              f"{num(r, 'min_s') / num(b, 'min_s'):.2f}")
         out.append([r["label"] or r["variant"], f"{num(r, 'median_s') * 1e3:.0f} ms", f"{num(r, 'min_s') * 1e3:.0f} ms",
@@ -301,8 +310,8 @@ def view_headline(sources: list) -> str:
         return fmt_ratio_span(_per_run_ratios(_pick(ops, case=case, threads=threads), variant))
 
     def engine(threads):
-        (b,) = _pick(teachers, variant="fp32_eager", threads=threads)
-        (r,) = _pick(teachers, variant="bf16_fold_nhwc", threads=threads)
+        b = _one(teachers, variant="fp32_eager", threads=threads)
+        r = _one(teachers, variant="bf16_fold_nhwc", threads=threads)
         return ratio(num(b, "median_s") / num(r, "median_s"))
 
     students = list(dict.fromkeys(r["extra"].get("student") for r in epoch))
@@ -376,21 +385,18 @@ def blocks(text: str) -> list:
 
 def take(run_csv: str, tracked: str, append: bool) -> None:
     """Make ``tracked`` the rows of ``run_csv`` (a benchmark run's CSV), or add them to it with ``append``."""
-    new = read_rows(run_csv)
+    def cells(path):
+        read_rows(path)  # the one schema, or refuse before writing anything
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.reader(f))[1:]
+
+    new = cells(run_csv)
     if not new:
         raise ValueError(f"{run_csv}: expected at least one row")
-    with open(run_csv, newline="", encoding="utf-8") as f:
-        new_lines = f.read().splitlines(keepends=True)[1:]
-    if append and os.path.exists(tracked):
-        read_rows(tracked)  # the same schema, or refuse before writing
-        with open(tracked, encoding="utf-8") as f:
-            old = f.read()
-        data = old + ("" if old.endswith("\n") else "\n") + "".join(new_lines)
-    else:
-        buf = io.StringIO()
-        csv.writer(buf).writerow(COLUMNS)
-        data = buf.getvalue() + "".join(new_lines)
-    write_bytes_atomic(tracked, data.encode("utf-8"))
+    old = cells(tracked) if append and os.path.exists(tracked) else []
+    buf = io.StringIO()
+    csv.writer(buf).writerows([list(COLUMNS)] + old + new)
+    write_bytes_atomic(tracked, buf.getvalue().encode("utf-8"))
 
 
 def main(argv=None) -> int:
@@ -419,7 +425,7 @@ def main(argv=None) -> int:
             if stale and not args.check:
                 write_bytes_atomic(path, new.encode("utf-8"))
             failed += len(stale)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, csv.Error) as e:
         print(f"render_results: {e}", file=sys.stderr)
         return 1
     return 1 if args.check and failed else 0
