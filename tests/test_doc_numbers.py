@@ -376,6 +376,56 @@ def test_a_bench_run_updates_the_docs_with_one_command(tmp_path, capsys):
     assert rr.main(["--root", str(tmp_path), "--check"]) == 0
 
 
+def test_an_epoch_run_as_the_harness_writes_it_renders_against_float64(tmp_path):
+    """An epoch benchmark's rows through the harness's own CSV writer (report.write_csv), then the epoch, the
+    vs-authors and the targets views: each time and ratio is the float64 one at the table's decimals."""
+    from mtkd_fast.bench.epoch import add_ratios
+    from mtkd_fast.bench.record import run_info, summarize
+    from mtkd_fast.bench.report import write_csv
+
+    rng = random.Random(3)
+    configs = ("student_only", "aver", "mtkd_rl_authors", "mtkd_rl_live", "mtkd_rl_cached")
+    rows = []
+    for student in ("ShuffleV2", "resnet56", "resnet8"):
+        for c in configs:
+            times = [rng.uniform(0.3, 9.0) for _ in range(5)]
+            rows.append({"setting": "cifar", "student": student, "config": c, "label": f"L {c}",
+                         "teacher_precision": "fp32", "steps": 3, "batch_size": 7, "images": 21, "repetitions": 5,
+                         **summarize(times), "images_per_s": 21 / summarize(times)["median_s"],
+                         "peak_rss_mib": float("nan"), "peak_device_mib": float("nan"),
+                         "times_s": " ".join(repr(t) for t in times)})
+    add_ratios(rows, "cpu")
+    meta = {**run_info("cpu", harness="test"), "threads": 1, "cache_build_s": 1.5, "cache_build_fp32_s": 4.25,
+            "cache_samples": 21}
+    os.makedirs(tmp_path / "benchmarks" / "results")
+    write_csv({"rows": rows, "meta": meta}, str(tmp_path / "benchmarks" / "results" / "e.csv"))
+    tracked = rr.read_rows(str(tmp_path / "benchmarks" / "results" / "e.csv"))
+
+    epoch = rr.view_epoch([tracked])
+    med = {(r["student"], r["config"]): r["median_s"] for r in rows}
+    for (student, c), m in med.items():
+        line = next(ln for ln in epoch.splitlines() if ln.startswith(f"| {student} | L {c} |"))
+        cells = [x.strip() for x in line.strip("|").split("|")]
+        assert cells[3] == f"{m:.2f}" and cells[4] == f"{21 / m:.1f}"
+        assert cells[5] == f"{m / med[(student, 'student_only')]:.2f}"
+        assert cells[6] == f"{m / med[(student, 'aver')]:.2f}"
+    assert "s / 3 steps" in epoch and "peak RSS" not in epoch  # memory not measured: no column
+    assert "1.50 s with the engine, 4.25 s with float32 eager teachers** (2.83x)" in epoch
+
+    targets = rr.view_epoch_targets([tracked])
+    head = [x.strip() for x in targets.splitlines()[0].strip("|").split("|")]
+    assert head == ["target", "ShuffleV2", "resnet56", "resnet8"]
+    for name, (a, b, bound, ge) in {"live-teacher": ("mtkd_rl_authors", "mtkd_rl_live", 2, True),
+                                    "within 1.3x": ("mtkd_rl_cached", "student_only", 1.3, False),
+                                    "cached MTKD-RL >= 5x": ("mtkd_rl_authors", "mtkd_rl_cached", 5, True)}.items():
+        line = next(ln for ln in targets.splitlines() if name in ln)
+        cells = [x.strip() for x in line.strip("|").split("|")][1:]
+        for student, cell in zip(head[1:], cells):
+            value = med[(student, a)] / med[(student, b)]
+            met = value >= bound if ge else value <= bound
+            assert f"**{'met' if met else 'NOT met'}** ({rr.ratio(value)})" in cell, (name, student, cell)
+
+
 def test_schema_has_provenance_and_harness_rows_say_measured(tmp_path):
     assert "provenance" in COLUMNS
     rec = Record("cpu", harness="test")
