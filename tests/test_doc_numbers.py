@@ -5,9 +5,13 @@
 - The tracked benchmark CSVs (benchmarks/results/*.csv) are in the one schema of mtkd_fast/bench/record.py and
   say where each row comes from (``provenance``).
 - Outside the blocks, a ratio (``1.37x``, ``1.2-1.5x``) or a percentage in prose or a table must be traceable: each
-  number equals, at the decimals it is written with, a number of a tracked CSV (benchmarks/**/*.csv, docs/**/*.csv,
-  JSON in ``extra`` included) or of a rendered block (which the first test ties to its CSV); a whole number must be
-  exact. Fenced code blocks and inline code (commands, verbatim program output) are not prose and are skipped.
+  number equals, at the decimals it is written with, a tracked number of its kind (a whole number: exactly). The
+  ratios: the schema's ratio columns and their inverses, ``extra``'s ratios, a rendered block's ratios (which the
+  first test ties to its CSV); the percentages: ``extra``'s errors and accuracies, a block's percentages; and any
+  number of a tracked CSV in another format (benchmarks/**/*.csv, docs/**/*.csv). The rule knows the values, not
+  which quantity a sentence means: it catches a figure that no file holds (the docs quote about 300 ratios, so a
+  random two-decimal ratio between 1 and 3 still finds a match one time in three); the blocks are exact. Fenced
+  code blocks and inline code (commands, verbatim program output) are not prose and are skipped.
   What is not a measurement (a target, a test threshold, the paper's own figure) is in ALLOWED with its reason;
   measured figures still waiting for a tracked CSV are in PENDING, which may only shrink: an entry whose text is
   gone from its document fails too.
@@ -28,7 +32,7 @@ import sys
 import pytest
 import torch
 
-from mtkd_fast.bench.record import COLUMNS, RUN_COLUMNS, Record
+from mtkd_fast.bench.record import COLUMNS, Record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,14 +112,7 @@ def _numbers_in(value, out: set) -> None:
         for v in value:
             _numbers_in(v, out)
     elif isinstance(value, str):
-        s = value.strip()
-        if s[:1] in "[{":
-            try:
-                _numbers_in(json.loads(s), out)
-                return
-            except ValueError:
-                pass
-        out.update(float(n) for n in NUMBER.findall(s))
+        out.update(float(n) for n in NUMBER.findall(value))
 
 
 def tracked_csvs(root: str = ROOT) -> list:
@@ -126,20 +123,66 @@ def tracked_csvs(root: str = ROOT) -> list:
     return sorted(out)
 
 
-def tracked_values(root: str = ROOT) -> set:
-    """Every number in a tracked CSV and in a rendered block."""
-    values: set = set()
+# the schema's ratio columns (a speed-up is quoted either way round, so their inverses count too)
+RATIO_COLUMNS = ("median_x_baseline", "min_x_baseline", "median_x_floor", "time_x_student_only", "time_x_aver",
+                 "mem_x_student_only", "mem_x_aver")
+RATIO_HEADER = re.compile(r"(^|\s)x\s|speed-up|/ this|\bvs\b|over its")  # a rendered table's ratio columns
+RATIO_KEY = re.compile(r"ratio|_x_")  # a ratio in ``extra``
+PERCENT_KEY = re.compile(r"pct|percent|top1|top5|acc")  # a percentage (an error, an accuracy) in ``extra``
+
+
+def _extra_values(extra: str, key_pattern: re.Pattern, out: set) -> None:
+    if extra:
+        for key, value in json.loads(extra).items():
+            if key_pattern.search(key):
+                _numbers_in(value, out)
+
+
+def _block_values(body: str, ratios: set, percents: set) -> None:
+    """A rendered block's ratios (written with x, or in a ratio column of its tables) and percentages."""
+    for m in RATIO.finditer(body):
+        _numbers_in([n for n in m.groups() if n], ratios)
+    for m in PERCENT.finditer(body):
+        _numbers_in([n for n in m.groups() if n], percents)
+    head = None
+    for line in body.splitlines():
+        if not line.startswith("|"):
+            head = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if head is None:
+            head = cells
+        elif not set("".join(cells)) <= set("-: "):
+            for h, cell in zip(head, cells):
+                if RATIO_HEADER.search(h):
+                    _numbers_in(cell, ratios)
+
+
+def tracked_values(root: str = ROOT) -> dict:
+    """{"x": the tracked ratios, "%": the tracked percentages}: the schema's ratio columns (and their inverses)
+    and ``extra``'s ratios and percentages in benchmarks/results/; every number of a CSV in another format (a
+    study's accuracies); the ratios and percentages of the rendered blocks."""
+    ratios, percents = set(), set()
     for path in tracked_csvs(root):
         with open(path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                for key, cell in row.items():
-                    if key not in RUN_COLUMNS:  # the machine's name, versions and load are not results
-                        _numbers_in(cell, values)
+            reader = csv.DictReader(f)
+            schema = reader.fieldnames == list(COLUMNS)
+            for row in reader:
+                if not schema:
+                    for cell in row.values():
+                        _numbers_in(cell, percents)
+                        _numbers_in(cell, ratios)
+                    continue
+                for col in RATIO_COLUMNS:
+                    if row[col] not in ("", "nan") and float(row[col]) > 0:
+                        ratios.update((float(row[col]), 1 / float(row[col])))
+                _extra_values(row["extra"], RATIO_KEY, ratios)
+                _extra_values(row["extra"], PERCENT_KEY, percents)
     for rel in rr.documents(root):
         with open(os.path.join(root, rel), encoding="utf-8") as f:
             for m in rr.BLOCK.finditer(f.read()):
-                _numbers_in(m.group("body"), values)
-    return values
+                _block_values(m.group("body"), ratios, percents)
+    return {"x": ratios, "%": percents}
 
 
 def traceable(number: str, values: set) -> bool:
@@ -159,12 +202,12 @@ def untraced(root: str = ROOT) -> list:
         with open(os.path.join(root, rel), encoding="utf-8") as f:
             text = prose(f.read())
         key_rel = rel.replace(os.sep, "/")
-        for pattern in (RATIO, PERCENT):
+        for pattern, kind in ((RATIO, "x"), (PERCENT, "%")):
             for m in pattern.finditer(text):
                 literal = m.group(0).replace(" ", "")
                 if (key_rel, literal) in ALLOWED or (key_rel, literal) in PENDING:
                     continue
-                if not all(traceable(n, values) for n in m.groups() if n):
+                if not all(traceable(n, values[kind]) for n in m.groups() if n):
                     out.append(f"{rel}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}")
     return out
 
