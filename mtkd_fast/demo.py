@@ -49,8 +49,8 @@ class DemoSettings:
 
     # teachers: different families (residual, wide residual, inverted residual) so that they disagree usefully;
     # the half-width MobileNetV2, whose embedding is the pooled feats[-2] as MTKD-RL's cosine state needs (the
-    # authors' width-1.0 ``MobileNetV2`` pools a map other than its feats[-2], and its forward pass takes about 3.7x
-    # as long on a CPU)
+    # authors' width-1.0 ``MobileNetV2`` pools a map other than its feats[-2], and its forward pass takes several
+    # times as long on a CPU)
     teachers: tuple = ("resnet20", "wrn_16_1", "MobileNetV2_0_5")
     teacher_per_class: int = 300  # training images per class the teachers learn from (the student sees fewer)
     teacher_epochs: int = 4

@@ -19,7 +19,10 @@ One row per (benchmark, case, variant); :data:`COLUMNS` in order:
   ``time_x_aver``, ``mem_x_student_only``, ``mem_x_aver``;
 - the run (the same on every row): ``harness``, ``date`` (UTC, at the start), ``commit`` (of the mtkd_fast
   checkout, or "unknown"), ``device``, ``gpu``, ``cpu``, ``cpu_count``, ``python``, ``torch``, ``cuda``,
-  ``platform``, ``hostname``, ``load_start`` and ``load_end`` (the 1, 5 and 15 minute load averages);
+  ``platform``, ``hostname``, ``load_start`` and ``load_end`` (the 1, 5 and 15 minute load averages),
+  ``provenance`` (``measured`` when this harness wrote the row; a row copied by hand from an older document
+  says so and from where, e.g. ``transcribed from benchmarks/RESULTS.md ...``, and keeps the columns it could
+  not recover empty);
 - ``times_s`` (every round's seconds, in the order run) and ``extra`` (JSON: what only one benchmark records).
 
 A column that does not apply to a row is empty; a row that measures something other than time (the cache's
@@ -56,7 +59,7 @@ ROW_COLUMNS = (
     "peak_rss_mib", "peak_device_mib", "time_x_student_only", "time_x_aver", "mem_x_student_only", "mem_x_aver",
 )
 RUN_COLUMNS = ("harness", "date", "commit", "device", "gpu", "cpu", "cpu_count", "python", "torch", "cuda", "platform",
-               "hostname", "load_start", "load_end")
+               "hostname", "load_start", "load_end", "provenance")
 COLUMNS = ROW_COLUMNS + RUN_COLUMNS + ("times_s", "extra")
 _STATS = ("rounds", "median_s", "mean_s", "min_s", "p25_s", "p75_s", "max_s")
 
@@ -94,13 +97,14 @@ def _cpu_name() -> str:
 
 
 def run_info(device: str = "cpu", harness: str = "") -> dict:
-    """The run's metadata (:data:`RUN_COLUMNS` less ``load_end``, which :meth:`Record.write` fills in)."""
+    """The run's metadata (:data:`RUN_COLUMNS`; ``load_end`` is left for :meth:`Record.write` to fill in)."""
     device = str(device)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else ""
     return {"harness": harness, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "commit": _commit(), "device": device, "gpu": gpu, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
-            "platform": platform.platform(), "hostname": platform.node(), "load_start": load_average(), "load_end": ""}
+            "platform": platform.platform(), "hostname": platform.node(), "load_start": load_average(), "load_end": "",
+            "provenance": "measured"}
 
 
 def _quantile(sorted_times: list, q: float) -> float:
@@ -169,7 +173,8 @@ class Record:
 
     def __init__(self, device: str = "cpu", harness: str = "", meta: Optional[Mapping] = None):
         """``meta``: the run's metadata when it was taken already (:func:`run_info`); else it is read now."""
-        self.meta = {k: meta.get(k, "") for k in RUN_COLUMNS} if meta is not None else run_info(device, harness)
+        self.meta = ({**{k: meta.get(k, "") for k in RUN_COLUMNS}, "provenance": meta.get("provenance") or "measured"}
+                     if meta is not None else run_info(device, harness))
         self.rows: list = []
 
     def add(self, benchmark: str, case: str, variant: str, times: Optional[Iterable[float]] = None, *,
@@ -204,7 +209,8 @@ class Record:
             if base is None or not r.get("median_s") or not base.get("median_s"):
                 continue
             r["median_x_baseline"] = r["median_s"] / base["median_s"]
-            r["min_x_baseline"] = r["min_s"] / base["min_s"]
+            if r.get("min_s") and base.get("min_s"):  # a row transcribed from a document may quote no minimum
+                r["min_x_baseline"] = r["min_s"] / base["min_s"]
 
     def csv_text(self) -> str:
         self._ratios()
@@ -217,8 +223,9 @@ class Record:
         return buf.getvalue()
 
     def write(self, path: str) -> str:
-        """Write the CSV atomically (the load average at the end is read now); returns ``path``."""
-        if not self.meta["load_end"]:
+        """Write the CSV atomically (the load average at the end is read now, for a run measured now); returns
+        ``path``."""
+        if not self.meta["load_end"] and self.meta["provenance"] == "measured":
             self.meta["load_end"] = load_average()
         write_bytes_atomic(path, self.csv_text().encode())
         return path

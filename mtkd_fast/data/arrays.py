@@ -20,7 +20,7 @@ from .augment import PadCrop, view_params
 @contextlib.contextmanager
 def _one_intraop_thread():
     """Run a batch's small CPU ops on one thread: at ~200k values per op, waking OpenMP threads costs more
-    than it saves, and up to 40x more when other processes share the cores (measured here)."""
+    than it saves, and far more when other processes share the cores (measured on the shared 2-core VM)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
