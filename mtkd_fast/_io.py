@@ -18,8 +18,8 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-__all__ = ["write_atomic", "write_bytes_atomic", "write_json_atomic", "write_csv_atomic", "write_figure_atomic",
-           "save_atomic", "file_sha256", "load_torch_file", "clean_temp_files", "TRUST_HINT"]
+__all__ = ["write_atomic", "write_bytes_atomic", "write_json_atomic", "write_csv_atomic", "save_atomic", "file_sha256",
+           "load_torch_file", "clean_temp_files", "TRUST_HINT"]
 
 TEMP_PREFIX = ".tmp-"
 # the documented opt-in for a trusted file that holds more than tensors and plain containers
@@ -90,16 +90,6 @@ def write_csv_atomic(path: str, rows: list[dict]) -> None:
     for row in rows:
         writer.writerow({k: row.get(k, "") for k in columns})
     write_bytes_atomic(path, buf.getvalue().encode())
-
-
-def write_figure_atomic(fig, path: str, dpi: int = 100) -> None:
-    """A matplotlib figure as a PNG, written atomically, then closed (pyplot keeps every open figure alive)."""
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
 
 
 def save_atomic(obj: Any, path: str) -> None:

@@ -34,7 +34,8 @@ from typing import Optional
 
 import torch
 
-from ._io import file_sha256, write_bytes_atomic, write_csv_atomic, write_figure_atomic, write_json_atomic
+from ._io import file_sha256, write_bytes_atomic, write_csv_atomic, write_json_atomic
+from ._optional import write_figure_atomic
 
 __all__ = ["DemoSettings", "run_demo", "default_teacher_dir", "METHODS", "METHOD_LABELS"]
 

@@ -43,7 +43,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from .._io import write_bytes_atomic, write_figure_atomic
+from .._io import write_bytes_atomic
+from .._optional import write_figure_atomic
 
 __all__ = ["COLUMNS", "RUN_COLUMNS", "Record", "run_info", "summarize", "interleave", "device_sync", "plot_medians",
            "read_csv", "load_average"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from .._io import write_figure_atomic
+from .._optional import write_figure_atomic
 from .epoch import memory_key
 from .record import Record
 

@@ -239,7 +239,7 @@ def plot_diagnostics(rows: list[dict], labels: Sequence[str], path: str, title: 
         return None
     from matplotlib.lines import Line2D
 
-    from .._io import write_figure_atomic
+    from .._optional import write_figure_atomic
 
     epochs = [r["epoch"] for r in rows]
     get = lambda key: [r.get(key, float("nan")) for r in rows]  # noqa: E731
@@ -300,7 +300,7 @@ def plot_teacher_weights(curves: Sequence[WeightCurve], labels: Sequence[str], p
         return None
     from matplotlib.lines import Line2D
 
-    from .._io import write_figure_atomic
+    from .._optional import write_figure_atomic
 
     styles = ("-", "--", ":", "-.")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
