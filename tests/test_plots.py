@@ -177,6 +177,7 @@ def test_teacher_weights_plot_two_methods_distinct_styles(tmp_path):
         assert lo <= min(ca) and max(ca) <= hi
     texts = [t.get_text() for t in _legends(fig)[0].get_texts()]
     assert "MTKD-RL" in texts and "CA-MKD" in texts
+    assert "MTKD-RL warm-up (fixed weights)" in texts  # the shading is MTKD-RL's, not CA-MKD's
     _assert_legends_outside_the_data(fig)
 
 

@@ -306,6 +306,9 @@ def plot_teacher_weights(curves: Sequence[WeightCurve], labels: Sequence[str], p
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     all_epochs = sorted({r["epoch"] for c in curves for r in c.rows})
     warmup = max((c.warmup_epochs for c in curves), default=0)
+    # whose warm-up the shading is, when curves without one share the panel
+    whose = " and ".join(c.name for c in curves if c.warmup_epochs and c.name)
+    warmup_name = f"{whose} warm-up" if whose and len(curves) > 1 else "warm-up"
     for ax, key in zip(axes, ("wl", "wf")):
         kept, fixed = [], []
         for c_i, curve in enumerate(curves):
@@ -341,7 +344,7 @@ def plot_teacher_weights(curves: Sequence[WeightCurve], labels: Sequence[str], p
     if warmup:
         from matplotlib.patches import Patch
 
-        handles.append(Patch(color="grey", alpha=0.15, label="warm-up (fixed weights)"))
+        handles.append(Patch(color="grey", alpha=0.15, label=f"{warmup_name} (fixed weights)"))
     _outside_legend(axes[1], handles)
     if title:
         fig.suptitle(title, fontsize=10)
