@@ -17,6 +17,7 @@ from mtkd_fast.train import TrainConfig, Trainer
 from mtkd_fast.train.checkpoint import load_checkpoint_file, save_atomic
 from mtkd_fast.train.diagnostics import (
     WeightCurve,
+    WeightDiagnostics,
     plot_diagnostics,
     plot_teacher_weights,
     rename_index_columns,
@@ -47,6 +48,18 @@ def test_old_index_columns_renamed():
                    "diag_entropy_wl": 0.9, "wl_t7": 1.0, "lr": 0.1}
     assert list(out) == ["epoch", "wl_resnet8_1", "wf_resnet8_2", "diag_corr_wl_right_resnet8_2", "diag_entropy_wl",
                          "wl_t7", "lr"]  # the column order kept
+
+
+def test_diagnostics_columns_take_the_labels_and_refuse_a_wrong_count():
+    diag = WeightDiagnostics(2, labels=["resnet8_1", "resnet8_2"])
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(7, 2, generator=g, dtype=torch.float64)
+    diag.update(w, w.flip(1), torch.randn(2, 7, 5, generator=g), torch.randint(0, 5, (7,), generator=g))
+    out = diag.compute()
+    assert {f"diag_corr_{k}_right_resnet8_{i}" for k in ("wl", "wf") for i in (1, 2)} <= set(out)
+    assert not [k for k in out if k.endswith(("_t0", "_t1"))]
+    with pytest.raises(ValueError, match=r"^labels: expected 2 teacher labels, got \['a'\]$"):
+        WeightDiagnostics(2, labels=["a"])
 
 
 DATA = make_batches(12, 6, seed=31)

@@ -9,9 +9,9 @@ resnet8 teachers ``resnet8_1`` and ``resnet8_2``; ``t0``, ``t1``, ... when the n
 - ``diag_entropy_wl`` / ``diag_entropy_wf``: the mean over samples of the entropy of the sample's logit / feature
   weights (each row normalised to sum to 1), divided by log M: 1 = uniform over the teachers, 0 = one teacher.
   Rows whose weights are all 0 (no feature distillation) are left out; NaN if every row is.
-- ``diag_corr_wl_right_<teacher>`` / ``diag_corr_wf_right_<teacher>``: over the epoch's samples, the Pearson correlation
-  between teacher m's weight and whether teacher m is right on the sample (its top-1 class is the label). NaN when
-  either does not vary (e.g. a teacher right on every sample, or constant weights).
+- ``diag_corr_wl_right_<teacher>`` / ``diag_corr_wf_right_<teacher>``: over the epoch's samples, the Pearson
+  correlation between teacher m's weight and whether teacher m is right on the sample (its top-1 class is the
+  label). NaN when either does not vary (e.g. a teacher right on every sample, or constant weights).
 - MTKD-RL only (``state`` and ``agent`` given): the action is a blend of the agent's softmax pi and the priors
   (docs/method.md section 4), w = l_1 pi + l_2 c + l_3 g with blend coefficients l (1/3 each, or softmax(lambda)
   with ``dynamic``). Its distance from uniform u splits into the policy's and the priors' parts:
