@@ -4,6 +4,7 @@ provides one when it is missing.
 - :func:`require` raises :class:`MissingExtra`, a one-line error the CLI prints without a traceback.
 - :func:`pyplot` returns matplotlib's pyplot (Agg backend), or None after a one-line note: a run that would only
   lose a PNG goes on without it.
+- :func:`write_figure_atomic` writes a figure as a PNG atomically and closes it: every plot saves through it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-__all__ = ["MissingExtra", "require", "pyplot"]
+__all__ = ["MissingExtra", "require", "pyplot", "write_figure_atomic"]
 
 _noted: set = set()
 
@@ -45,3 +46,15 @@ def pyplot(purpose: str):
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def write_figure_atomic(fig, path: str, dpi: int = 100) -> None:
+    """``fig`` as a PNG at ``path``, written atomically, then closed (pyplot keeps every open figure alive)."""
+    import io
+
+    from ._io import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    importlib.import_module("matplotlib.pyplot").close(fig)
+    write_bytes_atomic(path, buf.getvalue())

@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 
 from ._io import file_sha256, write_bytes_atomic, write_csv_atomic, write_json_atomic
+from ._optional import write_figure_atomic
 
 __all__ = ["DemoSettings", "run_demo", "default_teacher_dir", "METHODS", "METHOD_LABELS"]
 
@@ -269,62 +270,42 @@ def _plot_curves(curves: list[dict], methods: tuple, path: str) -> None:
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    _save_figure(fig, path)
+    write_figure_atomic(fig, path)
 
 
-def _plot_weights(curves: list[dict], teachers: tuple, path: str) -> None:
-    """Mean logit / feature weight per teacher and epoch that MTKD-RL used (CA-MKD's, dashed, for comparison)."""
-    from ._optional import pyplot
-
-    plt = pyplot("the teacher-weights plot")
-    if plt is None:
-        return
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for method, style in (("mtkd_rl", "-"), ("camkd", "--")):
-        rows = [r for r in curves if r["method"] == method]
-        epochs = sorted({r["epoch"] for r in rows})
-        for ax, key, title in ((axes[0], "wl", "logit KD"), (axes[1], "wf", "feature KD")):
-            for t, name in enumerate(teachers):
-                values = [statistics.fmean(r[f"{key}_t{t}"] for r in rows if r["epoch"] == e) for e in epochs]
-                ax.plot(epochs, values, style, marker="o" if style == "-" else None, ms=3,
-                        color=colors[t % len(colors)],
-                        label=f"{METHOD_LABELS[method]}: {name}")
-            ax.set_title(f"mean {title} weight per teacher (MTKD-RL solid, CA-MKD dashed)", fontsize=9)
-            ax.set_xlabel("epoch (1 = warm-up: MTKD-RL uses weight 1 per teacher)")
-            ax.grid(alpha=0.3)
-    axes[0].set_ylabel("weight")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    _save_figure(fig, path)
-
-
-def _plot_agent_diagnostics(curves: list[dict], teachers: tuple, path: str) -> None:
-    """MTKD-RL's weight diagnostics per epoch (``mtkd_fast.train.diagnostics``), averaged over the seeds."""
-    from .train.diagnostics import plot_diagnostics
-
-    rows = [r for r in curves if r["method"] == "mtkd_rl"]
-    keys = sorted({k for r in rows for k in r if k.startswith("diag_")})
-    mean_rows = []
+def _mean_rows(curves: list[dict], method: str, keys: list) -> list[dict]:
+    """One row per epoch of ``method``'s runs: each of ``keys`` averaged over the seeds (NaN where none is
+    finite)."""
+    rows = [r for r in curves if r["method"] == method]
+    out = []
     for e in sorted({r["epoch"] for r in rows}):
         at = [r for r in rows if r["epoch"] == e]
         row = {"epoch": e}
         for k in keys:
             values = [r[k] for r in at if isinstance(r.get(k), float) and math.isfinite(r[k])]
             row[k] = statistics.fmean(values) if values else float("nan")
-        mean_rows.append(row)
-    plot_diagnostics(mean_rows, len(teachers), path, list(teachers),
+        out.append(row)
+    return out
+
+
+def _plot_weights(curves: list[dict], teachers: tuple, path: str) -> None:
+    """Mean logit / feature weight per teacher and epoch that MTKD-RL used (CA-MKD's, dashed, for comparison)."""
+    from .train.diagnostics import WeightCurve, plot_teacher_weights, teacher_labels
+
+    labels = teacher_labels(teachers, len(teachers))
+    keys = [f"{k}_{label}" for k in ("wl", "wf") for label in labels]
+    plot_teacher_weights([WeightCurve(METHOD_LABELS["mtkd_rl"], _mean_rows(curves, "mtkd_rl", keys), 1),
+                          WeightCurve(METHOD_LABELS["camkd"], _mean_rows(curves, "camkd", keys))], labels, path,
+                         title="teacher weights, mean over seeds")
+
+
+def _plot_agent_diagnostics(curves: list[dict], teachers: tuple, path: str) -> None:
+    """MTKD-RL's weight diagnostics per epoch (``mtkd_fast.train.diagnostics``), averaged over the seeds."""
+    from .train.diagnostics import plot_diagnostics, teacher_labels
+
+    keys = sorted({k for r in curves if r["method"] == "mtkd_rl" for k in r if k.startswith("diag_")})
+    plot_diagnostics(_mean_rows(curves, "mtkd_rl", keys), teacher_labels(teachers, len(teachers)), path,
                      title="MTKD-RL's teacher weights, mean over seeds (epoch 1 = warm-up: weight 1 per teacher)")
-
-
-def _save_figure(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
 
 
 def _format_table(teacher_rows: list[dict], method_rows: list[dict], n_seeds: int) -> str:
@@ -447,7 +428,7 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
         for row in history:
             curve = {"method": method, "seed": seed, "epoch": row["epoch"], "test_top1": row.get("val_top1"),
                      "train_top1": row["train_top1"], "train_loss": row["train_loss"], "time_s": row["time_s"]}
-            curve.update({k2: v for k2, v in row.items() if k2.startswith(("wl_t", "wf_t", "diag_"))})
+            curve.update({k2: v for k2, v in row.items() if k2.startswith(("wl_", "wf_", "diag_"))})
             curves.append(curve)
         _say(f"  [{k}/{len(runs)}] {METHOD_LABELS[method]:<16} seed {seed}: test top-1 {final['val_top1']:6.2f}%  "
              f"(train top-1 {final['train_top1']:.1f}%, {statistics.median(epoch_times):.2f} s/epoch, "

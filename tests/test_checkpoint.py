@@ -63,7 +63,7 @@ def test_resume_is_bit_identical(tmp_path, strategy, kw):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert rows[1]["val_top1"] == list(csv.DictReader(open(res["csv"])))[1]["val_top1"]
     if strategy == "mtkd_rl":
-        assert float(rows[0]["wl_t0"]) == 1.0 and float(rows[1]["wl_t0"]) < 1.0  # warm-up, then the agent
+        assert float(rows[0]["wl_a"]) == 1.0 and float(rows[1]["wl_a"]) < 1.0  # warm-up, then the agent
         assert os.path.getsize(res2["png"]) > 1000
 
 

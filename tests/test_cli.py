@@ -88,7 +88,7 @@ def test_train_teacher_then_distil_then_eval(capsys, tmp_path):
     assert rc == 0, err
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    assert float(rows[0]["wl_t0"]) == 1.0 and float(rows[1]["wl_t0"]) != 1.0
+    assert float(rows[0]["wl_resnet8"]) == 1.0 and float(rows[1]["wl_resnet8"]) != 1.0  # named by architecture
     rc, out, err = run_cli(["eval", "--model", "resnet8", "--checkpoint", str(run_dir / "student_last.pth"),
                             "--limit-per-class", "2"], capsys)
     assert rc == 0, err

@@ -68,7 +68,7 @@ def test_quick_demo_table_is_finite_and_complete(quick_demo):
     assert len(curves) == DemoSettings.quick().epochs
     for r in curves:
         for key in ("wl", "wf"):
-            weights = [float(r[f"{key}_t{t}"]) for t in range(len(teachers))]
+            weights = [float(r[f"{key}_{t['teacher']}"]) for t in teachers]  # columns named by architecture
             assert all(math.isfinite(w) and w > 0 for w in weights)
             # epoch 1 is the warm-up (weight 1 per teacher), later epochs use the agent's normalised weights
             assert sum(weights) == pytest.approx(len(teachers) if r["epoch"] == "1" else 1.0, rel=1e-4)

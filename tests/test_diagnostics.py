@@ -113,7 +113,7 @@ def test_a_run_writes_the_diagnostics(strategy, tmp_path):
     assert len(rows) == len(diag_rows) == 2
     for row, d in zip(rows, diag_rows):
         assert row["diag_entropy_wl"] == d["diag_entropy_wl"]
-        assert {f"diag_corr_wl_right_t{m}" for m in range(3)} <= set(d)
+        assert {f"diag_corr_wl_right_{name}" for name in "abc"} <= set(d)  # named as the teachers
     later = {k: float(v) for k, v in diag_rows[1].items()}
     assert 0 < later["diag_entropy_wl"] < 1
     if strategy == "mtkd_rl":

@@ -133,15 +133,15 @@ def test_require_names_the_extra(monkeypatch):
 
 def test_plots_are_skipped_with_one_line_without_matplotlib(monkeypatch, tmp_path, capsys):
     from mtkd_fast import _optional
-    from mtkd_fast.train.trainer import plot_teacher_weights
+    from mtkd_fast.train.diagnostics import WeightCurve, plot_teacher_weights
 
     monkeypatch.setattr(_optional, "_noted", set())
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
-    history = [{"epoch": e, "wl_t0": 0.5, "wl_t1": 0.5, "wf_t0": 0.4, "wf_t1": 0.6} for e in range(3)]
+    history = [{"epoch": e, "wl_a": 0.5, "wl_b": 0.5, "wf_a": 0.4, "wf_b": 0.6} for e in range(1, 4)]
     path = tmp_path / "w.png"
-    plot_teacher_weights(history, 2, str(path))
-    plot_teacher_weights(history, 2, str(path))
+    assert plot_teacher_weights([WeightCurve("", history)], ["a", "b"], str(path)) is None
+    plot_teacher_weights([WeightCurve("", history)], ["a", "b"], str(path))
     assert not path.exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mtkd-fast: the teacher-weights plot skipped: matplotlib is not installed "
@@ -150,9 +150,9 @@ def test_plots_are_skipped_with_one_line_without_matplotlib(monkeypatch, tmp_pat
 
 def test_plot_written_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
-    from mtkd_fast.train.trainer import plot_teacher_weights
+    from mtkd_fast.train.diagnostics import WeightCurve, plot_teacher_weights
 
-    history = [{"epoch": e, "wl_t0": 0.5, "wl_t1": 0.5, "wf_t0": 0.4, "wf_t1": 0.6} for e in range(3)]
+    history = [{"epoch": e, "wl_a": 0.5, "wl_b": 0.5, "wf_a": 0.4, "wf_b": 0.6} for e in range(1, 4)]
     path = tmp_path / "w.png"
-    plot_teacher_weights(history, 2, str(path))
+    plot_teacher_weights([WeightCurve("", history)], ["a", "b"], str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -184,7 +184,9 @@ def _report(out: str) -> int:
         rows = list(csv.DictReader(f))
     labels = [m[0] for m in METHODS if any(r["method"] == m[0] for r in rows)]
     diag_keys = [("diag_entropy_wl", "entropy"), ("diag_policy_wl", "policy share"), ("diag_prior_wl", "prior share")]
-    diag_keys += [(k, "corr(w, right) " + k.rsplit("_", 1)[1]) for k in rows[0] if k.startswith("diag_corr_wl_right")]
+    # the teacher's label follows the prefix (a label may hold "_": resnet8_1; runs before the naming: t0)
+    prefix = "diag_corr_wl_right_"
+    diag_keys += [(k, "corr(w, right) " + k[len(prefix):]) for k in rows[0] if k.startswith(prefix)]
     lines = ["| method | seeds | test top-1 (mean ± std) | per seed | epoch time (s) | "
              + " | ".join(name for _, name in diag_keys) + " |",
              "| --- " * (5 + len(diag_keys)) + "|"]

@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 
 from .._io import write_bytes_atomic
+from .._optional import write_figure_atomic
 
 __all__ = ["COLUMNS", "RUN_COLUMNS", "Record", "run_info", "summarize", "interleave", "device_sync", "plot_medians",
            "read_csv", "load_average"]
@@ -285,8 +286,5 @@ def plot_medians(record: Record, path: str, title: str) -> Optional[str]:
     fig.suptitle(f"{title}: {m['device']} ({m['gpu'] or m['cpu']}), torch {m['torch']}, commit {m['commit']}\n"
                  f"median of interleaved rounds, ratio to the baseline (red)", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    write_figure_atomic(fig, path, dpi=110)
     return path

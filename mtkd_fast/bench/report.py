@@ -3,10 +3,9 @@ the machine, versions, commit and load on every row) and a PNG bar chart. Files 
 
 from __future__ import annotations
 
-import io
 import math
 
-from .._io import write_bytes_atomic
+from .._optional import write_figure_atomic
 from .epoch import memory_key
 from .record import Record
 
@@ -75,14 +74,15 @@ def write_csv(result: dict, path: str) -> None:
     to_record(result).write(path)
 
 
-def plot(result: dict, path: str) -> None:
-    """Bars of the median time per epoch of N steps (annotated with the ratio to student-only) and of the peak
-    memory, one group of bars per student."""
+def plot(result: dict, path: str):
+    """Bars of the median time per epoch of N steps (annotated with the ratio to student-only) and, when memory
+    was measured (``--memory-steps`` > 0), of the peak memory; one group of bars per student. Returns the figure
+    (None without matplotlib)."""
     from .._optional import pyplot
 
     plt = pyplot("the benchmark plot")
     if plt is None:
-        return
+        return None
 
     rows, meta = result["rows"], result["meta"]
     mkey = memory_key(meta["device"])
@@ -90,12 +90,16 @@ def plot(result: dict, path: str) -> None:
     configs = list(dict.fromkeys(r["config"] for r in rows))
     labels = {r["config"]: r["label"] for r in rows}
     colors = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.9 + 0.45 * len(configs) * len(students)))
+    # an empty panel would read as "no memory used"
+    panels = ["median_s"] + ([mkey] if any(math.isfinite(float(r[mkey])) for r in rows) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1.5, 0.9 + 0.45 * len(configs) * len(students)),
+                             squeeze=False)
+    axes = list(axes[0])
     height = 0.8 / max(len(students), 1)
     for s_i, student in enumerate(students):
         mine = {r["config"]: r for r in rows if r["student"] == student}
         ys = [c_i + s_i * height for c_i in range(len(configs))]
-        for ax, key in ((axes[0], "median_s"), (axes[1], mkey)):
+        for ax, key in zip(axes, panels):
             vals = [mine[c][key] if c in mine else float("nan") for c in configs]
             ax.barh(ys, vals, height=height, color=colors(s_i), label=student)
             for y, c, v in zip(ys, configs, vals):
@@ -110,13 +114,13 @@ def plot(result: dict, path: str) -> None:
         ax.grid(axis="x", alpha=0.3)
     steps = rows[0]["steps"] if rows else 0
     axes[0].set_xlabel(f"median seconds per epoch of {steps} steps (batch {rows[0]['batch_size'] if rows else 0})")
-    axes[1].set_xlabel("peak GPU memory allocated (MiB)" if mkey == "peak_device_mib" else "peak process RSS (MiB)")
-    axes[1].set_yticklabels([])
-    axes[0].legend(fontsize=8, loc="lower right")
+    if len(axes) > 1:
+        axes[1].set_xlabel("peak GPU memory allocated (MiB)" if mkey == "peak_device_mib" else "peak process RSS (MiB)")
+        axes[1].set_yticklabels([])
+    # beside the last panel, not over the bars
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     where = meta["gpu"] or meta["cpu"]
     fig.suptitle(f"epoch cost, {meta['device']} ({where}), torch {meta['torch']}, commit {meta['commit']}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    write_figure_atomic(fig, path, dpi=110)
+    return fig

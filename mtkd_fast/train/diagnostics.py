@@ -1,13 +1,17 @@
 """A look inside the teacher weighting, per epoch: what the weights are and whether they follow the teachers.
 
+Columns name each teacher by its architecture (:func:`teacher_labels`: ``wl_resnet8``, ``wf_resnet8``, two
+resnet8 teachers ``resnet8_1`` and ``resnet8_2``; ``t0``, ``t1``, ... when the names are unknown). The trainer's
+``wl_<teacher>`` / ``wf_<teacher>`` are the epoch's mean logit / feature weight of the teacher.
+
 ``WeightDiagnostics`` accumulates on the device, one ``update`` per training step and one read-back per epoch:
 
 - ``diag_entropy_wl`` / ``diag_entropy_wf``: the mean over samples of the entropy of the sample's logit / feature
   weights (each row normalised to sum to 1), divided by log M: 1 = uniform over the teachers, 0 = one teacher.
   Rows whose weights are all 0 (no feature distillation) are left out; NaN if every row is.
-- ``diag_corr_wl_right_t{m}`` / ``diag_corr_wf_right_t{m}``: over the epoch's samples, the Pearson correlation
-  between teacher m's weight and whether teacher m is right on the sample (its top-1 class is the label). NaN when
-  either does not vary (e.g. a teacher right on every sample, or constant weights).
+- ``diag_corr_wl_right_<teacher>`` / ``diag_corr_wf_right_<teacher>``: over the epoch's samples, the Pearson
+  correlation between teacher m's weight and whether teacher m is right on the sample (its top-1 class is the
+  label). NaN when either does not vary (e.g. a teacher right on every sample, or constant weights).
 - MTKD-RL only (``state`` and ``agent`` given): the action is a blend of the agent's softmax pi and the priors
   (docs/method.md section 4), w = l_1 pi + l_2 c + l_3 g with blend coefficients l (1/3 each, or softmax(lambda)
   with ``dynamic``). Its distance from uniform u splits into the policy's and the priors' parts:
@@ -19,9 +23,9 @@
 
 from __future__ import annotations
 
-import io
 import math
-from typing import Callable, Optional
+import re
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,7 +33,7 @@ from torch import Tensor
 from ..agent import confidence_prior, gap_prior, similarity_prior
 
 __all__ = ["WeightDiagnostics", "DIAGNOSTICS_PNG", "DIAGNOSTICS_CSV", "diagnostic_columns", "plot_diagnostics",
-           "write_diagnostics"]
+           "write_diagnostics", "teacher_labels", "rename_index_columns", "plot_teacher_weights", "WeightCurve"]
 
 DIAGNOSTICS_PNG = "agent_diagnostics.png"
 DIAGNOSTICS_CSV = "agent_diagnostics.csv"
@@ -38,15 +42,58 @@ DIAGNOSTICS_CSV = "agent_diagnostics.csv"
 _SCALARS = 6
 # per weight kind and teacher: n, sum w, sum w^2, sum r, sum r^2, sum w r
 _MOMENTS = 6
+# the per-teacher columns; the part before the teacher's label
+_TEACHER_PREFIXES = ("wl_", "wf_", "diag_corr_wl_right_", "diag_corr_wf_right_")
+
+
+def teacher_labels(names: Optional[Sequence[str]], num_teachers: int) -> list[str]:
+    """One column label per teacher: its architecture name (characters other than letters, digits, ``.``, ``-``
+    and ``_`` become ``_``), repeated names numbered from 1 (``resnet8_1``, ``resnet8_2``); ``t0``, ``t1``, ...
+    when ``names`` is None or does not name every teacher."""
+    if names is None or len(names) != num_teachers:
+        return [f"t{m}" for m in range(num_teachers)]
+    clean = [re.sub(r"[^A-Za-z0-9_.-]", "_", str(n)) or "teacher" for n in names]
+    used = {n for n in clean if clean.count(n) == 1}  # kept as they are; a numbered label must not take one
+    numbered: dict = {}
+    labels = []
+    for name in clean:
+        if clean.count(name) == 1:
+            labels.append(name)
+            continue
+        numbered[name] = numbered.get(name, 0) + 1
+        while f"{name}_{numbered[name]}" in used:
+            numbered[name] += 1
+        label = f"{name}_{numbered[name]}"
+        used.add(label)
+        labels.append(label)
+    return labels
+
+
+def rename_index_columns(row: dict, labels: Sequence[str]) -> dict:
+    """``row`` with the per-teacher columns of the old index naming (``wl_t0``, ``diag_corr_wl_right_t0``, from
+    metrics rows saved before the columns were named) under ``labels``' names; other keys unchanged."""
+    out = {}
+    for key, value in row.items():
+        for prefix in _TEACHER_PREFIXES:
+            match = re.fullmatch(re.escape(prefix) + r"t(\d+)", key)
+            if match and int(match.group(1)) < len(labels):
+                key = prefix + labels[int(match.group(1))]
+                break
+        out[key] = value
+    return out
 
 
 class WeightDiagnostics:
-    """Per-epoch weight diagnostics (module docstring), summed on ``device``; ``num_teachers`` = M."""
+    """Per-epoch weight diagnostics (module docstring), summed on ``device``; ``num_teachers`` = M, ``labels``
+    the teachers' column labels (:func:`teacher_labels`; ``t0``, ``t1``, ... by default)."""
 
-    def __init__(self, num_teachers: int, device="cpu"):
+    def __init__(self, num_teachers: int, device="cpu", labels: Optional[Sequence[str]] = None):
         if isinstance(num_teachers, bool) or not isinstance(num_teachers, int) or num_teachers < 1:
             raise ValueError(f"num_teachers: expected a positive int, got {num_teachers!r}")
+        if labels is not None and len(labels) != num_teachers:
+            raise ValueError(f"labels: expected {num_teachers} teacher labels, got {list(labels)}")
         self.num_teachers = num_teachers
+        self.labels = list(labels) if labels is not None else teacher_labels(None, num_teachers)
         self.device = torch.device(device)
         self.reset()
 
@@ -119,13 +166,13 @@ class WeightDiagnostics:
             out[f"diag_entropy_{key}"] = s[k][0] / s[k][1] if s[k][1] else nan
             for j, name in enumerate(("policy", "prior", "shift")):
                 out[f"diag_{name}_{key}"] = s[k][2 + j] / s[k][5] if s[k][5] else nan
-            for m in range(self.num_teachers):
+            for m, label in enumerate(self.labels):
                 n, sw, sww, sr, srr, swr = mo[k][m]
                 cov = n * swr - sw * sr
                 var_w, var_r = n * sww - sw * sw, n * srr - sr * sr
                 # relative threshold: variances that are rounding noise count as none
                 ok = n > 1 and var_w > 1e-12 * max(n * sww, 1e-300) and var_r > 1e-12 * max(n * srr, 1e-300)
-                out[f"diag_corr_{key}_right_t{m}"] = cov / math.sqrt(var_w * var_r) if ok else nan
+                out[f"diag_corr_{key}_right_{label}"] = cov / math.sqrt(var_w * var_r) if ok else nan
         return out
 
 
@@ -134,8 +181,11 @@ def diagnostic_columns(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith("diag_")}
 
 
-def write_diagnostics(history: list[dict], num_teachers: int, out_dir: str, names: Optional[list] = None) -> None:
-    """``agent_diagnostics.csv`` (epoch + the diag_ columns) and ``agent_diagnostics.png`` in ``out_dir``."""
+
+
+def write_diagnostics(history: list[dict], labels: Sequence[str], out_dir: str) -> None:
+    """``agent_diagnostics.csv`` (epoch + the diag_ columns) and ``agent_diagnostics.png`` in ``out_dir``;
+    ``labels``: the teachers' column labels."""
     import os
 
     from .._io import write_csv_atomic
@@ -144,47 +194,160 @@ def write_diagnostics(history: list[dict], num_teachers: int, out_dir: str, name
     if not rows:
         return
     write_csv_atomic(os.path.join(out_dir, DIAGNOSTICS_CSV), rows)
-    plot_diagnostics(rows, num_teachers, os.path.join(out_dir, DIAGNOSTICS_PNG), names)
+    plot_diagnostics(rows, labels, os.path.join(out_dir, DIAGNOSTICS_PNG))
 
 
-def plot_diagnostics(rows: list[dict], num_teachers: int, path: str, names: Optional[list] = None,
-                     title: str = "") -> None:
+# the plots: logit weights solid with circles, feature weights dashed with squares; colour = teacher
+KIND_STYLES = {"wl": ("logit", "-", "o"), "wf": ("feature", "--", "s")}
+# the diagnostics' policy/prior/shift parts: colours of their own, neither a teacher's nor the black of the
+# logit/feature legend entries
+_PART_COLORS = {"policy": "teal", "prior": "darkgoldenrod", "shift": "mediumorchid"}
+
+
+def _teacher_color(m: int) -> str:
+    return f"C{m % 10}"
+
+
+def _outside_legend(ax, handles: list, below: bool = False, ncol: int = 1) -> None:
+    """The legend beside (or below) ``ax``, never over its data; tight_layout makes room for it."""
+    if below:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=ncol,
+                  frameon=False)
+    else:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7,
+                  frameon=False)
+
+
+def _integer_epochs(ax, epochs: list) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if epochs:
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
+def plot_diagnostics(rows: list[dict], labels: Sequence[str], path: str, title: str = ""):
     """Three panels over epochs: weight entropy; correlation of each teacher's weight with its being right;
-    policy vs prior parts of the weights' distance from uniform (MTKD-RL)."""
+    policy vs prior parts of the weights' distance from uniform (MTKD-RL). Colour = teacher (or part), line and
+    marker = logit or feature weights; legends below the panels. Returns the figure (None without matplotlib)."""
     from .._optional import pyplot
 
     plt = pyplot("the agent-diagnostics plot")
     if plt is None:
-        return
+        return None
+    from matplotlib.lines import Line2D
 
-    from .._io import write_bytes_atomic
+    from .._optional import write_figure_atomic
 
     epochs = [r["epoch"] for r in rows]
     get = lambda key: [r.get(key, float("nan")) for r in rows]  # noqa: E731
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for key, style, label in (("wl", "-", "logit"), ("wf", "--", "feature")):
-        axes[0].plot(epochs, get(f"diag_entropy_{key}"), style, marker="o", ms=3, label=f"{label} weights")
-        for t in range(num_teachers):
-            axes[1].plot(epochs, get(f"diag_corr_{key}_right_t{t}"), style, marker="o", ms=3,
-                         color=f"C{t}", label=f"{label}: teacher {t}" + (f" ({names[t]})" if names else ""))
-        axes[2].plot(epochs, get(f"diag_policy_{key}"), style, marker="o", ms=3,
-                     color="C0", label=f"{label}: policy part")
-        axes[2].plot(epochs, get(f"diag_prior_{key}"), style, marker="s", ms=3,
-                     color="C1", label=f"{label}: prior part")
-        axes[2].plot(epochs, get(f"diag_shift_{key}"), style, marker="^", ms=3, color="C2",
-                     label=f"{label}: L1 from priors-only weights")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for key, (kind, style, marker) in KIND_STYLES.items():
+        axes[0].plot(epochs, get(f"diag_entropy_{key}"), style, marker=marker, ms=4, color="black")
+        for m, label in enumerate(labels):
+            axes[1].plot(epochs, get(f"diag_corr_{key}_right_{label}"), style, marker=marker, ms=4,
+                         color=_teacher_color(m))
+        for part, color in _PART_COLORS.items():
+            axes[2].plot(epochs, get(f"diag_{part}_{key}"), style, marker=marker, ms=4, color=color)
+    kinds = [Line2D([], [], color="black", ls=style, marker=marker, ms=4, label=f"{kind} weights")
+             for kind, style, marker in KIND_STYLES.values()]
+    teachers = [Line2D([], [], color=_teacher_color(m), lw=2, label=label) for m, label in enumerate(labels)]
+    parts = [Line2D([], [], color=c, lw=2, label=text) for c, text in
+             zip(_PART_COLORS.values(), ("policy part", "prior part", "L1 from priors-only weights"))]
+    _outside_legend(axes[0], kinds, below=True, ncol=2)
+    _outside_legend(axes[1], teachers + kinds, below=True, ncol=3)
+    _outside_legend(axes[2], parts + kinds, below=True, ncol=3)
     axes[0].set_title("mean weight entropy / log M (1 = uniform)", fontsize=9)
     axes[1].set_title("corr(teacher's weight, teacher is right)", fontsize=9)
     axes[1].axhline(0.0, color="grey", lw=0.8)
     axes[2].set_title("L1 distance of the weights from uniform: policy vs priors", fontsize=9)
     for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _integer_epochs(ax, epochs)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    write_figure_atomic(fig, path)
+    return fig
+
+
+class WeightCurve(NamedTuple):
+    """One run's (or one method's mean) per-epoch rows for :func:`plot_teacher_weights`: ``name`` ("" for a
+    single run), ``rows`` with ``epoch`` and the ``wl_<teacher>`` / ``wf_<teacher>`` columns, and its first
+    ``warmup_epochs`` epochs, whose weights are fixed (MTKD-RL's warm-up) rather than the method's."""
+    name: str
+    rows: list
+    warmup_epochs: int = 0
+
+
+def _weight_limits(values: list[float]) -> tuple[float, float]:
+    """y-limits around ``values`` with a margin, so that differences of 0.01 between teachers show."""
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.15 if hi > lo else max(abs(hi) * 0.05, 1e-3)
+    return lo - pad, hi + pad
+
+
+def plot_teacher_weights(curves: Sequence[WeightCurve], labels: Sequence[str], path: str, title: str = ""):
+    """Mean logit and feature weight per teacher and epoch (one panel each; colour = teacher, line style =
+    curve). The warm-up epochs are shaded with their fixed weight written in, and the y-axis spans the weights
+    after the warm-up, so a warm-up weight of 1 does not squash differences of a few hundredths. Returns the
+    figure (None without matplotlib)."""
+    from .._optional import pyplot
+
+    plt = pyplot("the teacher-weights plot")
+    if plt is None:
+        return None
+    from matplotlib.lines import Line2D
+
+    from .._optional import write_figure_atomic
+
+    styles = ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    all_epochs = sorted({r["epoch"] for c in curves for r in c.rows})
+    warmup = max((c.warmup_epochs for c in curves), default=0)
+    # whose warm-up the shading is, when curves without one share the panel
+    whose = " and ".join(c.name for c in curves if c.warmup_epochs and c.name)
+    warmup_name = f"{whose} warm-up" if whose and len(curves) > 1 else "warm-up"
+    for ax, key in zip(axes, ("wl", "wf")):
+        kept, fixed = [], []
+        for c_i, curve in enumerate(curves):
+            epochs = [r["epoch"] for r in curve.rows]
+            for m, label in enumerate(labels):
+                values = [float(r.get(f"{key}_{label}", float("nan"))) for r in curve.rows]
+                after = [(e, v) for e, v in zip(epochs, values) if e > curve.warmup_epochs]
+                before = [(e, v) for e, v in zip(epochs, values) if e <= curve.warmup_epochs]
+                style = dict(color=_teacher_color(m), ms=4, marker="o" if c_i == 0 else "s")
+                if after:
+                    ax.plot(*zip(*after), ls=styles[c_i % len(styles)], **style)
+                if before:  # not joined to the method's weights: a different quantity
+                    ax.plot(*zip(*before), ls="none", **style)
+                kept += [v for _, v in after if math.isfinite(v)]
+                fixed += [v for _, v in before if math.isfinite(v)]
+        shown = kept or fixed
+        if shown:
+            ax.set_ylim(*_weight_limits(shown))
+        if warmup:
+            ax.axvspan(0.5, warmup + 0.5, color="grey", alpha=0.15, lw=0)
+            if fixed:
+                lo, hi = min(fixed), max(fixed)
+                text = f"{lo:.3g}" if hi - lo < 1e-9 else f"{lo:.3g}-{hi:.3g}"
+                ax.text((warmup + 1) / 2, 0.97, f"warm-up:\nweight {text}", transform=ax.get_xaxis_transform(),
+                        ha="center", va="top", fontsize=7)
+        ax.set_title(f"mean {KIND_STYLES[key][0]} KD weight per teacher", fontsize=9)
+        _integer_epochs(ax, all_epochs)
+    axes[0].set_ylabel("weight")
+    handles = [Line2D([], [], color=_teacher_color(m), lw=2, label=label) for m, label in enumerate(labels)]
+    if len(curves) > 1:
+        handles += [Line2D([], [], color="black", ls=styles[c_i % len(styles)], marker="o" if c_i == 0 else "s",
+                           ms=4, label=c.name) for c_i, c in enumerate(curves)]
+    if warmup:
+        from matplotlib.patches import Patch
+
+        handles.append(Patch(color="grey", alpha=0.15, label=f"{warmup_name} (fixed weights)"))
+    _outside_legend(axes[1], handles)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    write_figure_atomic(fig, path)
+    return fig

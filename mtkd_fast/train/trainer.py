@@ -9,7 +9,6 @@ builds everything from a ``TrainConfig``.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import time
@@ -19,14 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._io import file_sha256, save_atomic, write_bytes_atomic, write_csv_atomic
+from .._io import file_sha256, save_atomic, write_csv_atomic
 from .._validation import DataError, check_finite_weights
 from ..agent import MTKDAgent
 from ..distiller import Distiller, _config_options
 from . import distributed as D
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
-from .diagnostics import WeightDiagnostics, write_diagnostics
+from .diagnostics import (
+    WeightCurve,
+    WeightDiagnostics,
+    plot_teacher_weights,
+    rename_index_columns,
+    teacher_labels,
+    write_diagnostics,
+)
 from .step import feature_kl_per_sample
 from .strategies import NoDistillation
 
@@ -164,7 +170,9 @@ class Trainer:
         self.amp_dtype = _AMP_DTYPES[config.amp]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.num_teachers = getattr(self.teachers, "num_teachers", 0) if self.teachers is not None else 0
-        self.diagnostics = WeightDiagnostics(max(self.num_teachers, 1), self.device)
+        # metrics.csv names the teachers' columns by architecture (wl_resnet8), t0, t1, ... if unknown
+        self.teacher_labels = teacher_labels(_teacher_names(config, self.teachers), self.num_teachers)
+        self.diagnostics = WeightDiagnostics(max(self.num_teachers, 1), self.device, self.teacher_labels or None)
         self.epoch = 0
         self.start_epoch = 0
         self.step_in_epoch = 0
@@ -274,9 +282,9 @@ class Trainer:
                    "images": int(m["count"])}
         if self.num_teachers and self.strategy.needs_teachers:
             w = (weights / n).tolist()
-            for t in range(self.num_teachers):
-                metrics[f"wl_t{t}"] = w[0][t]
-                metrics[f"wf_t{t}"] = w[1][t]
+            for t, label in enumerate(self.teacher_labels):
+                metrics[f"wl_{label}"] = w[0][t]
+                metrics[f"wf_{label}"] = w[1][t]
             metrics.update(self.diagnostics.compute(D.all_reduce_sum))
         return metrics
 
@@ -380,7 +388,8 @@ class Trainer:
         self.start_epoch = int(ckpt["epoch"])
         self.epoch = self.start_epoch
         self.best_top1 = float(ckpt["best_top1"])
-        self.history = list(ckpt["history"])
+        # a checkpoint saved before the columns were named by architecture: its rows under the new names
+        self.history = [rename_index_columns(row, self.teacher_labels) for row in ckpt["history"]]
         set_rng_state(ckpt["rng"])
         self._refit_schedule(int(ckpt["config"].get("epochs", self.config.epochs)), path)
 
@@ -511,9 +520,10 @@ class Trainer:
             save_atomic({"model": self.student.state_dict()}, os.path.join(out_dir, STUDENT_BEST))
         write_csv_atomic(os.path.join(out_dir, METRICS_CSV), self.history)
         if self.num_teachers:
-            names = list(self.config.teachers) if len(self.config.teachers) == self.num_teachers else None
-            plot_teacher_weights(self.history, self.num_teachers, os.path.join(out_dir, WEIGHTS_PNG), names)
-            write_diagnostics(self.history, self.num_teachers, out_dir, names)
+            warmup = 1 if self.config.strategy == "mtkd_rl" else 0  # epoch 1 uses fixed weights (warmup_weights)
+            plot_teacher_weights([WeightCurve("", self.history, warmup)], self.teacher_labels,
+                                 os.path.join(out_dir, WEIGHTS_PNG))
+            write_diagnostics(self.history, self.teacher_labels, out_dir)
         if writer is not None:
             row = self.history[-1]
             for key, value in row.items():
@@ -560,30 +570,12 @@ def _summary_line(row: dict, epochs: int) -> str:
     return text
 
 
-def plot_teacher_weights(history: list[dict], num_teachers: int, path: str, names: Optional[list] = None) -> None:
-    """Mean logit and feature weight of each teacher per epoch (PNG)."""
-    from .._optional import pyplot
-
-    plt = pyplot("the teacher-weights plot")
-    if plt is None:
-        return
-
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    for ax, key, title in ((axes[0], "wl", "logit KD weight"), (axes[1], "wf", "feature KD weight")):
-        for t in range(num_teachers):
-            ax.plot(epochs, [r.get(f"{key}_t{t}", float("nan")) for r in history],
-                    marker="o", ms=3, label=f"teacher {t}" + (f" ({names[t]})" if names else ""))
-        ax.set_title(f"mean {title} per teacher")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("weight")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+def _teacher_names(config: TrainConfig, source) -> Optional[list]:
+    """The teachers' architecture names: the run's ``teachers``, else those a cache's manifest records."""
+    if config.teachers:
+        return list(config.teachers)
+    manifest = getattr(source, "manifest", None)
+    return [t.get("arch") for t in manifest["teachers"]] if manifest else None
 
 
 def _tensorboard_writer(log_dir: str):
