@@ -38,6 +38,14 @@ PAPER_NAMES = {"RegNetX-200MF": "RegNetX_200MF", "MobileNetV2": "MobileNetV2", "
 TOP1 = re.compile(r"^# authors' top-1: (\d+\.\d+) \(([^,]+), (dynamic|plain);", re.M)
 
 
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch):
+    """The PNGs (tested elsewhere) would take most of a one-step run's time here."""
+    from mtkd_fast import _optional
+
+    monkeypatch.setattr(_optional, "pyplot", lambda purpose: None)
+
+
 def _values(path: str) -> dict:
     return read_config(os.path.join(ROOT, path), extra=(TEACHER_MODEL_KEY,))
 
@@ -224,21 +232,54 @@ def _fake_imagefolder(root, classes=2, per_class=2, seed=0):
     return root
 
 
+def _trained_like(model):
+    """Zero the last BatchNorm scale of every residual block (torchvision's zero_init_residual): at random init
+    ResNet-101's pooled embedding reaches about 1.8e5, past float16's range, so the float16 cache would hold inf,
+    unlike a trained teacher's."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for m in model.modules():
+        if isinstance(m, Bottleneck):
+            torch.nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, BasicBlock):
+            torch.nn.init.zeros_(m.bn2.weight)
+    return model
+
+
+@pytest.fixture(scope="module")
+def imagenet_workspace(tmp_path_factory):
+    """Random ImageNet-layout data (two classes), teacher weights where the configs name them, and the teacher
+    cache built by the command the configs' comments give (one cache serves them all)."""
+    commands = {tuple(_cache_command(p)) for p in IMAGENET}
+    assert len(commands) == 1, "the ImageNet configs give different cache commands"
+    work = tmp_path_factory.mktemp("imagenet_runs")
+    data = _fake_imagefolder(str(work / "imagenet"))
+    values = _values(IMAGENET[0])
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        for name, ckpt in zip(values["teachers"], values["teacher_checkpoints"]):
+            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+            # a bare state_dict, as torchvision's files are
+            torch.save(_trained_like(create_model(name, 2)).state_dict(), ckpt)
+        argv = list(commands.pop())
+        argv[argv.index("--data-root") + 1] = data
+        assert argv[:2] == ["cache", "build"] and argv[argv.index("--out") + 1] == values["teacher_cache"]
+        assert cli.main(argv + ["--no-progress"]) == 0
+    finally:
+        os.chdir(cwd)
+    return str(work), data
+
+
 @pytest.mark.parametrize("path", IMAGENET)
-def test_imagenet_config_builds_its_cache_and_runs_one_step(path, tmp_path, monkeypatch, capsys):
+def test_imagenet_config_runs_one_step_from_its_cache(path, imagenet_workspace, monkeypatch, capsys):
+    work, data = imagenet_workspace
+    monkeypatch.chdir(work)
     values = _values(path)
-    monkeypatch.chdir(tmp_path)
-    data = _fake_imagefolder(str(tmp_path / "imagenet"))
-    for name, ckpt in zip(values["teachers"], values["teacher_checkpoints"]):
-        os.makedirs(os.path.dirname(ckpt), exist_ok=True)
-        torch.save(create_model(name, 2).state_dict(), ckpt)  # a bare state_dict, as torchvision's files are
-    argv = _cache_command(path)
-    argv[argv.index("--data-root") + 1] = data
-    assert argv[:2] == ["cache", "build"] and argv[argv.index("--out") + 1] == values["teacher_cache"]
-    _run(argv + ["--no-progress"], capsys)
     backend = [] if values.get("data_backend") != "dali" or _dali() else ["--data-backend", "torchvision"]
-    _run(["train", "--config", os.path.join(ROOT, path), "--data-root", data] + _one_step(2) + backend,
-         capsys)
+    out = _run(["train", "--config", os.path.join(ROOT, path), "--data-root", data] + _one_step(2) + backend,
+               capsys)
+    assert f"teachers: cache {values['teacher_cache']}" in out
     config = read_config(os.path.join(values["out_dir"], "config.json"))
     assert {k for k in values if config[k] != values[k]} <= {"epochs", "batch_size", "data_backend"}
     assert os.path.isfile(os.path.join(values["out_dir"], STUDENT_BEST))
@@ -248,3 +289,26 @@ def _dali() -> bool:
     from mtkd_fast.data import dali_available
 
     return bool(dali_available("cpu"))
+
+
+def test_train_teacher_config_names_its_model_and_flags_override_it(tmp_path, monkeypatch, capsys):
+    import mtkd_fast.train as T
+
+    calls = {}
+    monkeypatch.setattr(T, "train_teacher", lambda model, **kw: calls.update(model=model, **kw) or {"final": {}})
+    path = os.path.join(ROOT, next(p for p in CIFAR if _is_teacher(p)))
+    values = _values(path)
+    assert cli.main(["train-teacher", "--config", path, "--lr", "0.02"]) == 0
+    assert calls.pop("model") == values[TEACHER_MODEL_KEY] and calls.pop("lr") == 0.02
+    assert calls == {k: v for k, v in values.items() if k not in (TEACHER_MODEL_KEY, "lr")}
+    assert cli.main(["train-teacher", "--config", path, "--model", "resnet8"]) == 0
+    assert calls["model"] == "resnet8"
+    capsys.readouterr()
+    for text, message in (("epochs: 3\n", "model: give --model MODEL, or a --config file with a \"model\" entry"),
+                          ("model: resnet8\nstudent: resnet8\n", "gives 'student'; a train-teacher config names"),
+                          ("model: resnet8\nlearning_rate: 0.1\n", "config: unknown option(s) ['learning_rate']")):
+        bad = tmp_path / "t.yaml"
+        bad.write_text(text)
+        assert cli.main(["train-teacher", "--config", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("mtkd-fast train-teacher: error: ") and message in err and "\n" not in err, err
