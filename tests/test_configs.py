@@ -312,3 +312,16 @@ def test_train_teacher_config_names_its_model_and_flags_override_it(tmp_path, mo
         assert cli.main(["train-teacher", "--config", str(bad)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("mtkd-fast train-teacher: error: ") and message in err and "\n" not in err, err
+
+
+def test_the_docs_table_lists_every_config_with_its_top1():
+    text = _text(os.path.join("docs", "training.md"))
+    section = text[text.index("## The paper's runs (configs/)"):]
+    section = section[:section.index("\n## ", 1)]
+    listed = set()
+    for head, alternatives, tail in re.findall(r"`(configs/[^`{]*)\{([^}]*)\}([^`]*\.yaml)`", section):
+        listed |= {f"{head}{a}{tail}" for a in alternatives.split(",")}
+    assert listed == {p.replace(os.sep, "/") for p in CONFIGS}
+    rows = re.findall(r"^\| (\w+) \| [^|]+ \| (\d+\.\d+) / (\d+\.\d+) \|$", section, re.M)
+    assert {(s, d): float(t) for s, dyn, plain in rows for d, t in ((True, dyn), (False, plain))} == \
+        _reported_top1()
