@@ -1,7 +1,7 @@
 """configs/: the paper's runs, one YAML per run (issue 25). Every file parses with only TrainConfig fields (and a
 teacher config's "model"), the MTKD-RL students carry the top-1 the authors report (checked against the table in
 docs/method.md), the students read the checkpoints the teacher configs write, and every config runs one training
-step through the CLI as written (only the data, the run length and the batch changed) on random data of its
+step through the CLI as written (only the data, run length, batch and device changed) on random data of its
 shape: CIFAR-100 32x32 images with 100 classes; ImageNet-layout 224x224 crops with the real teachers, two classes."""
 
 import glob
