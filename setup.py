@@ -108,11 +108,12 @@ def _dali_requirement() -> str:
 
 # Every module-level import of the package (tests/test_packaging.py checks the list); optional parts are extras,
 # and code that needs one says which (mtkd_fast/_optional.py).
-INSTALL_REQUIRES = [_torch_requirement(), "torchvision", "numpy", "tqdm", "pillow"]
+# pyyaml: the paper's runs ship as YAML (configs/), so `train --config configs/...` must work on a plain install
+INSTALL_REQUIRES = [_torch_requirement(), "torchvision", "numpy", "tqdm", "pillow", "pyyaml"]
 EXTRAS_REQUIRE = {
     "plots": ["matplotlib"],  # PNGs of training curves, teacher weights and benchmarks
     "dali": [_dali_requirement()],  # data backend "dali" (image folders)
-    "yaml": ["pyyaml"],  # YAML training configs (JSON needs nothing)
+    "yaml": ["pyyaml"],  # kept so `pip install mtkd_fast[yaml]` still works; pyyaml is in INSTALL_REQUIRES now
     "baselines": ["scikit-learn"],  # strategy aekd with aekd_solver "libsvm" (the CA-MKD code's OneClassSVM)
     "timm": ["timm>=1.0"],  # timm:<name> teachers and students (forward_head(pre_logits=True), head_hidden_size)
     "test": ["pytest", "pytest-benchmark"],

@@ -1,7 +1,7 @@
 """``mtkd-fast train``: MTKD-RL distillation (or a baseline) from a config file and/or flags.
 
 Every ``TrainConfig`` field is a flag (``--batch-size``, ``--teachers a b c``, ``--dynamic/--no-dynamic``, ...);
-flags override the config file (JSON, or YAML with pyyaml installed).
+flags override the config file (JSON or YAML; the paper's runs are in configs/).
 """
 
 from __future__ import annotations

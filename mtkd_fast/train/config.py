@@ -335,47 +335,64 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config: unknown option(s) {unknown}; valid options are {sorted(known)}")
+        check_keys(values)
         return cls(**values)
 
     @classmethod
     def load(cls, path: str, **overrides) -> "TrainConfig":
-        """Read a JSON (or, with pyyaml installed, YAML) config file; ``overrides`` win over the file."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config: no such file {path!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"config: {path!r} is not a text file ({exc.reason} at byte {exc.start})") from exc
-        if path.endswith((".yaml", ".yml")):
-            try:
-                import yaml
-            except ImportError as exc:  # pragma: no cover - depends on the environment
-                raise ValueError(f"config: {path!r} is YAML but pyyaml is not installed; use JSON") from exc
-            try:
-                values = yaml.safe_load(text) or {}
-            except yaml.YAMLError as exc:  # a syntax error, several documents, a !!python tag safe_load refuses
-                mark = getattr(exc, "problem_mark", None)
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-                what = getattr(exc, "problem", None) or str(exc)
-                raise ValueError(f"config: {path!r} is not a valid YAML config{where} ({' '.join(what.split())})") \
-                    from exc
-        else:
-            try:
-                values = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"config: {path!r} is not valid JSON ({exc})") from exc
-        if not isinstance(values, dict):
-            raise ValueError(f"config: expected a mapping of options in {path!r}, got {type(values).__name__}")
-        values.update(overrides)
-        return cls.from_dict(values)
+        """Read a JSON or YAML config file (:func:`read_config`); ``overrides`` win over the file."""
+        return cls.from_dict({**read_config(path), **overrides})
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+# the key a train-teacher config names its model with (`mtkd-fast train-teacher --model`); every other key is a
+# TrainConfig field
+TEACHER_MODEL_KEY = "model"
+
+
+def check_keys(values: dict, extra: tuple = ()) -> None:
+    """Refuse a config mapping with a key that is not a TrainConfig field (nor one of ``extra``), naming it."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known - set(extra))
+    if unknown:
+        # a teacher config run by `train` would otherwise only hear that "model" is unknown
+        hint = (f"; {TEACHER_MODEL_KEY!r} names the model of a teacher config: run it with mtkd-fast train-teacher "
+                "--config" if TEACHER_MODEL_KEY in unknown and not extra else "")
+        raise ValueError(f"config: unknown option(s) {unknown}{hint}; valid options are {sorted(known | set(extra))}")
+
+
+def read_config(path: str, extra: tuple = ()) -> dict[str, Any]:
+    """The options of a JSON (``.json`` or any other name) or YAML (``.yaml``, ``.yml``) config file, every key
+    checked (:func:`check_keys`); the types and ranges are checked when a TrainConfig is built from them."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config: no such file {path!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config: {path!r} is not a text file ({exc.reason} at byte {exc.start})") from exc
+    if path.endswith((".yaml", ".yml")):
+        import yaml  # a dependency (setup.py): the configs/ of the paper's runs are YAML
+
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:  # a syntax error, several documents, a !!python tag safe_load refuses
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(exc, "problem", None) or str(exc)
+            raise ValueError(f"config: {path!r} is not a valid YAML config{where} ({' '.join(what.split())})") \
+                from exc
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config: {path!r} is not valid JSON ({exc})") from exc
+    if not isinstance(values, dict):
+        raise ValueError(f"config: expected a mapping of options in {path!r}, got {type(values).__name__}")
+    check_keys(values, extra)
+    return values
 
 
 # The authors' teacher pretraining (docs/method.md section 7): SGD lr 0.05 (0.01 for MobileNetV2/ShuffleNet), weight
