@@ -76,7 +76,9 @@ def test_train_teacher_table_shows_its_own_defaults_and_options():
     rows = {flag: row for group in teacher.values() for flag, row in group.items()}
     train_wd = field_default(TrainConfig.__dataclass_fields__["weight_decay"])
     assert rows["--weight-decay"][2] == show(TEACHER_DEFAULTS["weight_decay"]) != show(train_wd)
-    assert rows["--model"][2] == "required"
+    # --model or a --config file naming the model: the usage line says so, the help names the rule
+    assert "required unless the --config file names it" in rows["--model"][3]
+    assert "--config" in rows
     for flag in ("--aekd-nu", "--transfer-resize", "--teacher-precision", "--strategy", "--student"):
         assert flag not in rows, flag  # not an option of a teacher's pretraining
 
