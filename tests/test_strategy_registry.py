@@ -7,6 +7,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -44,15 +45,22 @@ class SoftmaxConfidence(WeightStrategy):
 
 
 @contextlib.contextmanager
-def _registered(name, cls):
-    """``cls`` registered as ``name`` inside the block only (the registry is global: other test modules iterate it)."""
+def _restored_registry():
+    """The registry as it was after the block (it is global: other test modules iterate it)."""
     saved = dict(S._REGISTRY)
     try:
-        register_strategy(name)(cls)
-        yield cls
+        yield
     finally:
         S._REGISTRY.clear()
         S._REGISTRY.update(saved)
+
+
+@contextlib.contextmanager
+def _registered(name, cls):
+    """``cls`` registered as ``name`` inside the block only."""
+    with _restored_registry():
+        register_strategy(name)(cls)
+        yield cls
 
 
 @pytest.fixture
@@ -168,6 +176,42 @@ def test_a_strategy_leaves_the_choices_with_its_registration():
         Distiller(TOY)
     with pytest.raises(ValueError, match="^strategy: expected one of .*got 'none'"):
         Distiller("none")  # no teachers: not a Distiller's strategy
+
+
+ONE_FILE = """
+import torch
+
+from mtkd_fast.train.strategies import WeightStrategy, register_strategy
+
+
+@register_strategy("from_one_file")
+class MostCertain(WeightStrategy):
+    requires = frozenset({"teachers"})
+    options = ()
+
+    def weights(self, epoch, teacher_logits, teacher_ce, state, student_logits=None, student_maps=None, labels=None):
+        w = torch.softmax(teacher_logits.max(-1).values.T, dim=1)  # [B, M]: the more certain teacher weighs more
+        return w, torch.zeros_like(w), None
+"""
+
+
+def test_a_new_file_in_the_strategies_package_is_a_new_strategy(tmp_path, monkeypatch):
+    (tmp_path / "from_one_file.py").write_text(ONE_FILE)
+    monkeypatch.setattr(S, "__path__", [*S.__path__, str(tmp_path)])  # the package folder, as if the file were in it
+    module = f"{S.__name__}.from_one_file"
+    try:
+        with _restored_registry():
+            S._import_strategy_modules()
+            assert list_strategies()[-1] == "from_one_file" and list_strategies()[:6] == S._BUILTIN
+            assert TrainConfig(teachers=["a", "b"], strategy="from_one_file").strategy == "from_one_file"
+            g = torch.Generator().manual_seed(5)
+            z_s, z_t = torch.randn(5, 9, generator=g, dtype=F64), torch.randn(3, 5, 9, generator=g, dtype=F64)
+            labels = torch.randint(0, 9, (5,), generator=g)
+            out = Distiller("from_one_file", loss_backend="reference")(z_s, labels, z_t)
+            torch.testing.assert_close(out.logit_weights, torch.softmax(z_t.max(-1).values.T, dim=1))
+        assert "from_one_file" not in list_strategies()
+    finally:
+        sys.modules.pop(module, None)
 
 
 # ------------------------------------------------------------------ every registered strategy's declaration

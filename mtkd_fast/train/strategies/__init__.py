@@ -32,7 +32,9 @@ code does (which stops early when the Gram matrix is tiny) instead of exactly.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Sequence as _SequenceABC
 from typing import Any, Mapping, Optional, Sequence
 
@@ -240,8 +242,19 @@ def make_strategy(name: str, agent: Optional[MTKDAgent] = None, warmup_weights: 
     return get_strategy(name).build(options, agent=agent, teacher_heads=teacher_heads)
 
 
-# The built-in strategies, in the order of TrainConfig.strategy's choices: importing a module registers it.
-from . import none, mtkd_rl, aver, ebkd, camkd, aekd  # noqa: E402, F401, I001
+# the built-in strategies' modules, in the order of TrainConfig.strategy's choices
+_BUILTIN = ("none", "mtkd_rl", "aver", "ebkd", "camkd", "aekd")
+
+
+def _import_strategy_modules() -> None:
+    """Import (so register) the built-in strategies in their order, then every other module of this package: a
+    new strategy is one file in this folder, with no list to add it to."""
+    found = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _BUILTIN and m.name[0] != "_")
+    for module in _BUILTIN + tuple(found):
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_import_strategy_modules()
 from .aekd import AEKD_C, AEKD_SOLVERS, AdaptiveEnsemble, aekd_weights, libsvm_simplex, min_norm_simplex  # noqa: E402
 from .aver import Average, aver_weights  # noqa: E402
 from .camkd import ConfidenceAware, camkd_feature_weights, camkd_weights  # noqa: E402
