@@ -7,6 +7,8 @@ import contextlib
 import csv
 import dataclasses
 import json
+import os
+import re
 import sys
 
 import pytest
@@ -14,12 +16,13 @@ import torch
 from standins import ExactTeachers, make_batches, make_setup
 
 import mtkd_fast.train.strategies as S
-from mtkd_fast import Distiller, distiller, reference
+from mtkd_fast import Distiller, cli, distiller, reference
 from mtkd_fast.train import TrainConfig, Trainer, make_strategy, train
 from mtkd_fast.train import config as C
 from mtkd_fast.train.strategies import NEEDS, WeightStrategy, get_strategy, list_strategies, register_strategy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = torch.float64
 TOY = "softmax_confidence"
 
@@ -159,9 +162,8 @@ def test_the_registry_gives_the_choices_and_checks_the_options(toy, monkeypatch)
         TrainConfig(teachers=["a", "b"], strategy=TOY, temperature=60.0)
     with pytest.raises(ValueError, match="^temperature: the toy strategy takes at most 50"):
         Distiller(TOY, temperature=60.0)
-    from mtkd_fast import cli  # the CLI's help lists it among --strategy's choices
-
     monkeypatch.setenv("COLUMNS", "2000")
+    # the CLI's help lists it among --strategy's choices
     verbs = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert f",{TOY}}}" in verbs.choices["train"].format_help()
 
@@ -178,40 +180,36 @@ def test_a_strategy_leaves_the_choices_with_its_registration():
         Distiller("none")  # no teachers: not a Distiller's strategy
 
 
-ONE_FILE = """
-import torch
-
-from mtkd_fast.train.strategies import WeightStrategy, register_strategy
-
-
-@register_strategy("from_one_file")
-class MostCertain(WeightStrategy):
-    requires = frozenset({"teachers"})
-    options = ()
-
-    def weights(self, epoch, teacher_logits, teacher_ce, state, student_logits=None, student_maps=None, labels=None):
-        w = torch.softmax(teacher_logits.max(-1).values.T, dim=1)  # [B, M]: the more certain teacher weighs more
-        return w, torch.zeros_like(w), None
-"""
+def _docs_example() -> tuple:
+    """(module name, code) of docs/training.md's "Adding a strategy" example file."""
+    with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
+        section = f.read().split("### Adding a strategy", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.match(r"# mtkd_fast/train/strategies/(\w+)\.py\n", code).group(1), code
 
 
-def test_a_new_file_in_the_strategies_package_is_a_new_strategy(tmp_path, monkeypatch):
-    (tmp_path / "from_one_file.py").write_text(ONE_FILE)
+def test_the_docs_one_file_example_is_a_new_strategy_on_the_command_line(tmp_path, monkeypatch, capsys):
+    name, code = _docs_example()
+    (tmp_path / f"{name}.py").write_text(code)
     monkeypatch.setattr(S, "__path__", [*S.__path__, str(tmp_path)])  # the package folder, as if the file were in it
-    module = f"{S.__name__}.from_one_file"
     try:
         with _restored_registry():
             S._import_strategy_modules()
-            assert list_strategies()[-1] == "from_one_file" and list_strategies()[:6] == S._BUILTIN
-            assert TrainConfig(teachers=["a", "b"], strategy="from_one_file").strategy == "from_one_file"
-            g = torch.Generator().manual_seed(5)
-            z_s, z_t = torch.randn(5, 9, generator=g, dtype=F64), torch.randn(3, 5, 9, generator=g, dtype=F64)
-            labels = torch.randint(0, 9, (5,), generator=g)
-            out = Distiller("from_one_file", loss_backend="reference")(z_s, labels, z_t)
-            torch.testing.assert_close(out.logit_weights, torch.softmax(z_t.max(-1).values.T, dim=1))
-        assert "from_one_file" not in list_strategies()
+            assert list_strategies()[-1] == name and list_strategies()[:6] == S._BUILTIN
+            with pytest.raises(ValueError, match="^temperature: expected at most 50, got 60"):
+                TrainConfig(teachers=["a", "b"], strategy=name, temperature=60.0)
+            out = tmp_path / "run"
+            assert cli.main(["train", "--strategy", name, "--student", "resnet8", "--teachers", "resnet8", "resnet14",
+                             "--dataset", "bundled", "--limit-per-class", "2", "--batch-size", "8", "--epochs", "1",
+                             "--max-steps-per-epoch", "2", "--device", "cpu", "--no-progress",
+                             "--out-dir", str(out)]) == 0
+            row = next(csv.DictReader(open(out / "metrics.csv")))
+            assert float(row["wl_t0"]) + float(row["wl_t1"]) == pytest.approx(1.0, abs=1e-5)
+            assert float(row["wf_t0"]) == pytest.approx(float(row["wl_t0"]), abs=1e-6) and float(row["train_kd"]) > 0
+        assert name not in list_strategies()
     finally:
-        sys.modules.pop(module, None)
+        sys.modules.pop(f"{S.__name__}.{name}", None)
+    capsys.readouterr()
 
 
 # ------------------------------------------------------------------ every registered strategy's declaration
