@@ -98,8 +98,10 @@ class WeightStrategy:
 
     @classmethod
     def check_options(cls, values: Mapping[str, Any]) -> None:
-        """Raise ValueError, naming the option, for a value of ``values`` (one per name in ``options``) this
-        strategy cannot run with. TrainConfig.validate runs every registered strategy's check."""
+        """Raise ValueError, naming the option, for a value of ``values`` (one per name in ``options``) outside
+        the option's range (``aekd_nu`` in (0, 1]). TrainConfig.validate runs every registered strategy's check,
+        whichever strategy the config names, so a shared option's limits for this strategy alone (a temperature it
+        cannot use) belong in ``__init__``."""
 
     @classmethod
     def build(cls, options: Mapping[str, Any], agent: Optional[MTKDAgent] = None,
