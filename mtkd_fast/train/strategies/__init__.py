@@ -56,7 +56,8 @@ NEEDS = {
     "teacher_ce": "each teacher's cross-entropy against the label, [B, M]",
     "agent_state": "the agent state (KL and the cosine of each teacher's embedding to the transformed student map; "
                    "the embeddings must be the pooled teacher maps)",
-    "agent": "an MTKDAgent built from the agent options, trained by the Distiller on the stored states and rewards",
+    "agent": "an MTKDAgent built from the agent options (dynamic, agent_update; agent_lr, agent_step and "
+             "agent_buffer_dtype for its training), trained by the Distiller on the stored states and rewards",
     "teacher_heads": "each teacher's classifier head (the teacher models, also when the outputs come from a cache)",
 }
 # what each need implies besides itself (a declaration breaking this is refused at registration)
