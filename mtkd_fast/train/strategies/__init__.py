@@ -32,6 +32,7 @@ code does (which stops early when the Gram matrix is tiny) instead of exactly.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import pkgutil
@@ -109,7 +110,7 @@ class WeightStrategy:
               teacher_heads: Optional[Sequence[nn.Module]] = None) -> "WeightStrategy":
         """The strategy for method options ``options`` (a mapping with any of the Distiller's options; those it
         reads and ``options`` lacks take the Distiller's defaults) and the resources its ``requires`` names."""
-        defaults = _method_defaults()
+        defaults = _method_defaults()  # shared: not modified
         values = {name: options[name] if name in options else defaults[name] for name in cls.options}
         cls.check_options(values)
         if cls.needs_agent:
@@ -196,7 +197,8 @@ def check_strategy_options(config) -> None:
         cls.check_options({name: getattr(config, name) for name in cls.options})
 
 
-def _method_defaults() -> dict:
+@functools.lru_cache(maxsize=None)
+def _method_defaults() -> dict:  # the Distiller's signature, read once
     from ...distiller import Distiller
 
     params = inspect.signature(Distiller.__init__).parameters
