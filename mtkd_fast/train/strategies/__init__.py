@@ -191,8 +191,8 @@ DISTILLING_STRATEGIES = StrategyNames(distils=True)  # those with teachers (the 
 
 def check_strategy_options(config) -> None:
     """Every registered strategy's :meth:`WeightStrategy.check_options` on ``config``'s values (a TrainConfig or
-    anything with the option attributes): an option is checked whichever strategy the run uses, so a config file
-    holds no value its strategy could not be switched to."""
+    anything with the option attributes). An option's range is checked whatever strategy the config names, as
+    TrainConfig has always checked ``aekd_nu``."""
     for cls in _REGISTRY.values():
         cls.check_options({name: getattr(config, name) for name in cls.options})
 
