@@ -202,6 +202,7 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
     from .cache import open_teacher_source
     from .train import TrainConfig, Trainer
     from .train.run import build_student_side
+    from .train.strategies import get_strategy
     from .train.trainer import CHECKPOINT_BEST, STUDENT_BEST
 
     config = TrainConfig(student=settings.student, teachers=list(settings.teachers) if method != "none" else [],
@@ -222,7 +223,7 @@ def _student_run(settings: DemoSettings, method: str, seed: int, train_set, test
     # train's own builder: the same student initialisation for every method, and config.json rebuilds this run
     student, feature_transfer, agent = build_student_side(config, num_classes, device, train_set.image_shape,
                                                           teacher_shapes, embedding_dims)
-    heads = [models.classifier_head(t) for t in teacher_models] if method == "camkd" else None
+    heads = [models.classifier_head(t) for t in teacher_models] if get_strategy(method).needs_teacher_heads else None
     trainer = Trainer(config, student, source, feature_transfer, agent, device=device, teacher_heads=heads)
 
     def make_train_loader(epoch: int):

@@ -24,10 +24,10 @@ from .step import BACKENDS, distill_step, resolve_backend
 if TYPE_CHECKING:
     from .train.config import TrainConfig
 
-__all__ = ["Distiller", "DistillerOutput", "STRATEGIES"]
+__all__ = ["Distiller", "DistillerOutput", "STRATEGIES"]  # noqa: F822 (STRATEGIES: the module __getattr__)
 
-# the one definition of each method option's allowed values (TrainConfig and the CLI import them from here)
-STRATEGIES = ("mtkd_rl", "aver", "ebkd", "camkd", "aekd")
+# the one definition of each method option's allowed values (TrainConfig and the CLI import them from here);
+# STRATEGIES, the strategies with teachers, is the registry's (mtkd_fast.train.strategies; module __getattr__ below)
 FEATURE_KD = ("mse", "kl")
 WARMUP_WEIGHTS = ("ones", "uniform")
 AGENT_UPDATES = ("bce", "policy_gradient")
@@ -68,12 +68,14 @@ class Distiller(nn.Module):
     :class:`mtkd_fast.train.TrainConfig` option of the same name, with its default.
 
     Args:
-        strategy: ``"mtkd_rl"`` (the agent), ``"aver"``, ``"ebkd"``, ``"camkd"`` or ``"aekd"``.
-        num_classes: K (``"mtkd_rl"``: sizes the agent's input).
+        strategy: ``"mtkd_rl"`` (the agent), ``"aver"``, ``"ebkd"``, ``"camkd"``, ``"aekd"`` or any other
+            strategy with teachers in the registry (``mtkd_fast.train.strategies.list_strategies``).
+        num_classes: K (a strategy that needs the agent, ``"mtkd_rl"``: sizes the agent's input).
         teacher_dims: [D_1..D_M], each teacher's pooled embedding width (``"mtkd_rl"``).
         student_map_shape: (C, H, W) of the student's last map, and ``teacher_map_shapes`` [(C_m, H_m, W_m)...]:
             build the feature transfer (omit both to distil logits only).
-        teacher_heads: each teacher's final linear layer (``"camkd"``: its feature weights apply them).
+        teacher_heads: each teacher's final linear layer (a strategy that needs them, ``"camkd"``: its feature
+            weights apply them).
         feature_transfer / agent: modules of your own instead of the ones built from the shapes.
     """
 
@@ -89,10 +91,13 @@ class Distiller(nn.Module):
                  agent: Optional[MTKDAgent] = None):
         super().__init__()
         from ._validation import check_scale, check_temperature
-        from .train.strategies import make_strategy
+        from .train.strategies import DISTILLING_STRATEGIES, get_strategy
 
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: expected one of {list(STRATEGIES)}, got {strategy!r}")
+        if strategy not in DISTILLING_STRATEGIES:
+            raise ValueError(f"strategy: expected one of {list(DISTILLING_STRATEGIES)}, got {strategy!r}")
+        given = locals()  # the arguments (a comprehension's own locals() would not see them)
+        options = {name: given[name] for name in _config_options()}
+        kind = get_strategy(strategy)
         for name, allowed in _CHOICES.items():
             if locals()[name] not in allowed:
                 raise ValueError(f"{name}: expected one of {list(allowed)}, got {locals()[name]!r}")
@@ -118,22 +123,20 @@ class Distiller(nn.Module):
                                                chained_resize=transfer_resize == "chained")
         self.feature_transfer = feature_transfer
 
-        if strategy == "mtkd_rl" and agent is None:
+        if kind.needs_agent and agent is None:
             if num_classes is None or not teacher_dims:
-                raise ValueError("num_classes, teacher_dims: strategy 'mtkd_rl' builds its agent from the class "
+                raise ValueError(f"num_classes, teacher_dims: strategy {strategy!r} builds its agent from the class "
                                  "count K and each teacher's embedding width D_m (or pass agent=)")
             if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
                 raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
             sizes = [int(d) + num_classes + 3 for d in teacher_dims]
             agent = MTKDAgent(sizes, len(sizes), dynamic=dynamic, update=agent_update)
-        agent = agent if strategy == "mtkd_rl" else None
+        agent = agent if kind.needs_agent else None
         # the agent is not a submodule: it learns from its own loss and optimiser only, so the caller's optimiser
         # (over parameters()) and a DDP wrapper never see it; _apply moves it with the module and the extra state
         # saves it
         object.__setattr__(self, "_agent", agent)
-        object.__setattr__(self, "strategy", make_strategy(strategy, agent, warmup_weights, teacher_heads,
-                                                           temperature, aekd_nu, bool(camkd_weight_grad),
-                                                           aekd_solver))
+        object.__setattr__(self, "strategy", kind.build(options, agent=agent, teacher_heads=teacher_heads))
         self.agent_optimizer = torch.optim.SGD(agent.parameters(), lr=self.agent_lr) if agent is not None else None
         if agent is not None:
             agent.eval()
@@ -157,8 +160,10 @@ class Distiller(nn.Module):
         which are TrainConfig's), its shapes read
         from one forward of ``student`` and ``teachers`` (models with the ``(feats, logits)`` contract, see
         :func:`mtkd_fast.models.with_features`) on ``example_input`` (default: two zero images of cfg.dataset's
-        size); for ``"camkd"`` the teachers' classifier heads. ``overrides`` win over ``cfg``."""
+        size); for a strategy that needs them (``"camkd"``) the teachers' classifier heads. ``overrides`` win
+        over ``cfg``."""
         from .models import classifier_head
+        from .train.strategies import get_strategy
 
         if example_input is None:
             size = {"imagefolder": (3, 224, 224)}.get(getattr(cfg, "dataset", None), (3, 32, 32))
@@ -187,7 +192,7 @@ class Distiller(nn.Module):
             options = {name: getattr(cfg, name) for name in _config_options()}
         options.update(overrides)
         distil_maps = options["beta"] > 0
-        if options["strategy"] == "camkd" and "teacher_heads" not in options:
+        if get_strategy(options["strategy"]).needs_teacher_heads and "teacher_heads" not in options:
             options["teacher_heads"] = [classifier_head(t) for t in teachers]
         return cls(num_classes=K, teacher_dims=[int(f[-1].shape[1]) for f, _ in t_out],
                    student_map_shape=tuple(s_feats[-2].shape[1:]) if distil_maps else None,
@@ -246,9 +251,9 @@ class Distiller(nn.Module):
             logits = _widen(student_logits)
             maps = [_widen(g) for g in maps] if maps is not None else None
             tl = stack_teachers("teacher_logits", teacher_logits, logits)
-            if self._agent is not None and teacher_embeddings is None:
-                raise ValueError("teacher_embeddings: strategy 'mtkd_rl' needs the teachers' pooled embeddings "
-                                 "(the agent state)")
+            if self.strategy.needs_state and teacher_embeddings is None:
+                raise ValueError(f"teacher_embeddings: strategy {self.strategy_name!r} needs the teachers' pooled "
+                                 "embeddings (the agent state)")
             dtypes = (logits.dtype,) + ((maps[0].dtype,) if maps else ())
             strategy, epoch = self.strategy, self.epoch
             graded = []  # feature weights that carry a gradient (camkd_weight_grad)
@@ -453,3 +458,12 @@ def _clone(obj):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_clone(v) for v in obj)
     return obj
+
+
+def __getattr__(name: str):
+    # STRATEGIES comes from the registry, which imports this module: looked up when first read, a live view
+    if name == "STRATEGIES":
+        from .train.strategies import DISTILLING_STRATEGIES
+
+        return DISTILLING_STRATEGIES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -190,6 +190,7 @@ class Run:
         from .. import models
         from ..teachers import LiveTeachers
         from ..train import Trainer
+        from ..train.strategies import get_strategy
 
         self.name, self.spec, self.student_name = name, spec, student_name
         device = spec.device
@@ -224,8 +225,9 @@ class Run:
             self.trainer = None
             return
         cfg = self._config(_STRATEGY[name])
-        heads = [models.classifier_head(t) for t in teachers] if _STRATEGY[name] == "camkd" else None
-        self.trainer = Trainer(cfg, student, source, ft, agent if _STRATEGY[name] == "mtkd_rl" else None,
+        kind = get_strategy(_STRATEGY[name])  # what the strategy needs (its declaration in the registry)
+        heads = [models.classifier_head(t) for t in teachers] if kind.needs_teacher_heads else None
+        self.trainer = Trainer(cfg, student, source, ft, agent if kind.needs_agent else None,
                                device=device, teacher_heads=heads)
 
     def _config(self, strategy: str):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -15,11 +16,12 @@ from .._validation import check_device_name, check_int_range, check_temperature
 from ..data import BACKENDS as DATA_BACKENDS
 from ..data import DATASETS
 from ..distiller import AEKD_SOLVERS, AGENT_UPDATES, BUFFER_DTYPES, FEATURE_KD, TRANSFER_RESIZE, WARMUP_WEIGHTS
-from ..distiller import STRATEGIES as _DISTILL_STRATEGIES
 from ..step import BACKENDS as LOSS_BACKENDS
 from ..teachers import PRECISIONS
+from .strategies import STRATEGY_NAMES, check_strategy_options
 
-STRATEGIES = ("none",) + _DISTILL_STRATEGIES
+# the registry's strategy names (a live view: a strategy registered later is a choice too)
+STRATEGIES = STRATEGY_NAMES
 SCHEDULES = ("multistep", "cosine", "constant")
 OPTIMIZERS = ("sgd", "adamw")
 AMP = (None, "bf16", "fp16")
@@ -45,8 +47,8 @@ GROUPS = {
 def _option(default=dataclasses.MISSING, *, group: str, help: str, choices=None, factory=None, metavar=None):
     """A TrainConfig field with what the CLI, its help and the config-file validator need to know about it."""
     metadata = {"group": group, "help": help}
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
+    if choices is not None:  # kept as given: a tuple, or the strategy registry's live view
+        metadata["choices"] = choices if isinstance(choices, Sequence) else tuple(choices)
     if metavar is not None:
         metadata["metavar"] = metavar
     if factory is not None:
@@ -312,8 +314,7 @@ class TrainConfig:
             raise ValueError(f"milestones: expected non-negative epoch numbers, got {list(self.milestones)}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum: expected a number in [0, 1), got {self.momentum}")
-        if self.aekd_nu is not None and not 0 < self.aekd_nu <= 1:
-            raise ValueError(f"aekd_nu: expected a number in (0, 1] or None, got {self.aekd_nu}")
+        check_strategy_options(self)
         if self.weight_decay < 0 or self.alpha < 0 or self.beta < 0:
             raise ValueError("weight_decay, alpha, beta: expected non-negative numbers, got "
                              f"{self.weight_decay}, {self.alpha}, {self.beta}")

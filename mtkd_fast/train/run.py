@@ -21,6 +21,7 @@ from ..teachers import LiveTeachers
 from . import distributed as D
 from .checkpoint import write_bytes_atomic
 from .config import TrainConfig, teacher_config
+from .strategies import get_strategy
 from .trainer import CHECKPOINT_LAST, CONFIG_JSON, RUN_OUTPUTS, Trainer
 
 __all__ = ["train", "train_teacher", "seed_everything", "checkpoint_num_classes", "build_teachers",
@@ -174,7 +175,8 @@ def build_student_side(config: TrainConfig, num_classes: int, device, image_shap
     """``(student, feature_transfer, agent)`` for ``config``, initialised from ``config.seed`` in one fixed order
     (student, transfer, agent) whatever ran before: the one place ``train`` and the demo build them, so a run's
     saved config.json rebuilds the same modules (issue 27). ``teacher_map_shapes`` (C, H, W) per teacher: build
-    the feature transfer (None: no teachers, student only); ``embedding_dims``: the agent's (strategy mtkd_rl)."""
+    the feature transfer (None: no teachers, student only); ``embedding_dims``: the agent's (a strategy that
+    needs one, mtkd_rl)."""
     models = _models()
     seed_everything(config.seed)
     student = models.create_model(config.student, num_classes).to(device)
@@ -186,9 +188,9 @@ def build_student_side(config: TrainConfig, num_classes: int, device, image_shap
         feature_transfer = models.FeatureTransfer(student_shape=tuple(feats[-2].shape[1:]),
                                                   teacher_shapes=[tuple(s) for s in teacher_map_shapes],
                                                   chained_resize=config.transfer_resize == "chained")
-        if config.strategy == "mtkd_rl":
+        if get_strategy(config.strategy).needs_agent:
             if embedding_dims is None or len(embedding_dims) != len(teacher_map_shapes):
-                raise ValueError("embedding_dims: strategy mtkd_rl needs one embedding width per teacher")
+                raise ValueError(f"embedding_dims: strategy {config.strategy} needs one embedding width per teacher")
             sizes = [int(d) + num_classes + 3 for d in embedding_dims]
             agent = MTKDAgent(sizes, len(sizes), dynamic=config.dynamic, update=config.agent_update)
     return student, feature_transfer, agent
@@ -219,12 +221,12 @@ def _train(config: TrainConfig) -> dict:
     local_batch = config.batch_size // dist_info.world_size
     _check_model_names(config)
     _check_data_root(config)
-    if config.strategy == "camkd" and (not config.teachers or
-                                       (config.teacher_cache and not config.teacher_checkpoints)):
-        raise ValueError("strategy: 'camkd' applies each teacher's classifier to the transformed student features, so "
-                         "it needs the teacher models: give teachers (and, with a teacher_cache, their "
+    kind = get_strategy(config.strategy)  # what the strategy needs (its declaration in the registry)
+    if kind.needs_teacher_heads and (not config.teachers or (config.teacher_cache and not config.teacher_checkpoints)):
+        raise ValueError(f"strategy: {config.strategy!r} applies each teacher's classifier to the transformed student "
+                         "features, so it needs the teacher models: give teachers (and, with a teacher_cache, their "
                          "teacher_checkpoints)")
-    if config.strategy != "none" and config.teachers and not config.teacher_checkpoints and dist_info.is_main:
+    if kind.needs_teachers and config.teachers and not config.teacher_checkpoints and dist_info.is_main:
         print("warning: no teacher_checkpoints given: the teachers keep their random initial weights", flush=True)
     data = _data()
     seed_everything(config.seed)
@@ -236,8 +238,8 @@ def _train(config: TrainConfig) -> dict:
     num_classes = int(train_set.num_classes)
 
     models = _models()
-    teachers = build_teachers(config, num_classes, device) if config.strategy != "none" else []
-    source = _teacher_source(config, teachers, device, train_set) if config.strategy != "none" else None
+    teachers = build_teachers(config, num_classes, device) if kind.needs_teachers else []
+    source = _teacher_source(config, teachers, device, train_set) if kind.needs_teachers else None
     if source is not None and dist_info.is_main:
         print(source.describe(), flush=True)
 
@@ -254,7 +256,7 @@ def _train(config: TrainConfig) -> dict:
                              f"has {num_classes}")
         teacher_shapes = [tuple(f.shape[1:]) for f in probe.feature_maps]
         embedding_dims = [int(e.shape[1]) for e in probe.embeddings]
-        if config.strategy == "mtkd_rl":
+        if kind.needs_state:
             for m, (e, f) in enumerate(zip(probe.embeddings, probe.feature_maps)):
                 if e.shape[1] != f.shape[1]:
                     name = config.teachers[m] if m < len(config.teachers) else f"teacher {m}"
@@ -262,7 +264,7 @@ def _train(config: TrainConfig) -> dict:
                                      f"feats[-2] ({f.shape[1]} channels), which MTKD-RL's cosine state needs")
     student, feature_transfer, agent = build_student_side(config, num_classes, device, train_set.image_shape,
                                                           teacher_shapes, embedding_dims)
-    heads = [models.classifier_head(t) for t in teachers] if config.strategy == "camkd" else None
+    heads = [models.classifier_head(t) for t in teachers] if kind.needs_teacher_heads else None
     trainer = Trainer(config, student, source, feature_transfer, agent, device=device, dist_info=dist_info,
                       teacher_heads=heads)
     if config.resume:

@@ -34,7 +34,7 @@ from .diagnostics import (
     write_diagnostics,
 )
 from .step import feature_kl_per_sample
-from .strategies import NoDistillation
+from .strategies import NoDistillation, get_strategy
 
 __all__ = ["Trainer", "StudentWithTransfer", "evaluate", "feature_kl_per_sample", "NonFiniteTrainingError",
            "CHECKPOINT_LAST", "CHECKPOINT_BEST", "STUDENT_BEST", "METRICS_CSV", "WEIGHTS_PNG"]
@@ -141,13 +141,14 @@ class Trainer:
         self.dist = dist_info or D.DistInfo()
         # the method (strategy, transfer, agent, its optimiser and buffer) is one Distiller; "none" has none
         self.distiller: Optional[Distiller] = None
-        if config.strategy != "none":
+        kind = get_strategy(config.strategy)  # what the strategy needs (its declaration in the registry)
+        if kind.needs_teachers:
             if teachers is None:
                 raise ValueError(f"teachers: strategy {config.strategy!r} needs a teacher source")
             if feature_transfer is None and config.beta > 0:
                 raise ValueError("feature_transfer: feature distillation (beta > 0) needs a feature transfer module")
-            if config.strategy == "mtkd_rl" and agent is None:
-                raise ValueError("agent: the mtkd_rl strategy needs an MTKDAgent")
+            if kind.needs_agent and agent is None:
+                raise ValueError(f"agent: the {config.strategy} strategy needs an MTKDAgent")
             options = {name: getattr(config, name) for name in _config_options()}
             self.distiller = Distiller(feature_transfer=feature_transfer, agent=agent, teacher_heads=teacher_heads,
                                        **options).to(self.device)
@@ -379,7 +380,7 @@ class Trainer:
             load_module_state(self.feature_transfer, ckpt["feature_transfer"], path, "feature transfer")
         if self.agent is not None:
             if ckpt.get("agent") is None:
-                raise ValueError(f"{path}: has no agent state, but this run uses strategy 'mtkd_rl'")
+                raise ValueError(f"{path}: has no agent state, but this run uses strategy {self.config.strategy!r}")
             load_module_state(self.agent, ckpt["agent"], path, "agent")
             self.agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
