@@ -142,3 +142,62 @@ def test_build_refuses_a_nan_teacher_checkpoint(tmp_path):
     err = proc.stderr.strip()
     assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert f"--checkpoints: {files[1]}: the weights hold NaN/Inf values (in fc.bias)" in err
+
+
+@pytest.mark.parametrize("encoding", ["float16", "bfloat16", "float32"])
+def test_encode_float_refuses_what_the_encoding_cannot_hold(encoding):
+    """float16 turns a finite 1e5 into Inf; the cache refuses it naming the array, instead of storing an Inf that
+    fails a training step epochs later. bfloat16 and float32 hold it. A teacher's own NaN is stored as it is."""
+    import torch
+
+    from mtkd_fast.cache import storage
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 13, generator=g, dtype=torch.float32) * 3
+    x[3, 11] = 1.0e5 * (1 if torch.rand((), generator=g) < 0.5 else -1)
+    if encoding == "float16":
+        with pytest.raises(ValueError, match=r"^teacher 1: logits: values up to 1e\+05 overflow float16 .*--dtype"):
+            storage.encode_float(x, encoding, "teacher 1: logits")
+    else:
+        back = storage.decode_float(storage.encode_float(x, encoding, "teacher 1: logits"), encoding, "cpu")
+        assert torch.isfinite(back).all() and torch.allclose(back, x, rtol=2 ** -7)
+    x[0, 0] = float("nan")  # the teacher's own NaN: kept (verify reports it), not an overflow
+    x[3, 11] = 2.5
+    assert torch.isnan(storage.decode_float(storage.encode_float(x, encoding), encoding, "cpu")[0, 0])
+
+
+def test_int8_scales_that_overflow_are_refused():
+    import torch
+
+    from mtkd_fast.cache import storage
+
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(3))
+    storage.quantize_int8(x * 1.0e6)  # scale 1e6 / 127 fits float16
+    with pytest.raises(ValueError, match="overflow int8's float16 scales.*--feature-dtype"):
+        storage.quantize_int8(x * 1.0e8)
+
+
+def test_build_names_the_teacher_whose_outputs_overflow_float16(tmp_path):
+    """A teacher whose logits exceed float16's range (a randomly initialised ResNet-101's embeddings reach 1.8e5):
+    `cache build` stops in one line naming the teacher, the array and the flag, and --dtype bfloat16 builds it."""
+    import torch
+
+    from mtkd_fast.models import create_model
+
+    files = []
+    for m, arch in enumerate(("resnet8", "resnet14")):
+        state = create_model(arch, 10).state_dict()
+        if m == 1:
+            state["fc.weight"] = state["fc.weight"] * 1.0e6
+        files.append(tmp_path / f"{arch}.pth")
+        torch.save({"model": state}, files[-1])
+    args = ["--teachers", "resnet8", "resnet14", "--checkpoints", *files, "--limit-per-class", "1", "--no-progress",
+            "--device", "cpu"]
+    proc = run(["cache", "build", "--out", tmp_path / "c16", *args])
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "teacher 1 (resnet14), view 0" in err and "logits: values up to" in err and "overflow float16" in err
+    assert "--dtype bfloat16" in err
+    proc = run(["cache", "build", "--out", tmp_path / "cbf16", *args, "--dtype", "bfloat16"])
+    assert proc.returncode == 0, proc.stderr
+    assert read_manifest(str(tmp_path / "cbf16"))["encodings"]["logits"] == "bfloat16"

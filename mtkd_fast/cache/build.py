@@ -208,16 +208,20 @@ def _write_unit(live: LiveTeachers, layout: dict, arrays: dict, dataset, v: int,
         b = images.shape[0]
         out = live(images)
         for m, t in enumerate(layout["teachers"]):
+            who = f"teacher {m} ({t['arch']}), view {v}, samples {pos}-{pos + b - 1}"
             if topk:
-                vals, idx, tail = storage.topk_encode(out.logits[m], topk["k"], topk["temperature"], enc["logits"])
+                vals, idx, tail = storage.topk_encode(out.logits[m], topk["k"], topk["temperature"],
+                                                     enc["logits"], f"{who}: logits")
                 arrays[f"t{m}.logits"][v, pos:pos + b] = vals
                 arrays[f"t{m}.logits.idx"][v, pos:pos + b] = idx
                 arrays[f"t{m}.logits.tail"][v, pos:pos + b] = tail
             else:
-                arrays[f"t{m}.logits"][v, pos:pos + b] = storage.encode_float(out.logits[m], enc["logits"])
+                arrays[f"t{m}.logits"][v, pos:pos + b] = storage.encode_float(out.logits[m], enc["logits"],
+                                                                                  f"{who}: logits")
             if "embeddings" in t["stored"]:
                 arrays[f"t{m}.embeddings"][v, pos:pos + b] = storage.encode_float(out.embeddings[m],
-                                                                                  enc["embeddings"])
+                                                                                  enc["embeddings"],
+                                                                                  f"{who}: embeddings")
             if "feature_maps" in t["stored"]:
                 if t["feature_map_encoding"] == "int8":
                     q, scale = storage.quantize_int8(out.feature_maps[m])
@@ -225,7 +229,7 @@ def _write_unit(live: LiveTeachers, layout: dict, arrays: dict, dataset, v: int,
                     arrays[f"t{m}.feature_maps.scale"][v, pos:pos + b] = scale
                 else:
                     arrays[f"t{m}.feature_maps"][v, pos:pos + b] = storage.encode_float(
-                        out.feature_maps[m], t["feature_map_encoding"])
+                        out.feature_maps[m], t["feature_map_encoding"], f"{who}: feature maps")
         if pbar is not None:
             pbar.update(b)
 

@@ -46,9 +46,16 @@ def check_encoding(arg: str, name: str, allowed: Sequence[str]) -> str:
 
 # ---- float encodings ---------------------------------------------------------------------------------------
 
-def encode_float(x: Tensor, encoding: str) -> np.ndarray:
-    """float tensor (any device) -> numpy array in the stored encoding."""
+def encode_float(x: Tensor, encoding: str, what: str = "values") -> np.ndarray:
+    """float tensor (any device) -> numpy array in the stored encoding. Refuses, naming ``what``, finite values the
+    encoding cannot hold (float16 overflows past 65504): a cache must not turn them into an Inf that surfaces epochs
+    later, deep in a training step. (A teacher's own NaN/Inf is stored as it is; ``cache verify`` reports it.)"""
     t = x.detach().to("cpu", _TORCH_DTYPES[encoding]).contiguous()
+    if not bool(torch.isfinite(t).all()) and bool((torch.isfinite(x.detach().cpu()) & ~torch.isfinite(t)).any()):
+        amax = float(x.detach().abs().nan_to_num(0.0, 0.0, 0.0).max())
+        raise ValueError(f"{what}: values up to {amax:.3g} overflow {encoding} (largest finite "
+                         f"{torch.finfo(_TORCH_DTYPES[encoding]).max:.6g}); build the cache with --dtype bfloat16 "
+                         f"or float32 (--feature-dtype for feature maps)")
     if encoding == "bfloat16":
         return t.view(torch.int16).numpy()
     return t.numpy()
@@ -71,6 +78,9 @@ def quantize_int8(x: Tensor) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("feature_maps: expected finite teacher feature maps to quantise to int8, found NaN/Inf")
     amax = x.abs().amax(dim=(2, 3))
     scale16 = (amax / 127.0).to(torch.float16)
+    if not bool(torch.isfinite(scale16).all()):  # |x| > 127 * 65504: the float16 scale itself overflows
+        raise ValueError(f"feature_maps: values up to {float(amax.max()):.3g} overflow int8's float16 scales; build "
+                         f"the cache with --feature-dtype bfloat16 or float32")
     scale = scale16.float()[:, :, None, None]
     q = torch.where(scale > 0, torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)), torch.zeros(()))
     q = q.clamp_(-127, 127).to(torch.int8)
@@ -89,7 +99,7 @@ def index_encoding(num_classes: int) -> str:
     return "int16" if num_classes <= 32767 else "int32"
 
 
-def topk_encode(logits: Tensor, k: int, temperature: float, encoding: str):
+def topk_encode(logits: Tensor, k: int, temperature: float, encoding: str, what: str = "logits"):
     """[B, K] logits -> (values [B, k] in ``encoding``, indices [B, k], tail mass [B] float32 at T)."""
     z = logits.detach().float().cpu()
     K = z.shape[1]
@@ -97,7 +107,7 @@ def topk_encode(logits: Tensor, k: int, temperature: float, encoding: str):
     log_p = torch.log_softmax(z / temperature, dim=1)
     top_mass = log_p.gather(1, idx).exp().sum(1)
     tail = (1.0 - top_mass).clamp_(0.0, 1.0) if k < K else torch.zeros(z.shape[0])
-    return (encode_float(values, encoding), idx.numpy().astype(numpy_dtype(index_encoding(K))),
+    return (encode_float(values, encoding, what), idx.numpy().astype(numpy_dtype(index_encoding(K))),
             tail.numpy().astype(np.float32))
 
 
