@@ -17,6 +17,7 @@ import sys
 
 from . import __version__, commands
 from ._validation import DataError
+from .commands._output import route
 
 DEBUG_ENV = "MTKD_FAST_DEBUG"
 
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = f"mtkd-fast {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with route():  # the result on stdout, the library's logs on stderr
+            return int(args.func(args) or 0)
     except BaseException as exc:
         if debug or isinstance(exc, SystemExit):
             raise
