@@ -4,6 +4,9 @@ defines ``register(subparsers)``; this file only discovers them, so adding a ver
 A user's mistake is reported in one line, without a traceback: exit status 2 for usage (a bad option, a missing
 file, a value out of range), 1 for a file or directory that cannot be used as it is (corrupt, locked, disk full),
 130 for Ctrl-C. ``--debug`` (or ``MTKD_FAST_DEBUG=1``) shows the traceback instead.
+
+A verb's result (JSON, a table, a report) goes to stdout and everything else (logs, progress, errors) to stderr
+(``commands/_output.py``), so ``mtkd-fast train ... | jq`` works.
 """
 
 from __future__ import annotations

@@ -108,3 +108,16 @@ def test_dataset_name_and_recipe(built):
     with pytest.raises(CacheMismatchError, match=r"dataset\.recipe\.\w+: .*no option of the run sets it .*rebuild the "
                                                  r"cache$"):
         open_teacher_source(cache, dataset=_Renamed(ds, recipe=lambda r: {k: [v, 1] for k, v in r.items()}))
+
+
+def test_a_build_into_a_cache_of_other_settings_names_the_flag(built, capsys):
+    d, files, cache = built
+    argv = ["cache", "build", "--out", cache, "--dataset", "bundled", "--limit-per-class", "2", "--teachers", *TEACHERS,
+            "--checkpoints", *files, "--views", "1", "--teacher-precision", "fp32", "--device", "cpu", "--no-progress"]
+    assert cli.main(argv + ["--views", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("made with a different views: cache has 1, this build has 3; choose another path (or pass "
+                        "--views 1 to reuse it)"), err
+    assert cli.main(argv + ["--no-fold-bn"]) == 2
+    assert "(or pass --fold-bn to reuse it)" in capsys.readouterr().err
+    assert cli.main(argv) == 0  # the same settings: the finished cache is reused
