@@ -51,13 +51,13 @@ def _refusal(capsys) -> str:
     (["--data-seed", "4"], r"the cache's augmentation seed is 0, the run's 4: pass --data-seed 0, or rebuild the "
                            r"cache with --seed 4"),
     (["--teacher-precision", "bf16"], r"cache has 'fp32', given 'bf16'; pass --teacher-precision fp32, or rebuild"),
-    (["--teachers", "resnet8"], r"cache has 2, given 1; pass --teachers resnet8 resnet14 with their "
-                                r"--teacher-checkpoints"),
+    (["--teachers", *TEACHERS, "resnet8"], r"cache has 2, given 3; pass --teachers resnet8 resnet14 with their "
+                                           r"--teacher-checkpoints"),
 ])
 def test_a_mismatch_names_the_flag_and_its_value(built, capsys, change, expected):
     d, files, _ = built
-    if change == ["--teachers", "resnet8"]:
-        change = change + ["--teacher-checkpoints", files[0]]
+    if change[0] == "--teachers":  # a third teacher (MTKD needs at least two, so the run has more than the cache)
+        change = change + ["--teacher-checkpoints", *files, files[0]]
     assert cli.main(_train(built, change, out="refused")) == 2
     assert re.search(expected, _refusal(capsys))
     assert not (d / "refused" / "checkpoint_last.pt").exists()

@@ -53,8 +53,12 @@ def test_readme_walk_names_each_stage_once_and_the_rule_is_stated():
     assert verbs.count("train-teacher") >= 2 and set(verbs) == set(SHRINK), verbs
     assert verbs.index("cache build") > max(i for i, v in enumerate(verbs) if v == "train-teacher")
     assert verbs.index("train") > verbs.index("cache build") and verbs[-1] == "eval"
-    rule = readme.split(WALK_HEADING, 1)[1]
-    assert "tests/test_readme_walkthrough.py" in rule  # the README says how the test shrinks its commands
+    # the README states how this test shrinks its commands, and states SHRINK
+    rule = " ".join(readme.split(WALK_HEADING, 1)[1].split("\n## ", 1)[0].split())
+    assert "tests/test_readme_walkthrough.py" in rule
+    for name, flags in SHRINK.items():
+        stated = " ".join(f for f in flags if f != "--no-progress")
+        assert f"`{stated}` to `{name}`" in rule, (name, stated)
 
 
 def test_readme_walk_runs_as_written(tmp_path, monkeypatch, capsys):
