@@ -76,7 +76,7 @@ def export_state_dict(checkpoint: str, arch: str) -> dict:
     state = _extract_state_dict(obj, checkpoint)
     key = classifier_weight_key(arch)
     if key not in state or state[key].dim() < 2:
-        raise ValueError(f"--checkpoint: {checkpoint} has no classifier weight {key!r}; is it a checkpoint of {arch}?")
+        raise ValueError(f"--checkpoint: {checkpoint} has no classifier weight ({key}); is it a checkpoint of {arch}?")
     model = models.create_model(arch, int(state[key].shape[0]))
     models.load_checkpoint(model, checkpoint)  # strict, errors name the file and the key
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
