@@ -1,6 +1,6 @@
 """A teacher cache that does not match the run is refused in one line that names the flag to change, with the
-value that makes it match (issue 25: `cache has 300 images, the run 10000: pass --limit-per-class 30`), and
-following that advice makes the run go."""
+value that makes it match (issue 25: `cache has 300, given 10000; pass --limit-per-class 30`), and following that
+advice makes the run go."""
 
 import re
 
@@ -47,9 +47,10 @@ def _refusal(capsys) -> str:
 
 
 @pytest.mark.parametrize("change, expected", [
-    (["--limit-per-class", "3"], r"the cache has 20 images, the run 30: pass --limit-per-class 2, or rebuild"),
-    (["--data-seed", "4"], r"the cache's augmentation seed is 0, the run's 4: pass --data-seed 0, or rebuild the "
-                           r"cache with --seed 4"),
+    (["--limit-per-class", "3"], r"dataset\.num_samples: cache has 20, given 30; pass --limit-per-class 2 \(the "
+                                 r"cache's 20 images\), or rebuild the cache with the run's --limit-per-class$"),
+    (["--data-seed", "4"], r"dataset\.seed: cache has 0, given 4; pass --data-seed 0, or rebuild the cache with "
+                           r"--seed 4$"),
     (["--teacher-precision", "bf16"], r"cache has 'fp32', given 'bf16'; pass --teacher-precision fp32, or rebuild"),
     (["--teachers", *TEACHERS, "resnet8"], r"cache has 2, given 3; pass --teachers resnet8 resnet14 with their "
                                            r"--teacher-checkpoints"),
@@ -79,7 +80,7 @@ def test_the_advice_makes_the_run_go(built, capsys, change):
     """Run with the mismatch, take the flag and value the refusal names, append them: the run trains."""
     argv = _train(built, change, out=f"advised{change[0]}")
     assert cli.main(argv) == 2
-    flag, value = re.search(r"pass (--[a-z-]+) (\S+?),", _refusal(capsys)).groups()
+    flag, value = re.search(r"pass (--[a-z-]+) (\d+)", _refusal(capsys)).groups()
     assert cli.main(argv + [flag, value]) == 0, capsys.readouterr().err
 
 

@@ -107,10 +107,9 @@ def _dataset_hint(record: dict):
             k = record.get("num_classes")
             per = (f"--limit-per-class {cached // k}" if isinstance(k, int) and k > 0 and cached % k == 0
                    else "the --limit-per-class it was built with")
-            return f"the cache has {cached} images, the run {given}: pass {per}, {_REBUILD} --limit-per-class"
-        if key == "seed":
-            return (f"the cache's augmentation seed is {cached}, the run's {given}: pass --data-seed {cached}, "
-                    f"or rebuild the cache with --seed {given}")
+            return f"pass {per} (the cache's {cached} images), {_REBUILD} --limit-per-class"
+        if key == "seed":  # the augmentation seed: train's --data-seed (default --seed), cache build's --seed
+            return f"pass --data-seed {cached}, or rebuild the cache with --seed {given}"
         if key in ("fingerprint", "source", "split", "num_classes", "image_shape"):
             return ("other images: pass the --dataset, --data-root and --limit-per-class the cache was built from, "
                     f"{_REBUILD}")
