@@ -23,3 +23,22 @@ def test_stdout_is_the_json_result_and_logs_are_on_stderr(tmp_path):
     ev = run(["eval", "--model", "resnet8", "--checkpoint", out / "student_best.pth", "--limit-per-class", "2"])
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["top1"] == result["best_top1"]
+
+
+def test_verbs_write_their_result_through_emit():
+    """Under `cli.main` a bare print() lands on stderr (it is a log there): a verb's result must go through
+    commands/_output.emit / emit_json, so each module under mtkd_fast/commands/ uses no print() without file=."""
+    import ast
+    import os
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtkd_fast", "commands")
+    bare = []
+    for name in sorted(os.listdir(here)):
+        if not name.endswith(".py") or name == "_output.py":
+            continue
+        with open(os.path.join(here, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        bare += [f"{name}:{node.lineno}" for node in ast.walk(tree)
+                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+                 and not any(k.arg == "file" for k in node.keywords)]
+    assert not bare, f"print() of a verb's result lands on stderr; use emit/emit_json: {bare}"
