@@ -95,9 +95,9 @@ stage memcheck 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memc
 stage ops 150 env MTKD_BENCH_DEVICE=cuda MTKD_BENCH_OUT="$WORK/ops" $PY -m pytest -q -s -p no:cacheprovider benchmarks/bench_ops.py \
   -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,rounds
 stage epoch-cifar 100 $PY -m mtkd_fast.cli bench epoch --setting cifar --students ShuffleV2 --steps 40 --repetitions 3 \
-  --memory-steps 3 --no-progress --out "$WORK/epoch_cifar"
+  --memory-steps 3 --no-progress --targets --out "$WORK/epoch_cifar"
 stage epoch-imagenet 150 $PY -m mtkd_fast.cli bench epoch --setting imagenet --batch-size 128 --steps 8 --repetitions 3 \
-  --memory-steps 2 --no-progress --out "$WORK/epoch_imagenet"
+  --memory-steps 2 --no-progress --targets --out "$WORK/epoch_imagenet"
 
 for s in cifar imagenet; do
   if [ -f "$WORK/epoch_$s/epoch_bench.md" ]; then

@@ -4,6 +4,9 @@ defines ``register(subparsers)``; this file only discovers them, so adding a ver
 A user's mistake is reported in one line, without a traceback: exit status 2 for usage (a bad option, a missing
 file, a value out of range), 1 for a file or directory that cannot be used as it is (corrupt, locked, disk full),
 130 for Ctrl-C. ``--debug`` (or ``MTKD_FAST_DEBUG=1``) shows the traceback instead.
+
+A verb's result (JSON, a table, a report) goes to stdout and everything else (logs, progress, errors) to stderr
+(``commands/_output.py``), so ``mtkd-fast train ... | jq`` works.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import sys
 
 from . import __version__, commands
 from ._validation import DataError
+from .commands._output import route
 
 DEBUG_ENV = "MTKD_FAST_DEBUG"
 
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = f"mtkd-fast {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with route():  # the result on stdout, the library's logs on stderr
+            return int(args.func(args) or 0)
     except BaseException as exc:
         if debug or isinstance(exc, SystemExit):
             raise

@@ -25,12 +25,19 @@ def run(args, cwd=None, env=None, timeout=120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    """The stderr of a refused command: exactly one line, no traceback."""
-    err = proc.stderr.strip()
+def error_line(err: str) -> str:
+    """The error in a refused command's stderr: one ``mtkd-fast VERB: error: ...`` line, the last, no traceback.
+    The lines above it, if any, are what the run logged before (logs go to stderr, the result to stdout)."""
+    err = err.strip()
     assert "Traceback" not in err, err
-    assert len(err.splitlines()) == 1, err
-    return err
+    errors = [line for line in err.splitlines() if line.startswith("mtkd-fast ") and ": error: " in line]
+    assert len(errors) == 1 and err.endswith(errors[0]), err
+    return errors[0]
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The error line of a refused command (:func:`error_line`)."""
+    return error_line(proc.stderr)
 
 
 class Marker:

@@ -82,8 +82,11 @@ def test_export_of_a_transformer(tmp_path, monkeypatch):
 def test_export_bad_input_is_one_line(tmp_path, capsys):
     path = tmp_path / "student.pth"
     torch.save({"model": _student().state_dict()}, path)
+    assert main(["export", "--checkpoint", str(path), "--arch", "resnet_nope", "--out", str(tmp_path / "o.pth")]) == 2
+    assert "--arch: expected a zoo model (" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(path), "--arch", "resnet8", "--out", str(tmp_path / "o.pth")]) == 2
-    assert "--arch: expected a torchvision-based model" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()  # a zoo name now, but not this checkpoint's architecture
+    assert "student.pth" in err and len(err.splitlines()) == 1, err
     assert main(["export", "--checkpoint", str(path), "--arch", "imagenet_resnet34", "--out",
                  str(tmp_path / "o.pth")]) == 2
     assert "missing key 'layer1.2.conv1.weight'" in capsys.readouterr().err
@@ -103,6 +106,26 @@ def test_export_bad_input_is_one_line(tmp_path, capsys):
                  "--out", str(tmp_path / "o.pth")]) == 1
     assert "garbage.pth: not a readable PyTorch" in capsys.readouterr().err
     assert not (tmp_path / "o.pth").exists()
+
+
+@pytest.mark.parametrize("arch, num_classes", [("resnet8", 7), ("ShuffleV2", 5), ("MobileNetV2", 3)])
+def test_export_of_a_cifar_zoo_student(tmp_path, capsys, arch, num_classes):
+    """The CIFAR zoo's students export too (their classifier is fc, linear or classifier.0): the file is the zoo
+    model's own state_dict, loads strictly into create_model(arch, K) and gives the student's outputs."""
+    student = _student(arch, num_classes, seed=3)
+    torch.save({"model": student.state_dict()}, tmp_path / "student_best.pth")
+    out = tmp_path / f"{arch}.pth"
+    assert main(["export", "--checkpoint", str(tmp_path / "student_best.pth"), "--arch", arch, "--out",
+                 str(out)]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"wrote {out}: {len(student.state_dict())} tensors, the state_dict of "
+        f"mtkd_fast.models.create_model({arch!r}, {num_classes}) (load with weights_only=True)")
+    state = torch.load(out, weights_only=True)
+    fresh = create_model(arch, num_classes)
+    fresh.load_state_dict(state, strict=True)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.double().eval()(x), student.double().eval()(x), rtol=0, atol=0)
 
 
 def _assert_trunk_equal(trunk_state, student_state):

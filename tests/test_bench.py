@@ -108,7 +108,15 @@ def test_bench_epoch_cli_writes_table_csv_png(tmp_path, capsys):
                "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "MTKD-RL, authors' way" in text and "teacher cache build" in text and "targets:" in text
+    assert "MTKD-RL, authors' way" in text and "teacher cache build" in text
+    # a user's run: the table and the ratios only; the project's targets are a development check (--targets)
+    assert "targets" not in text and "NOT met" not in text and "targets" not in (out / "epoch_bench.md").read_text()
+    from mtkd_fast.bench import format_table
+
+    result = json.loads((out / "epoch_bench.json").read_text())
+    with_targets = format_table(result, targets=True)
+    assert with_targets.startswith(format_table(result)) and "\ntargets:\n" in with_targets
+    assert len(result["targets"]) == 5 and with_targets.count(" -> ") == 5
     rows = _read_csv(out / "epoch_bench.csv")
     assert [r["variant"] for r in rows] == ["student_only", "aver", "ebkd", "camkd", "mtkd_rl_authors", "mtkd_rl_live",
                                            "mtkd_rl_cached"]

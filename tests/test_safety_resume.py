@@ -2,11 +2,12 @@
 number of epochs refits a cosine schedule instead of running at the old schedule's learning rates."""
 
 import csv
+import json
 import math
 
 import pytest
 import torch
-from safety_cli import TINY
+from safety_cli import TINY, error_line
 
 from mtkd_fast import cli
 from mtkd_fast.models import create_model
@@ -60,9 +61,8 @@ def test_resume_refuses_another_run(finished, teacher_files, capsys, change, fie
     before = (out / "checkpoint_last.pt").read_bytes()
     capsys.readouterr()
     rc = cli.main(change(list(args), teacher_files) + ["--resume", "--epochs", "2"])
-    err = capsys.readouterr().err.strip()
+    err = error_line(capsys.readouterr().err)  # after the run's log lines, if any: one line
     assert rc == 2 and err.startswith(f"mtkd-fast train: error: {field}:"), err
-    assert len(err.splitlines()) == 1
     assert (out / "checkpoint_last.pt").read_bytes() == before
 
 
@@ -77,7 +77,7 @@ def test_resume_with_more_epochs_refits_cosine(tmp_path, capsys):
     assert cli.main(base + ["--epochs", "3"]) == 0
     capsys.readouterr()
     assert cli.main(base + ["--epochs", "5", "--resume"]) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err  # a log line: stderr
     assert "epochs changed from 3" in text and "refitted to 5 epochs" in text
     lrs = [float(r["lr"]) for r in csv.DictReader(open(out / "metrics.csv"))]
     expect = [0.05 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5)]
@@ -112,8 +112,14 @@ def test_resume_of_a_finished_run_keeps_config_json(finished, capsys):
     config_before = (out / "config.json").read_bytes()
     ckpt_before = (out / "checkpoint_last.pt").read_bytes()
     capsys.readouterr()
-    assert cli.main(args + ["--resume", "--log-every", "7"]) == 0  # 1 of 1 epochs done: nothing to train
-    assert "nothing to train" in capsys.readouterr().out
+    # 1 of 1 epochs done: exit 0 (a script's `--resume` after the end succeeds), one line saying what to pass, and
+    # the run's result on stdout with its last epoch as "final" (not "final": {})
+    assert cli.main(args + ["--resume", "--log-every", "7"]) == 0
+    got = capsys.readouterr()
+    lines = [line for line in got.err.splitlines() if "already at" in line]
+    assert lines == [f"resume: {out} is already at 1/1 epochs; nothing to train: pass --epochs M (M > 1) to continue"]
+    result = json.loads(got.out)
+    assert result["final"]["epoch"] == 1 and result["final"]["val_top1"] == result["best_top1"]
     assert (out / "config.json").read_bytes() == config_before
     assert (out / "checkpoint_last.pt").read_bytes() == ckpt_before
 
@@ -126,7 +132,7 @@ def test_resume_applies_and_records_a_run_option(tmp_path, capsys):
     assert cli.main(base + ["--epochs", "1"]) == 0
     capsys.readouterr()
     assert cli.main(base + ["--epochs", "2", "--resume", "--eval-every", "2"]) == 0
-    assert "resume: applying the new eval_every 1 -> 2 from epoch 2" in capsys.readouterr().out
+    assert "resume: applying the new eval_every 1 -> 2 from epoch 2" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["eval_every"] == 2
 
 

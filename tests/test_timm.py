@@ -428,7 +428,7 @@ def test_cli_train_timm_pool_then_export(tmp_path, capsys):
                  *paths, "--student", "timm:resnet18", "--epochs", "1", "--limit-per-class", "2", "--batch-size",
                  "8", "--max-steps-per-epoch", "1", "--device", "cpu", "--teacher-precision", "fp32",
                  "--out-dir", str(out)]) == 0
-    assert "BatchNorm folded (49 layers)" in capsys.readouterr().out  # EfficientNet-B0's 49 BatchNormAct2d
+    assert "BatchNorm folded (49 layers)" in capsys.readouterr().err  # EfficientNet-B0's 49 BatchNormAct2d (a log)
     exported = tmp_path / "student.pth"
     assert main(["export", "--checkpoint", str(out / "student_best.pth"), "--arch", "timm:resnet18",
                  "--out", str(exported)]) == 0

@@ -19,8 +19,9 @@ def _fmt(x, spec=".2f"):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def format_table(result: dict) -> str:
-    """The rows as a Markdown table (readable on a terminal too), then the cache build time and the targets."""
+def format_table(result: dict, targets: bool = False) -> str:
+    """The rows as a Markdown table (readable on a terminal too), then the cache build time; with ``targets``, the
+    project's epoch-cost targets, met or not (a development check: ``bench epoch --targets``)."""
     rows, meta = result["rows"], result["meta"]
     mkey = memory_key(meta["device"])
     mem_name = "peak GPU MiB" if mkey == "peak_device_mib" else "peak RSS MiB"
@@ -41,7 +42,7 @@ def format_table(result: dict) -> str:
         if meta.get("cache_build_fp32_s") is not None:
             out += (f"; the same build with float32 eager teachers (BatchNorm unfolded): "
                     f"{meta['cache_build_fp32_s']:.2f} s")
-    if result.get("targets"):
+    if targets and result.get("targets"):
         out += "\n\ntargets:"
         for t in result["targets"]:
             verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]

@@ -190,6 +190,27 @@ def plan_cache(dataset, teachers, *, views: int = 1, teacher_names: Sequence[str
     return layout
 
 
+# the `mtkd-fast cache build` flags behind each top-level entry of the layout: what a resume that differs changes
+_BUILD_FLAGS = {"dataset": "--dataset, --data-root, --limit-per-class or --seed", "views": "--views",
+                "view_schedule": "--view-schedule or --schedule-seed",
+                "teachers": "--teachers, --checkpoints, --fields, --budget or --feature-dtype",
+                "teacher_precision": "--teacher-precision", "fold_bn": "--fold-bn",
+                "encodings": "--dtype or --feature-dtype", "topk": "--topk or --topk-temperature",
+                "chunk_size": "--chunk-size"}
+
+
+def _build_flag_hint(field: str, recorded) -> str:
+    """What to pass for the build to match ``recorded``, the value of layout entry ``field`` on disk."""
+    flag = _BUILD_FLAGS.get(field.split(".")[0].split("[")[0].split(" ")[0])
+    if flag is None:
+        return ""
+    if isinstance(recorded, bool):  # --fold-bn / --no-fold-bn
+        return f"pass {flag if recorded else flag.replace('--', '--no-', 1)}"
+    if " " not in flag and isinstance(recorded, (int, str)):
+        return f"pass {flag} {recorded}"
+    return f"check {flag}"
+
+
 def _chunk_record_path(path: str, v: int, c: int) -> str:
     return os.path.join(path, CHUNKS_DIR, f"v{v:05d}_c{c:07d}.json")
 
@@ -324,8 +345,10 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
         done = read_manifest(path)
         d = first_difference({k: v for k, v in done.items() if k not in ("checksums", DIGEST_KEY)}, layout)
         if d:
+            hint = _build_flag_hint(d[0], d[1])
             raise CacheMismatchError(f"path: {path} already holds a finished cache made with a different {d[0]}: "
-                                     f"cache has {d[1]!r}, this build has {d[2]!r}; choose another path")
+                                     f"cache has {d[1]!r}, this build has {d[2]!r}; choose another path"
+                                     + (f" (or {hint} to reuse it)" if hint else ""))
         return done if rank == 0 else None
     layout_path = os.path.join(path, LAYOUT)
     if os.path.exists(layout_path):
@@ -333,9 +356,10 @@ def _build_cache(path: str, dataset, teachers, *, views: int = 1, teacher_names:
             started = json.load(f)
         d = first_difference(started, layout)
         if d:
+            hint = _build_flag_hint(d[0], d[1])
             raise CacheMismatchError(f"path: the unfinished cache build at {path} was started with a different "
                                      f"{d[0]}: started with {d[1]!r}, this build has {d[2]!r}; resume it with the "
-                                     "same settings or choose another path")
+                                     f"same settings{f' ({hint})' if hint else ''} or choose another path")
     else:
         write_json_atomic(layout_path, layout)
     arrays = {}

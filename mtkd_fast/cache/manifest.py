@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -99,13 +99,16 @@ def first_difference(expected: Any, actual: Any, prefix: str = "") -> tuple[str,
     return None if expected == actual else (prefix, expected, actual)
 
 
-def require_match(cached: Any, given: Any, what: str, field: str) -> None:
-    """Raise CacheMismatchError if ``given`` differs from the cache's record ``cached`` of ``field``."""
+def require_match(cached: Any, given: Any, what: str, field: str,
+                  hint: Optional[Callable[[str, Any, Any], str]] = None) -> None:
+    """Raise CacheMismatchError if ``given`` differs from the cache's record ``cached`` of ``field``; ``hint(path,
+    cached_value, given_value)`` adds what to change (the flag to pass) to the message."""
     d = first_difference(cached, given, field)
     if d:
         path, a, b = d
+        advice = hint(path, a, b) if hint else ""
         raise CacheMismatchError(f"{what}: the teacher cache was made with a different {path}: "
-                                 f"cache has {a!r}, given {b!r}")
+                                 f"cache has {a!r}, given {b!r}" + (f"; {advice}" if advice else ""))
 
 
 # ---- identities ----------------------------------------------------------------------------------------------

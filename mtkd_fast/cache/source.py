@@ -92,6 +92,46 @@ def view_for_epoch(manifest_or_source, epoch: int) -> int:
     return int(torch.randperm(V, generator=g)[epoch % V])
 
 
+# ---- what to change when a cache does not match the run: the flags of `mtkd-fast train` (cache build's twins:
+# --seed for --data-seed, --checkpoints for --teacher-checkpoints, the others the same names)
+_REBUILD = "or rebuild the cache with the run's"
+
+
+def _dataset_hint(record: dict):
+    """``hint`` for :func:`require_match` of the cache's dataset ``record``: the flag that makes the run match."""
+    def hint(path: str, cached, given) -> str:
+        key = path.split(".")[1].split(" ")[0] if "." in path else ""
+        if key == "name":
+            return f"pass --dataset {cached}, {_REBUILD} --dataset {given}"
+        if key == "num_samples":
+            k = record.get("num_classes")
+            per = (f"--limit-per-class {cached // k}" if isinstance(k, int) and k > 0 and cached % k == 0
+                   else "the --limit-per-class it was built with")
+            return f"pass {per} (the cache's {cached} images), {_REBUILD} --limit-per-class"
+        if key == "seed":  # the augmentation seed: train's --data-seed (default --seed), cache build's --seed
+            return f"pass --data-seed {cached}, or rebuild the cache with --seed {given}"
+        if key in ("fingerprint", "source", "split", "num_classes", "image_shape"):
+            return ("other images: pass the --dataset, --data-root and --limit-per-class the cache was built from, "
+                    f"{_REBUILD}")
+        # the augmentation recipe and normalisation are the dataset's own, not options
+        return "no option of the run sets it (another mtkd_fast version built the cache?): rebuild the cache"
+    return hint
+
+
+def _checkpoint_hint(i: int, record: dict, archs: list):
+    def hint(path: str, cached, given) -> str:
+        sha = record.get("checkpoint_sha256")
+        which = f" (sha256 {sha[:12]}...)" if sha else ""
+        return (f"pass the file the cache was built from{which} as --teacher-checkpoints' {_ordinal(i)} "
+                f"({record['arch']}; the cache's teachers, in order: {' '.join(archs)}), {_REBUILD} "
+                "--checkpoints")
+    return hint
+
+
+def _ordinal(i: int) -> str:
+    return {0: "first", 1: "second", 2: "third"}.get(i, f"{i + 1}th")
+
+
 class CachedTeachers:
     """TeacherSource backed by a teacher-output cache.
 
@@ -157,12 +197,14 @@ class CachedTeachers:
     def check_teachers(self, teachers) -> None:
         models = unwrap_teachers(teachers)
         rec = self.manifest["teachers"]
+        archs = [t["arch"] for t in rec]
         if len(models) != len(rec):
             raise CacheMismatchError(f"teachers: the teacher cache was made with a different teachers (length): "
-                                     f"cache has {len(rec)}, given {len(models)}")
+                                     f"cache has {len(rec)}, given {len(models)}; pass --teachers {' '.join(archs)} "
+                                     f"with their --teacher-checkpoints, {_REBUILD} --teachers")
         for i, (t, model) in enumerate(zip(rec, models)):
             require_match(t["weights_sha256"], weights_sha256(model), "teachers", f"teachers[{i}].weights_sha256 "
-                          f"(checkpoint of {t['arch']})")
+                          f"(checkpoint of {t['arch']})", hint=_checkpoint_hint(i, t, archs))
 
     @property
     def teacher_precision(self) -> str:
@@ -183,7 +225,9 @@ class CachedTeachers:
                 f"made with teacher_precision {self.teacher_precision!r}; rebuild it with --teacher-precision fp32 "
                 f"or ask --teacher-precision {self.teacher_precision} explicitly")
         if precision != "auto":
-            require_match(self.teacher_precision, precision, "teacher_precision", "teacher_precision")
+            require_match(self.teacher_precision, precision, "teacher_precision", "teacher_precision",
+                          hint=lambda _, cached, given: f"pass --teacher-precision {cached}, {_REBUILD} "
+                                                        f"--teacher-precision {given}")
 
     def describe(self) -> str:
         """One line for logs: where the outputs come from and the precision they were computed in."""
@@ -213,7 +257,8 @@ class CachedTeachers:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self._live_autocast]
 
     def check_dataset(self, dataset) -> None:
-        require_match(self.manifest["dataset"], dataset_identity(dataset), "dataset", "dataset")
+        require_match(self.manifest["dataset"], dataset_identity(dataset), "dataset", "dataset",
+                      hint=_dataset_hint(self.manifest["dataset"]))
 
     def _verify(self, v: int, c: int) -> None:
         bad = verify_chunk(self.manifest, self.arrays, v, c)

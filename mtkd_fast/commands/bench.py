@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 
+from ._output import emit
+
 
 def register(sub):
     p = sub.add_parser("bench", help="benchmarks: epoch | ops | teachers | cache (interleaved rounds, medians, "
@@ -56,6 +58,8 @@ def register(sub):
                    help="seed of the random dataset, the models' initialisation and the data order (default 0)")
     e.add_argument("--out", default="bench_results",
                    help="output directory for epoch_bench.csv/.png/.json/.md (default bench_results)")
+    e.add_argument("--targets", action="store_true",
+                   help="also print the project's epoch-cost targets, met or not (a development check)")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(func=run_epoch)
     _register_ops(verbs)
@@ -85,19 +89,19 @@ def run_epoch(args):
                      teacher_precision=args.teacher_precision, teacher_compile=args.teacher_compile,
                      fold_bn=args.fold_bn)
     result = run_epoch_bench(spec)
-    table = format_table(result)
+    table = format_table(result, targets=args.targets)
     m = result["meta"]
     header = (f"{m['device']} ({m['gpu'] or m['cpu']}), {m['threads']} threads, torch {m['torch']}, CUDA {m['cuda']}, "
               f"commit {m['commit']}; load average at the start {m['load_start']}, at the end {m['load_end']}")
-    print(header)
-    print(table)
+    emit(header)
+    emit(table)
     os.makedirs(args.out, exist_ok=True)
     paths = {k: os.path.join(args.out, f"epoch_bench.{k}") for k in ("csv", "png", "json", "md")}
     write_csv(result, paths["csv"])
     plot(result, paths["png"])
     write_bytes_atomic(paths["json"], json.dumps(result, indent=1, default=str).encode())
     write_bytes_atomic(paths["md"], (header + "\n\n" + table + "\n").encode())
-    print("wrote " + ", ".join(paths.values()))
+    emit("wrote " + ", ".join(paths.values()))
     return 0
 
 
@@ -128,8 +132,8 @@ def _finish(record, out: str, name: str, title: str) -> int:
 
     csv_path = record.write(os.path.join(out, f"{name}_bench.csv"))
     png = plot_medians(record, os.path.join(out, f"{name}_bench.png"), title)
-    print(f"{record.header()}, at the end {record.meta['load_end']}")
-    print("wrote " + ", ".join(p for p in (csv_path, png) if p))
+    emit(f"{record.header()}, at the end {record.meta['load_end']}")
+    emit("wrote " + ", ".join(p for p in (csv_path, png) if p))
     return 0
 
 
@@ -260,7 +264,7 @@ def run_cache(args):
         record = cache.replay_experiment(args.replay_experiment, views=tuple(views), seeds=tuple(range(args.seeds)),
                                          per_class=args.per_class or 100, epochs=args.epochs,
                                          teacher_epochs=args.epochs)
-        print(cache.replay_summary(record))
+        emit(cache.replay_summary(record))
         return _finish(record, args.out, "cache_replay", "training run")
     record = cache.run_cache_bench(args.rounds, encodings=args.encodings, student=args.student, teachers=teachers,
                                    batch_size=args.batch_size, per_class=args.per_class or 13)

@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from ._output import emit
+
 
 def register(sub):
     p = sub.add_parser("cache", help="teacher-output cache: build, inspect, verify, estimate its size")
@@ -183,7 +185,7 @@ def run_build(args):
         if started_dist:
             dist.destroy_process_group()
     if manifest is not None:
-        print(f"teacher cache written to {args.out}: {manifest['views']} view(s) x "
+        emit(f"teacher cache written to {args.out}: {manifest['views']} view(s) x "
               f"{manifest['dataset']['num_samples']} samples, {format_bytes(manifest['total_bytes'])}; teachers ran "
               f"in {manifest['teacher_precision']}")
         _print_left_out(manifest)
@@ -194,7 +196,7 @@ def _print_left_out(manifest) -> None:
     for m, t in enumerate(manifest["teachers"]):
         left = [f for f in ("embeddings", "feature_maps") if f not in t["stored"]]
         if left:
-            print(f"  teachers[{m}] {t['arch']}: {', '.join(left)} left out (computed live in training)")
+            emit(f"  teachers[{m}] {t['arch']}: {', '.join(left)} left out (computed live in training)")
 
 
 def run_info(args):
@@ -203,26 +205,26 @@ def run_info(args):
 
     m = read_manifest(args.path)
     if args.json:
-        print(json.dumps({k: v for k, v in m.items() if k != "checksums"}, indent=1))
+        emit(json.dumps({k: v for k, v in m.items() if k != "checksums"}, indent=1))
         return 0
     d = m["dataset"]
-    print(f"teacher cache {args.path}")
-    print(f"  dataset: {d['name']}, {d['num_samples']} samples, seed {d['seed']}, "
+    emit(f"teacher cache {args.path}")
+    emit(f"  dataset: {d['name']}, {d['num_samples']} samples, seed {d['seed']}, "
           f"fingerprint {str(d['fingerprint'])[:16]}")
-    print(f"  recipe: {json.dumps(d['recipe'])}")
+    emit(f"  recipe: {json.dumps(d['recipe'])}")
     sched = m["view_schedule"]
-    print(f"  views: V={m['views']} ({sched['kind']}{'' if sched['seed'] is None else ', seed %d' % sched['seed']})")
+    emit(f"  views: V={m['views']} ({sched['kind']}{'' if sched['seed'] is None else ', seed %d' % sched['seed']})")
     enc = m["encodings"]
     topk = m["topk"]
-    print(f"  encodings: logits {enc['logits']}{' top-%d (T=%g)' % (topk['k'], topk['temperature']) if topk else ''}, "
+    emit(f"  encodings: logits {enc['logits']}{' top-%d (T=%g)' % (topk['k'], topk['temperature']) if topk else ''}, "
           f"embeddings {enc['embeddings']}, feature maps {enc['feature_maps']}")
     for i, t in enumerate(m["teachers"]):
-        print(f"  teachers[{i}] {t['arch']}: K={t['num_classes']} D={t['embedding_dim']} "
+        emit(f"  teachers[{i}] {t['arch']}: K={t['num_classes']} D={t['embedding_dim']} "
               f"map={'x'.join(map(str, t['feature_map_shape']))} stored={','.join(t['stored'])} "
               f"weights {t['weights_sha256'][:12]}")
-    print(f"  teachers ran in: {m.get('teacher_precision', 'fp32')}, BatchNorm "
+    emit(f"  teachers ran in: {m.get('teacher_precision', 'fp32')}, BatchNorm "
           f"{'folded' if m.get('fold_bn') else 'unfolded'}")
-    print(f"  size: {format_bytes(m['total_bytes'])} in {len(m['arrays'])} arrays, "
+    emit(f"  size: {format_bytes(m['total_bytes'])} in {len(m['arrays'])} arrays, "
           f"{m['num_chunks']} chunks of {m['chunk_size']} samples per view")
     return 0
 
@@ -232,11 +234,11 @@ def run_verify(args):
 
     report = verify_cache(args.path, progress=not args.no_progress)
     if report["ok"]:
-        print(f"{args.path}: OK ({report['chunks_checked']} chunks checked)")
+        emit(f"{args.path}: OK ({report['chunks_checked']} chunks checked)")
         return 0
     for line in report["problems"]:
-        print(line)
-    print(f"{args.path}: DAMAGED ({len(report['problems'])} problem(s)); rebuild the damaged cache")
+        emit(line)
+    emit(f"{args.path}: DAMAGED ({len(report['problems'])} problem(s)); rebuild the damaged cache")
     return 1
 
 
@@ -267,7 +269,7 @@ def run_size(args):
                              embeddings=args.dtype if "embeddings" in args.fields else None,
                              feature_maps=feature_dtype if "feature_maps" in args.fields else None, topk=args.topk)
         total += b
-        print(f"{name}: K={K} D={D} map={'x'.join(map(str, shape))}: {b} bytes per (sample, view)")
-    print(f"total: {total} bytes per (sample, view) x {args.samples} samples x {args.views} view(s) = "
+        emit(f"{name}: K={K} D={D} map={'x'.join(map(str, shape))}: {b} bytes per (sample, view)")
+    emit(f"total: {total} bytes per (sample, view) x {args.samples} samples x {args.views} view(s) = "
           f"{format_bytes(total * args.samples * args.views)}")
     return 0

@@ -1,7 +1,7 @@
 """``mtkd-fast data``: look at a dataset (``info``) and write one as an ImageNet-layout JPEG folder
 (``export-jpeg``), so the image-folder / DALI path can be tried without ImageNet."""
 
-import json
+from ._output import emit, emit_json
 
 
 def register(sub):
@@ -53,7 +53,7 @@ def run_info(args):
     d["samples_per_class"] = {"min": min(counts), "max": max(counts)} if counts else {}
     d["class_names"] = ds.class_names[:20] + (["..."] if ds.num_classes > 20 else [])
     d["dali_available"] = dali_available()
-    print(json.dumps(d, indent=2))
+    emit_json(d)
     return 0
 
 
@@ -64,7 +64,7 @@ def run_export(args):
         raise ValueError(f"--quality: expected 1..95, got {args.quality}")
     counts = export_dataset(args.dataset, args.out, root=args.root, size=_parse_size(args.size),
                             quality=args.quality, limit_per_class=args.limit_per_class)
-    print(f"wrote {counts['train']} train and {counts['val']} val JPEGs under {args.out}")
+    emit(f"wrote {counts['train']} train and {counts['val']} val JPEGs under {args.out}")
     return 0
 
 
@@ -83,7 +83,7 @@ def run_check(args):
         ds = build_dataset("imagefolder", root=args.root, split=split, augment=False)
         bad = find_unreadable(ds, num_workers=args.workers)
         bad_total += len(bad)
-        print(f"{split}: {len(ds)} images, {len(bad)} unreadable, {ds.ignored_files} non-image files ignored")
+        emit(f"{split}: {len(ds)} images, {len(bad)} unreadable, {ds.ignored_files} non-image files ignored")
         for path, reason in bad:
-            print(f"  {path}: {reason}")
+            emit(f"  {path}: {reason}")
     return 1 if bad_total else 0

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
+
+from ._output import emit_json
 
 
 def register(sub):
@@ -55,6 +56,6 @@ def run(args):
     model.to(device)
     loader = data.build_loader(ds, args.batch_size, shuffle=False, device=str(device))
     result = evaluate(model, loader, device)
-    print(json.dumps({"model": args.model, "checkpoint": args.checkpoint, "dataset": args.dataset,
-                      "split": args.split, **result}, indent=2))
+    emit_json({"model": args.model, "checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
+               **result})
     return 0

@@ -1,6 +1,6 @@
 """``mtkd-fast info``: the package version and what the installed extension was built with."""
 
-import json
+from ._output import emit_json
 
 
 def register(sub):
@@ -22,5 +22,5 @@ def run(args):
         d: {**{s: resolve_precision("auto", d, s) for s in STRATEGIES if s != "none"},
             "cache": resolve_precision("auto", d)} for d in devices}
     info["teacher_precision_auto"]["cpu_native_bf16"] = cpu_has_fast_bf16()
-    print(json.dumps(info, indent=2))
+    emit_json(info)
     return 0

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._output import emit
+
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
 
@@ -39,11 +41,11 @@ def run(args):
     report = selftest.check_device(device, [getattr(torch, d) for d in args.dtypes])
     n_cases = len(report.results) + len(report.errors)
     if args.verbose or not report.ok:
-        print(report.format(only_failures=not args.verbose))
+        emit(report.format(only_failures=not args.verbose))
     if report.ok:
-        print(f"selftest {report.device}: ok ({n_cases} outputs of {len(selftest.active_checks())} ops match the "
+        emit(f"selftest {report.device}: ok ({n_cases} outputs of {len(selftest.active_checks())} ops match the "
               f"reference; dtypes {', '.join(args.dtypes)})")
         return 0
-    print(f"selftest {report.device}: MISMATCH in {len(report.failures) + len(report.errors)} of {n_cases} outputs; "
+    emit(f"selftest {report.device}: MISMATCH in {len(report.failures) + len(report.errors)} of {n_cases} outputs; "
           "use --backend reference (loss_backend='reference') on this device and please report it")
     return 1

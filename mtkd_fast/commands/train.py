@@ -7,10 +7,10 @@ flags override the config file (JSON or YAML; the paper's runs are in configs/).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from ._options import add_config_flags, overrides_from_args
+from ._output import emit_json
 
 __all__ = ["add_config_flags", "overrides_from_args", "config_from_args", "print_result"]
 
@@ -40,14 +40,14 @@ def print_result(result: dict) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return
     summary = {k: v for k, v in result.items() if k != "history"}
-    print(json.dumps(summary, indent=2, default=str))
+    emit_json(summary)
 
 
 def run(args):
     config = config_from_args(args)
     args.resolved_out_dir = config.out_dir  # for the CLI's Ctrl-C hint
     if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
+        emit_json(config.to_dict())
         return 0
     from mtkd_fast.train import train
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ._options import add_config_flags, overrides_from_args
+from ._output import emit
 from .train import print_result
 
 # what a teacher's pretraining uses of TrainConfig: no teachers, no distillation method, no agent
@@ -37,7 +38,7 @@ def run(args):
     from mtkd_fast.train import train_teacher
 
     if args.model == "list":
-        print("\n".join(list_models()))
+        emit("\n".join(list_models()))
         return 0
     from mtkd_fast.train.config import TEACHER_MODEL_KEY, read_config, teacher_config
 

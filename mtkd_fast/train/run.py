@@ -270,9 +270,10 @@ def _train(config: TrainConfig) -> dict:
     if config.resume:
         path = os.path.join(config.out_dir, CHECKPOINT_LAST)
         trainer.resume(path)
-        if trainer.start_epoch >= config.epochs and dist_info.is_main:
-            print(f"resume: {path} has finished {trainer.start_epoch} of {config.epochs} epochs; nothing to train "
-                  "(give a larger --epochs to continue it)", flush=True)
+        done = trainer.start_epoch
+        if done >= config.epochs and dist_info.is_main:  # not an error: a script's `--resume` after the end succeeds
+            print(f"resume: {config.out_dir} is already at {done}/{config.epochs} epochs; nothing to train: pass "
+                  f"--epochs M (M > {done}) to continue", flush=True)
     # config.json describes what the run trained with: a resume that trains nothing leaves it as it is
     if dist_info.is_main and trainer.start_epoch < config.epochs:
         os.makedirs(config.out_dir, exist_ok=True)

@@ -423,7 +423,7 @@ class Trainer:
         if main:
             os.makedirs(out_dir, exist_ok=True)
         writer = _tensorboard_writer(os.path.join(out_dir, "tensorboard")) if (cfg.tensorboard and main) else None
-        last = {}
+        last = self.history[-1] if self.history else {}  # a resumed finished run reports its last epoch
         for epoch in range(self.start_epoch, cfg.epochs):
             loader = make_train_loader(epoch)
             view = self.view_for_epoch(epoch)
