@@ -115,7 +115,7 @@ def test_a_strategy_registered_in_one_file_trains_through_the_trainer(toy):
         seen.append(w)
     assert float(seen[0].std()) > 1e-3 and not torch.allclose(seen[0], seen[1])  # per sample, per batch
     metrics = trainer.end_epoch()
-    assert metrics["wl_t0"] + metrics["wl_t1"] + metrics["wl_t2"] == pytest.approx(1.0, abs=1e-9)
+    assert metrics["wl_a"] + metrics["wl_b"] + metrics["wl_c"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_a_registered_strategy_trains_through_train_end_to_end(toy, tmp_path):
@@ -124,7 +124,7 @@ def test_a_registered_strategy_trains_through_train_end_to_end(toy, tmp_path):
                       out_dir=str(tmp_path / "run"))
     result = train(cfg)
     row = next(csv.DictReader(open(result["csv"])))
-    wl = [float(row["wl_t0"]), float(row["wl_t1"])]
+    wl = [float(row["wl_resnet8"]), float(row["wl_resnet14"])]
     assert sum(wl) == pytest.approx(1.0, abs=1e-5) and min(wl) > 0 and wl[0] != wl[1]
     assert float(row["train_kd"]) > 0
     assert json.load(open(tmp_path / "run" / "config.json"))["strategy"] == TOY
@@ -204,8 +204,8 @@ def test_the_docs_one_file_example_is_a_new_strategy_on_the_command_line(tmp_pat
                              "--max-steps-per-epoch", "2", "--device", "cpu", "--no-progress",
                              "--out-dir", str(out)]) == 0
             row = next(csv.DictReader(open(out / "metrics.csv")))
-            assert float(row["wl_t0"]) + float(row["wl_t1"]) == pytest.approx(1.0, abs=1e-5)
-            assert float(row["wf_t0"]) == pytest.approx(float(row["wl_t0"]), abs=1e-6) and float(row["train_kd"]) > 0
+            assert float(row["wl_resnet8"]) + float(row["wl_resnet14"]) == pytest.approx(1.0, abs=1e-5)
+            assert float(row["wf_resnet8"]) == pytest.approx(float(row["wl_resnet8"]), abs=1e-6) and float(row["train_kd"]) > 0
         assert name not in list_strategies()
     finally:
         sys.modules.pop(f"{S.__name__}.{name}", None)
