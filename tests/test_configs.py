@@ -5,6 +5,7 @@ step through the CLI as written (only the data, run length, batch and device cha
 shape: CIFAR-100 32x32 images with 100 classes; ImageNet-layout 224x224 crops with the real teachers, two classes."""
 
 import glob
+import json
 import os
 import pickle
 import re
@@ -160,10 +161,12 @@ def _fake_cifar100(root, n_train=8, n_test=4, seed=0):
 
 
 def _run(argv, capsys):
+    """Runs a verb; returns its log (stderr: the verbs keep logs there and print only their result on stdout)."""
     rc = cli.main(argv)
     out, err = capsys.readouterr()
     assert rc == 0, err
-    return out
+    json.loads(out)  # the result, machine-readable
+    return err
 
 
 @pytest.fixture(scope="module")
