@@ -26,7 +26,7 @@ from ..distiller import Distiller, _config_options
 from . import distributed as D
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
-from .diagnostics import WeightDiagnostics, write_diagnostics
+from .diagnostics import AgentUpdateDiagnostics, WeightDiagnostics, write_diagnostics
 from .step import feature_kl_per_sample
 from .strategies import NoDistillation
 
@@ -165,6 +165,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.num_teachers = getattr(self.teachers, "num_teachers", 0) if self.teachers is not None else 0
         self.diagnostics = WeightDiagnostics(max(self.num_teachers, 1), self.device)
+        self.update_diagnostics = AgentUpdateDiagnostics(self.device)
+        if self.distiller is not None and self.agent is not None:
+            self.distiller.update_probe = self.update_diagnostics
         self.epoch = 0
         self.start_epoch = 0
         self.step_in_epoch = 0
@@ -231,7 +234,8 @@ class Trainer:
             # state -> weights -> loss -> reward, and the agent's store and update (mtkd_fast/step.py via Distiller)
             out = self.distiller.step(logits, labels, t_out, maps=maps)
             loss, reward, wl, wf = out.loss, out.reward, out.logit_weights, out.feature_weights
-            self.diagnostics.update(wl, wf, t_out.logits, labels, out.state, self.agent)
+            self.diagnostics.update(wl, wf, t_out.logits, labels, out.state, self.agent, out.per_sample_loss,
+                                    reward)
             ce = out.student_ce.mean()
             kd = cfg.alpha * (wl * out.kl).mean(0).sum()
             feat = cfg.beta * (wf * out.feature_stat).mean(0).sum() if out.feature_stat is not None else zero
@@ -278,6 +282,7 @@ class Trainer:
                 metrics[f"wl_t{t}"] = w[0][t]
                 metrics[f"wf_t{t}"] = w[1][t]
             metrics.update(self.diagnostics.compute(D.all_reduce_sum))
+            metrics.update(self.update_diagnostics.compute(D.all_reduce_sum))
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
