@@ -259,6 +259,11 @@ def collect(out: str) -> None:
             summary.append({"method": label, "seeds": len(rs), "mean": mean, "std": std,
                             "epoch_time_s": statistics.fmean(float(r["epoch_time_s"]) for r in rs)})
     write_rows(os.path.join(out, SUMMARY_CSV), summary)
+    write_rows(os.path.join(out, CHECKS_CSV), _checks(out, rows))
+
+
+def _checks(out: str, rows: list[dict]) -> list[dict]:
+    """Per MTKD-RL method and epoch, the agent diagnostics of CHECK_COLUMNS averaged over the runs ``rows``."""
     checks = []
     for label, strategy, _ in METHODS:
         if strategy != "mtkd_rl":
@@ -272,7 +277,7 @@ def collect(out: str) -> None:
                 vals = [v for v in vals if math.isfinite(v)]
                 row[key] = statistics.fmean(vals) if vals else ""
             checks.append(row)
-    write_rows(os.path.join(out, CHECKS_CSV), checks)
+    return checks
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -291,6 +296,11 @@ def report(out: str, doc: Optional[str] = None) -> str:
     rows = _finished(out)
     if not rows:
         raise FileNotFoundError(f"--out: no finished runs in {out} (run the study first)")
+    # only seeds that every method present has finished: means over different seed sets would not compare
+    present = {r["method"] for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    complete = [s for s in seeds if {r["method"] for r in rows if r["seed"] == s} == present]
+    rows = [r for r in rows if r["seed"] in complete]
     teachers = read_rows(os.path.join(out, TEACHERS_CSV))
     names = [t["teacher"] for t in teachers]
     lines = ["| teacher | epochs | stopped by | test top-1 (subset) | full test set top-1 per epoch |",
@@ -329,13 +339,19 @@ def report(out: str, doc: Optional[str] = None) -> str:
             d = [ta[s] - tb[s] for s in common]
             mean, std = _mean_std(d)
             lines.append(f"| {a} - {b} | {len(d)} | {', '.join(f'{x:+.2f}' for x in d)} | {mean:+.2f} ± {std:.2f} |")
-    checks = read_rows(os.path.join(out, CHECKS_CSV))
+    checks = _checks(out, rows)
     if checks:
         lines += ["", "| method | epoch | seeds | " + " | ".join(n for _, n in CHECK_COLUMNS) + " |",
                   "| --- " * (3 + len(CHECK_COLUMNS)) + "|"]
-        for c in checks:
+        last = {c["method"]: c["epoch"] for c in checks}
+        for c in checks:  # MTKD-RL's every epoch, the variants' last
+            if c["method"] != "MTKD-RL" and c["epoch"] != last[c["method"]]:
+                continue
             lines.append(f"| {c['method']} | {c['epoch']} | {c['seeds']} | "
                          + " | ".join(_fmt(c[k]) for k, _ in CHECK_COLUMNS) + " |")
+    left = [s for s in seeds if s not in complete]
+    if left:
+        lines += ["", f"Left out: seed(s) {', '.join(map(str, left))}, which not every method has finished."]
     text = "\n".join(lines) + "\n"
     write_bytes_atomic(os.path.join(out, "study.md"), text.encode())
     _plot(out, labels, by, names)

@@ -86,6 +86,12 @@ def test_study_end_to_end_resumes_and_reports(idx_root, tmp_path, capsys):
     assert "old table" not in text and table in text and text.startswith("# head") and text.endswith("tail\n")
     assert (out / "study.md").read_text() == table
 
+    # a seed that not every method has finished is left out of the tables, and said so
+    os.remove(out / "runs" / "none" / "seed1" / "result.json")
+    assert main(["study", "--out", str(out), "--report"]) == 0
+    table = capsys.readouterr().out
+    assert "| MTKD-RL | 1 |" in table and "Left out: seed(s) 1" in table
+
 
 def test_study_errors_are_one_line(idx_root, tmp_path, capsys):
     base = ["study", "--out", str(tmp_path / "s")]
