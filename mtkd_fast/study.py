@@ -176,10 +176,10 @@ def run_study(args) -> int:
     student_train = data.build_dataset("fashion_mnist", split="train", root=args.data_root, augment=True, seed=0,
                                        limit_per_class=args.per_class)
     cache_dir = os.path.join(args.out, "teacher_cache")
-    if not os.path.exists(os.path.join(cache_dir, "manifest.json")):
-        say(f"cache: {len(args.teachers)} teachers x {len(student_train)} images x {args.epochs} views")
-        build_cache(cache_dir, student_train, teacher_models, views=args.epochs, teacher_names=list(args.teachers),
-                    checkpoints=ckpts, device=device, progress=False, teacher_precision="fp32")
+    say(f"cache: {len(args.teachers)} teachers x {len(student_train)} images x {args.epochs} views")
+    # a finished cache of the same build is re-used; one of other teachers, data or views is refused, naming it
+    build_cache(cache_dir, student_train, teacher_models, views=args.epochs, teacher_names=list(args.teachers),
+                checkpoints=ckpts, device=device, progress=False, teacher_precision="fp32")
 
     # 3. students: seed-major, every method with the same hyper-parameters
     total = len(args.seeds) * len(args.methods)
