@@ -47,9 +47,9 @@ DEFAULT_DATA_ROOT = "/usr/share/datasets/fashion-mnist"
 CHECK_COLUMNS = [
     ("diag_reward_mean", "r_hat mean"), ("diag_reward_std", "r_hat std"), ("diag_reward_pos", "r_hat > 0"),
     ("diag_reward_raw_std", "std(-l) per batch"), ("diag_reward_loss_corr", "corr(r_hat, l)"),
-    ("diag_agent_grad_norm", "agent ||g||"), ("diag_agent_step_ratio", "lr ||g|| / ||theta||"),
-    ("diag_agent_rel_change", "||d theta|| / ||theta||"), ("diag_agent_move_pil", "||d pi_l||_1"),
-    ("diag_agent_dentropy_wl", "d entropy(wl)"), ("diag_entropy_wl", "entropy(wl)"),
+    ("diag_agent_grad_norm", "agent ‖g‖"), ("diag_agent_step_ratio", "lr ‖g‖ / ‖θ‖ per step"),
+    ("diag_agent_rel_change", "‖Δθ‖ / ‖θ‖ per update"), ("diag_agent_move_pil", "‖Δπ_l‖₁"),
+    ("diag_agent_dentropy_wl", "Δ entropy(wl)"), ("diag_entropy_wl", "entropy(wl)"),
     ("diag_policy_wl", "policy share"), ("diag_prior_wl", "prior share"),
 ]
 TEACHERS_CSV, RUNS_CSV, SUMMARY_CSV, CHECKS_CSV = "teachers.csv", "runs.csv", "summary.csv", "checks.csv"
@@ -280,11 +280,12 @@ def _checks(out: str, rows: list[dict]) -> list[dict]:
     return checks
 
 
-def _fmt(value, digits: int = 3) -> str:
+def _fmt(value) -> str:
+    """Three significant digits below 1 (the diagnostics span 1e-33 to 1), two decimals above."""
     if value in (None, ""):
         return ""
     v = float(value)
-    return f"{v:.{digits}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{digits}f}"
+    return f"{v:.2f}" if abs(v) >= 1 else f"{v:.3g}"
 
 
 def report(out: str, doc: Optional[str] = None) -> str:
