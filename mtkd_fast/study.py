@@ -116,7 +116,10 @@ def train_teacher_to_plateau(arch: str, out: str, max_epochs: int, min_gain: flo
 
 
 def _check_args(args) -> None:
-    for name in ("teacher_epochs", "per_class", "epochs", "test_per_class"):
+    if len(args.teacher_epochs) not in (1, len(args.teachers)) or min(args.teacher_epochs) < 1:
+        raise ValueError(f"--teacher-epochs: expected one positive integer, or one per teacher "
+                         f"({len(args.teachers)}), got {args.teacher_epochs}")
+    for name in ("per_class", "epochs", "test_per_class"):
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
@@ -158,9 +161,10 @@ def run_study(args) -> int:
 
     # 1. teachers on all 60000 training images, each until it plateaus
     teacher_rows, teacher_models, ckpts = [], [], []
-    for arch in args.teachers:
+    caps = args.teacher_epochs * len(args.teachers) if len(args.teacher_epochs) == 1 else args.teacher_epochs
+    for arch, cap in zip(args.teachers, caps):
         out = os.path.join(args.out, "teachers", arch)
-        trained = train_teacher_to_plateau(arch, out, args.teacher_epochs, args.min_gain, common)
+        trained = train_teacher_to_plateau(arch, out, cap, args.min_gain, common)
         ckpt = os.path.join(out, "student_last.pth")
         model = models.create_model(arch, 10)
         models.load_checkpoint(model, ckpt)
@@ -398,8 +402,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
                    help=f"the folder of the Fashion-MNIST IDX files (default: {DEFAULT_DATA_ROOT})")
     p.add_argument("--teachers", nargs="+", default=list(TEACHERS), help="teacher models (default: %(default)s)")
-    p.add_argument("--teacher-epochs", type=int, default=5,
-                   help="the most epochs a teacher trains (default: %(default)s)")
+    p.add_argument("--teacher-epochs", type=int, nargs="+", default=[5], metavar="N",
+                   help="the most epochs a teacher trains: one for all, or one per teacher (default: 5)")
     p.add_argument("--min-gain", type=float, default=0.5,
                    help="a teacher stops when an epoch gains fewer test top-1 points (default: %(default)s)")
     p.add_argument("--student", default="resnet8", help="the student model (default: %(default)s)")

@@ -49,14 +49,14 @@ def _rows(path):
 def test_study_end_to_end_resumes_and_reports(idx_root, tmp_path, capsys):
     out = tmp_path / "study"
     argv = ["study", "--out", str(out), "--data-root", str(idx_root), "--teachers", "resnet8", "wrn_16_1",
-            "--teacher-epochs", "2", "--per-class", "3", "--epochs", "2", "--test-per-class", "2",
+            "--teacher-epochs", "2", "1", "--per-class", "3", "--epochs", "2", "--test-per-class", "2",
             "--seeds", "0", "1", "--methods", "none", "MTKD-RL", "--max-steps", "1"]
     assert main(argv) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
-    assert "teacher wrn_16_1: stopped after 2 epoch(s)" in err and "[4/4] MTKD-RL seed 1" in err
+    assert "teacher wrn_16_1: stopped after 1 epoch(s) (max epochs)" in err and "[4/4] MTKD-RL seed 1" in err
     teachers = _rows(out / "teachers.csv")
     assert [t["teacher"] for t in teachers] == ["resnet8", "wrn_16_1"]
-    assert all(t["epochs"] == "2" and len(t["full_test_curve"].split()) == 2 for t in teachers)
+    assert [(t["epochs"], len(t["full_test_curve"].split())) for t in teachers] == [("2", 2), ("1", 1)]  # per cap
     runs = _rows(out / "runs.csv")
     assert [(r["method"], r["seed"]) for r in runs] == [("none", "0"), ("none", "1"), ("MTKD-RL", "0"),
                                                          ("MTKD-RL", "1")]
@@ -99,6 +99,7 @@ def test_study_errors_are_one_line(idx_root, tmp_path, capsys):
              (base + ["--data-root", str(idx_root), "--methods", "MTKD"], "--methods"),
              (base + ["--data-root", str(idx_root), "--per-class", "0"], "--per-class"),
              (base + ["--data-root", str(idx_root), "--teachers", "resnet8"], "--teachers"),
+             (base + ["--data-root", str(idx_root), "--teacher-epochs", "2", "1"], "--teacher-epochs"),
              (base + ["--report"], "no finished runs")]
     for argv, name in cases:
         assert main(argv) == 2
