@@ -146,6 +146,8 @@ class Distiller(nn.Module):
         self.steps_this_epoch: Optional[int] = None
         self._agent_loss_sum: Optional[Tensor] = None
         self.agent_batches = 0
+        # an observer of the agent updates (the trainer's AgentUpdateDiagnostics): begin / step / end, or None
+        self.update_probe = None
         D = _distributed()
         if D.is_distributed():  # every rank starts from rank 0's agent and transfer
             for module in (agent, feature_transfer):
@@ -346,14 +348,21 @@ class Distiller(nn.Module):
         agent.train()
         params = list(agent.parameters())
         total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        probe = self.update_probe
         with torch.enable_grad(), _float32(params[0].device):
+            if probe is not None:
+                probe.begin(agent, self.buffer)
             for state, reward, actions in self.buffer:
                 loss = agent.loss(state, reward, actions)
                 self.agent_optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 _distributed().average_gradients(params)
+                if probe is not None:
+                    probe.step(params, self.agent_optimizer.param_groups[0]["lr"])
                 self.agent_optimizer.step()
                 total += loss.detach().double()
+            if probe is not None:
+                probe.end(agent, self.buffer)
         self.agent_optimizer.zero_grad(set_to_none=True)
         self._agent_loss_sum = total if self._agent_loss_sum is None else self._agent_loss_sum + total
         self.agent_batches += len(self.buffer)

@@ -119,8 +119,13 @@ def test_a_run_writes_the_diagnostics(strategy, tmp_path):
     if strategy == "mtkd_rl":
         assert float(diag_rows[0]["diag_entropy_wl"]) == pytest.approx(1.0)  # warm-up: weight 1 per teacher
         assert later["diag_policy_wl"] > 0 and later["diag_prior_wl"] > 0 and later["diag_shift_wl"] > 0
+        # issue 27's checks, written by every MTKD-RL run: the reward's sign and the agent's steps
+        for d in diag_rows:
+            assert float(d["diag_reward_loss_corr"]) < 0 and 0 < float(d["diag_reward_pos"]) < 1
+            assert float(d["diag_agent_grad_norm"]) > 0 and float(d["diag_agent_step_ratio"]) > 0
     else:
         assert math.isnan(later["diag_policy_wl"])
+        assert "diag_reward_mean" not in later and "diag_agent_grad_norm" not in later
 
 
 def test_demo_table_prints_a_dash_without_a_none_run():
@@ -133,3 +138,118 @@ def test_demo_table_prints_a_dash_without_a_none_run():
     assert "nan" not in text
     aver, rl = [line for line in text.splitlines() if "AVER" in line or "MTKD-RL" in line]
     assert aver.split()[-2] == "-" and rl.split()[-2] == "+2.50"
+
+
+# ---------------------------------------------------------------- issue 27's checks: the reward and the agent update
+
+
+def test_reward_statistics_equal_a_float64_computation():
+    """diag_reward_*: the epoch's r_hat mean / std / share > 0, the mean per-batch std of -l, corr(r_hat, l)."""
+    from mtkd_fast.agent import normalized_reward
+
+    g = torch.Generator().manual_seed(11)
+    diag = WeightDiagnostics(M)
+    losses, rewards = [], []
+    for B in (7, 13, 5):
+        z, y, _ = _batch(g, B)
+        loss = torch.rand(B, generator=g) * 3 + 0.1
+        reward = normalized_reward(loss)
+        diag.update(torch.full((B, M), 1.0 / M), torch.full((B, M), 1.0 / M), z, y, per_sample_loss=loss,
+                    reward=reward)
+        losses.append([float(v) for v in loss])
+        rewards.append([float(v) for v in reward])
+    out = diag.compute()
+    r = [v for b in rewards for v in b]
+    ell = [v for b in losses for v in b]
+    n = len(r)
+    mean_r, mean_l = sum(r) / n, sum(ell) / n
+    std_r = math.sqrt(sum((v - mean_r) ** 2 for v in r) / (n - 1))
+    std_l = math.sqrt(sum((v - mean_l) ** 2 for v in ell) / (n - 1))
+    corr = sum((a - mean_r) * (b - mean_l) for a, b in zip(r, ell)) / ((n - 1) * std_r * std_l)
+
+    def bessel_std(b):
+        m = sum(b) / len(b)
+        return math.sqrt(sum((v - m) ** 2 for v in b) / (len(b) - 1))
+
+    assert out["diag_reward_mean"] == pytest.approx(mean_r, rel=1e-9)
+    assert out["diag_reward_std"] == pytest.approx(std_r, rel=1e-9)
+    assert out["diag_reward_pos"] == pytest.approx(sum(v > 0 for v in r) / n, rel=1e-12)
+    assert out["diag_reward_raw_std"] == pytest.approx(sum(bessel_std(b) for b in losses) / len(losses), rel=1e-6)
+    assert out["diag_reward_loss_corr"] == pytest.approx(corr, rel=1e-9)
+    assert out["diag_reward_loss_corr"] < 0  # the sign: lower-loss samples get the larger reward
+    assert "diag_reward_mean" not in WeightDiagnostics(M).compute()  # no reward given: no columns
+
+
+def _float64_agent_updates(agent, batches, lr):
+    """The agent update of docs/method.md section 6 written out in float64: per stored batch one SGD step on
+    mean_im(-r_i log wl_im) + mean_im(-r_i log wf_im); returns the statistics AgentUpdateDiagnostics reports."""
+    import copy
+
+    ref = copy.deepcopy(agent).double()
+    params = list(ref.parameters())
+
+    def flat():
+        return torch.cat([p.detach().reshape(-1) for p in params])
+
+    def outputs():
+        with torch.no_grad():
+            res = []
+            for state, _ in batches:
+                st = AgentState(*(t.double() for t in state))
+                pi = ref.policy(st)
+                ent = [-(w * w.log()).sum(1) / math.log(M) for w in ref(st)]
+                res.append((pi, ent))
+            return res
+
+    theta0, before = flat(), outputs()
+    grad_norms, ratios = [], []
+    for state, reward in batches:
+        st = AgentState(*(t.double() for t in state))
+        wl, wf = ref(st)
+        r = reward.double()[:, None]
+        loss = (-r * wl.log().clamp_min(-100)).mean() + (-r * wf.log().clamp_min(-100)).mean()
+        grads = torch.autograd.grad(loss, params)
+        gn = math.sqrt(sum(float((x * x).sum()) for x in grads))
+        grad_norms.append(gn)
+        ratios.append(lr * gn / float(flat().norm()))
+        with torch.no_grad():
+            for p, x in zip(params, grads):
+                p -= lr * x
+    after = outputs()
+    n = sum(s.features.shape[0] for s, _ in batches)
+    return {"diag_agent_grad_norm": sum(grad_norms) / len(grad_norms),
+            "diag_agent_step_ratio": sum(ratios) / len(ratios),
+            "diag_agent_rel_change": float((flat() - theta0).norm() / theta0.norm()),
+            "diag_agent_move_pil": sum(float((a[0][0] - b[0][0]).abs().sum()) for a, b in zip(after, before)) / n,
+            "diag_agent_move_pif": sum(float((a[0][1] - b[0][1]).abs().sum()) for a, b in zip(after, before)) / n,
+            "diag_agent_dentropy_wl": sum(float((a[1][0] - b[1][0]).sum()) for a, b in zip(after, before)) / n,
+            "diag_agent_dentropy_wf": sum(float((a[1][1] - b[1][1]).sum()) for a, b in zip(after, before)) / n}
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_agent_update_statistics_equal_a_float64_computation(dynamic):
+    """AgentUpdateDiagnostics through the Distiller's own update (its hook), against the float64 update."""
+    from mtkd_fast.distiller import Distiller
+    from mtkd_fast.train.diagnostics import AgentUpdateDiagnostics
+
+    g = torch.Generator().manual_seed(21)
+    torch.manual_seed(5)
+    agent = MTKDAgent([D + K + 3] * M, M, dynamic=dynamic)
+    lr = 0.7  # large enough that the heads move visibly in three steps
+    distiller = Distiller("mtkd_rl", agent=agent, agent_lr=lr)
+    probe = AgentUpdateDiagnostics()
+    distiller.update_probe = probe
+    batches = []
+    for B in (9, 6, 11):
+        _, _, state = _batch(g, B)
+        reward = (torch.rand(B, generator=g) * 1.6 - 0.4).clamp(0, 1)  # some zeros, as the clamp gives
+        distiller._store(state, reward, None)
+        batches.append((state, reward))
+    expected = _float64_agent_updates(agent, batches, lr)
+    distiller.update_agent()
+    out = probe.compute()
+    assert set(out) == set(expected)
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, rel=2e-4, abs=1e-7), key
+    assert out["diag_agent_move_pil"] > 1e-3 and out["diag_agent_rel_change"] > 1e-3
+    assert probe.compute() == {}  # reset: no update since

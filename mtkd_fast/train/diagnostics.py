@@ -19,6 +19,18 @@ resnet8 teachers ``resnet8_1`` and ``resnet8_2``; ``t0``, ``t1``, ... when the n
   (likewise ``_wf`` with the feature head and g = gf), and ``diag_shift_wl`` = mean_i ||w_i - w_prior,i||_1, how
   far the weights move from what the priors alone (renormalised, (l_2 c + l_3 g) / (l_2 + l_3)) would give.
   In the warm-up epoch these describe the agent's action although the student used weight 1 per teacher.
+- MTKD-RL's reward (issue 27's check of its sign and scale; ``per_sample_loss`` and ``reward`` given), over the
+  epoch's student steps: ``diag_reward_mean`` / ``diag_reward_std`` / ``diag_reward_pos`` (mean, std and share
+  > 0 of r_hat), ``diag_reward_raw_std`` (the mean over batches of the Bessel std of r = -l, the scale that
+  r_hat divides out) and ``diag_reward_loss_corr`` (Pearson(r_hat, l): negative when lower-loss samples are
+  rewarded, as docs/method.md section 5 says).
+
+``AgentUpdateDiagnostics`` looks at the agent updates themselves (the Distiller calls it from ``update_agent``):
+``diag_agent_grad_norm`` (the mean over SGD steps of the agent's gradient norm ||g||), ``diag_agent_step_ratio``
+(the mean over steps of lr ||g|| / ||theta||), ``diag_agent_rel_change`` (the mean over updates of
+||theta_after - theta_before|| / ||theta_before||), ``diag_agent_move_pil`` / ``_pif`` (the mean over the stored
+samples of ||pi_after - pi_before||_1 of each head's softmax) and ``diag_agent_dentropy_wl`` / ``_wf`` (the mean
+change of the blended weights' entropy / log M over the update: > 0 when the update moves them toward uniform).
 """
 
 from __future__ import annotations
@@ -32,8 +44,9 @@ from torch import Tensor
 
 from ..agent import confidence_prior, gap_prior, similarity_prior
 
-__all__ = ["WeightDiagnostics", "DIAGNOSTICS_PNG", "DIAGNOSTICS_CSV", "diagnostic_columns", "plot_diagnostics",
-           "write_diagnostics", "teacher_labels", "rename_index_columns", "plot_teacher_weights", "WeightCurve"]
+__all__ = ["WeightDiagnostics", "AgentUpdateDiagnostics", "DIAGNOSTICS_PNG", "DIAGNOSTICS_CSV", "diagnostic_columns",
+           "plot_diagnostics", "write_diagnostics", "teacher_labels", "rename_index_columns", "plot_teacher_weights",
+           "WeightCurve"]
 
 DIAGNOSTICS_PNG = "agent_diagnostics.png"
 DIAGNOSTICS_CSV = "agent_diagnostics.csv"
@@ -42,6 +55,9 @@ DIAGNOSTICS_CSV = "agent_diagnostics.csv"
 _SCALARS = 6
 # per weight kind and teacher: n, sum w, sum w^2, sum r, sum r^2, sum w r
 _MOMENTS = 6
+# the reward: n, sum r_hat, sum r_hat^2, count r_hat > 0, sum l, sum l^2, sum l r_hat, sum of per-batch std(-l),
+# batches
+_REWARD = 9
 # the per-teacher columns; the part before the teacher's label
 _TEACHER_PREFIXES = ("wl_", "wf_", "diag_corr_wl_right_", "diag_corr_wf_right_")
 
@@ -101,12 +117,15 @@ class WeightDiagnostics:
         M = self.num_teachers
         self.scalars = torch.zeros(2, _SCALARS, dtype=torch.float64, device=self.device)
         self.moments = torch.zeros(2, M, _MOMENTS, dtype=torch.float64, device=self.device)
+        self.reward = torch.zeros(_REWARD, dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
     def update(self, logit_weights: Tensor, feature_weights: Tensor, teacher_logits: Tensor, labels: Tensor,
-               state=None, agent=None) -> None:
+               state=None, agent=None, per_sample_loss: Optional[Tensor] = None,
+               reward: Optional[Tensor] = None) -> None:
         """Add one batch: weights [B, M], teacher logits [M, B, K], labels [B]; ``state`` (an ``AgentState``) and
-        ``agent`` (an ``MTKDAgent``) for the policy/prior split. Nothing is read back to the host."""
+        ``agent`` (an ``MTKDAgent``) for the policy/prior split; ``per_sample_loss`` l and ``reward`` r_hat [B]
+        (MTKD-RL) for the reward's statistics. Nothing is read back to the host."""
         M = self.num_teachers
         if logit_weights.dim() != 2 or logit_weights.shape[1] != M:
             raise ValueError(f"logit_weights: expected [B, {M}], got {tuple(logit_weights.shape)}")
@@ -128,6 +147,12 @@ class WeightDiagnostics:
                 self.scalars[k, 5] += w.shape[0]
             n = torch.full_like(w, 1.0)
             self.moments[k] += torch.stack([n, w, w * w, right, right * right, w * right], dim=-1).sum(0)
+        if per_sample_loss is not None and reward is not None:
+            loss, r = per_sample_loss.detach().to(torch.float64), reward.detach().to(torch.float64)
+            raw_std = loss.std() if loss.numel() > 1 else torch.zeros((), dtype=torch.float64, device=loss.device)
+            self.reward += torch.stack([torch.full_like(loss, 1.0).sum(), r.sum(), (r * r).sum(), (r > 0).sum(),
+                                        loss.sum(), (loss * loss).sum(), (loss * r).sum(), raw_std,
+                                        torch.ones_like(raw_std)])
 
     @staticmethod
     def _agent_parts(state, agent, logit_weights: Tensor, feature_weights: Tensor) -> list[Tensor]:
@@ -154,11 +179,11 @@ class WeightDiagnostics:
     def compute(self, reduce: Optional[Callable[[Tensor], Tensor]] = None, reset: bool = True) -> dict:
         """The epoch's diagnostics as a dict of floats (one read-back), then (``reset``) start over; ``reduce``
         sums over processes (DDP)."""
-        scalars, moments = self.scalars.clone(), self.moments.clone()
+        scalars, moments, reward = self.scalars.clone(), self.moments.clone(), self.reward.clone()
         if reset:
             self.reset()
         if reduce is not None:
-            scalars, moments = reduce(scalars), reduce(moments)
+            scalars, moments, reward = reduce(scalars), reduce(moments), reduce(reward)
         s, mo = scalars.tolist(), moments.tolist()
         nan = float("nan")
         out = {}
@@ -168,12 +193,100 @@ class WeightDiagnostics:
                 out[f"diag_{name}_{key}"] = s[k][2 + j] / s[k][5] if s[k][5] else nan
             for m, label in enumerate(self.labels):
                 n, sw, sww, sr, srr, swr = mo[k][m]
-                cov = n * swr - sw * sr
-                var_w, var_r = n * sww - sw * sw, n * srr - sr * sr
-                # relative threshold: variances that are rounding noise count as none
-                ok = n > 1 and var_w > 1e-12 * max(n * sww, 1e-300) and var_r > 1e-12 * max(n * srr, 1e-300)
-                out[f"diag_corr_{key}_right_{label}"] = cov / math.sqrt(var_w * var_r) if ok else nan
+                out[f"diag_corr_{key}_right_{label}"] = _pearson(n, sw, sww, sr, srr, swr)
+        n, sr, srr, pos, sl, sll, slr, raw_std, batches = reward.tolist()
+        if n:  # MTKD-RL only: the other strategies have no reward
+            out["diag_reward_mean"] = sr / n
+            out["diag_reward_std"] = math.sqrt(max(n * srr - sr * sr, 0.0) / (n * (n - 1))) if n > 1 else nan
+            out["diag_reward_pos"] = pos / n
+            out["diag_reward_raw_std"] = raw_std / batches
+            out["diag_reward_loss_corr"] = _pearson(n, sr, srr, sl, sll, slr)
         return out
+
+
+def _pearson(n: float, sx: float, sxx: float, sy: float, syy: float, sxy: float) -> float:
+    """Pearson correlation from sums; NaN when either side does not vary (variances that are rounding noise
+    count as none, by a relative threshold)."""
+    cov = n * sxy - sx * sy
+    var_x, var_y = n * sxx - sx * sx, n * syy - sy * sy
+    ok = n > 1 and var_x > 1e-12 * max(n * sxx, 1e-300) and var_y > 1e-12 * max(n * syy, 1e-300)
+    return cov / math.sqrt(var_x * var_y) if ok else float("nan")
+
+
+# per epoch: updates, SGD steps, sum ||g||, sum lr ||g|| / ||theta||, sum ||d theta|| / ||theta||, samples,
+# sum ||d pi_l||_1, sum ||d pi_f||_1, sum d entropy(wl), sum d entropy(wf)
+_UPDATE = 10
+
+
+class AgentUpdateDiagnostics:
+    """Per-epoch statistics of the agent updates (module docstring), summed on ``device``. The Distiller calls
+    ``begin(agent, buffer)`` before an update, ``step(params, lr)`` after each backward and ``end(agent, buffer)``
+    after the update; nothing is read back to the host before ``compute``."""
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(_UPDATE, dtype=torch.float64, device=self.device)
+        self._theta = self._outputs = None
+
+    @staticmethod
+    def _flat(params) -> Tensor:
+        return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+
+    @staticmethod
+    @torch.no_grad()
+    def _outputs_of(agent, buffer) -> list:
+        """Per stored batch: the heads' softmaxes and the blended weights' entropy / log M (float64)."""
+        log_m = math.log(agent.num_teachers)
+        out = []
+        for state, _, _ in buffer:
+            pi = [p.to(torch.float64) for p in agent.policy(state)]
+            ent = [-(w * torch.log(w.clamp_min(1e-300))).sum(1) / log_m for w in (x.to(torch.float64)
+                                                                                  for x in agent(state))]
+            out.append((pi, ent))
+        return out
+
+    def begin(self, agent, buffer) -> None:
+        self._theta = self._flat(agent.parameters())
+        self._outputs = self._outputs_of(agent, buffer)
+
+    def step(self, params, lr: float) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        g = torch.cat([x.reshape(-1).to(torch.float64) for x in grads]).norm() if grads else \
+            torch.zeros((), dtype=torch.float64, device=self.device)
+        theta = self._flat(params).norm()
+        self.sums[1:4] += torch.stack([torch.ones_like(g), g, lr * g / theta.clamp_min(1e-300)])
+
+    def end(self, agent, buffer) -> None:
+        theta = self._flat(agent.parameters())
+        rel = (theta - self._theta).norm() / self._theta.norm().clamp_min(1e-300)
+        moves = torch.zeros(5, dtype=torch.float64, device=self.device)
+        for (pi0, ent0), (pi1, ent1) in zip(self._outputs, self._outputs_of(agent, buffer)):
+            moves += torch.stack([torch.full((), float(pi0[0].shape[0]), dtype=torch.float64, device=self.device),
+                                  (pi1[0] - pi0[0]).abs().sum(), (pi1[1] - pi0[1]).abs().sum(),
+                                  (ent1[0] - ent0[0]).sum(), (ent1[1] - ent0[1]).sum()])
+        self.sums[0] += 1
+        self.sums[4] += rel
+        self.sums[5:] += moves
+        self._theta = self._outputs = None
+
+    def compute(self, reduce: Optional[Callable[[Tensor], Tensor]] = None, reset: bool = True) -> dict:
+        """The epoch's statistics as a dict of floats (empty when the agent was not updated), then (``reset``)
+        start over; ``reduce`` sums over processes (DDP: every rank's agent takes the same steps, so the sums are
+        divided by the rank count through the update count)."""
+        sums = self.sums.clone()
+        if reset:
+            self.reset()
+        if reduce is not None:
+            sums = reduce(sums)
+        updates, steps, g, ratio, rel, n, pil, pif, dwl, dwf = sums.tolist()
+        if not updates:
+            return {}
+        return {"diag_agent_grad_norm": g / steps, "diag_agent_step_ratio": ratio / steps,
+                "diag_agent_rel_change": rel / updates, "diag_agent_move_pil": pil / n, "diag_agent_move_pif": pif / n,
+                "diag_agent_dentropy_wl": dwl / n, "diag_agent_dentropy_wf": dwf / n}
 
 
 def diagnostic_columns(row: dict) -> dict:

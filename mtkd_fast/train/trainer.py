@@ -26,6 +26,7 @@ from . import distributed as D
 from .checkpoint import load_checkpoint_file, load_module_state, rng_state, set_rng_state
 from .config import TrainConfig
 from .diagnostics import (
+    AgentUpdateDiagnostics,
     WeightCurve,
     WeightDiagnostics,
     plot_teacher_weights,
@@ -174,6 +175,9 @@ class Trainer:
         # metrics.csv names the teachers' columns by architecture (wl_resnet8), t0, t1, ... if unknown
         self.teacher_labels = teacher_labels(_teacher_names(config, self.teachers), self.num_teachers)
         self.diagnostics = WeightDiagnostics(max(self.num_teachers, 1), self.device, self.teacher_labels or None)
+        self.update_diagnostics = AgentUpdateDiagnostics(self.device)
+        if self.distiller is not None and self.agent is not None:
+            self.distiller.update_probe = self.update_diagnostics
         self.epoch = 0
         self.start_epoch = 0
         self.step_in_epoch = 0
@@ -240,7 +244,8 @@ class Trainer:
             # state -> weights -> loss -> reward, and the agent's store and update (mtkd_fast/step.py via Distiller)
             out = self.distiller.step(logits, labels, t_out, maps=maps)
             loss, reward, wl, wf = out.loss, out.reward, out.logit_weights, out.feature_weights
-            self.diagnostics.update(wl, wf, t_out.logits, labels, out.state, self.agent)
+            self.diagnostics.update(wl, wf, t_out.logits, labels, out.state, self.agent, out.per_sample_loss,
+                                    reward)
             ce = out.student_ce.mean()
             kd = cfg.alpha * (wl * out.kl).mean(0).sum()
             feat = cfg.beta * (wf * out.feature_stat).mean(0).sum() if out.feature_stat is not None else zero
@@ -287,6 +292,7 @@ class Trainer:
                 metrics[f"wl_{label}"] = w[0][t]
                 metrics[f"wf_{label}"] = w[1][t]
             metrics.update(self.diagnostics.compute(D.all_reduce_sum))
+            metrics.update(self.update_diagnostics.compute(D.all_reduce_sum))
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
