@@ -482,11 +482,9 @@ def run_demo(settings: DemoSettings, out_dir: str = "results/demo", teacher_dir:
          f"accuracy_curves.png{', teacher_weights.png, agent_diagnostics.png' if 'weights_png' in paths else ''}, "
          "teachers/, runs/ "
          "(checkpoints)")
-    _say("")
-    _say(table)
-    _say("")
-    if verdict:
-        _say(verdict)
-    _say(f"wall time: {timing}")
+    # the demo's result (the table, the verdict, the time) on stdout, its progress above on stderr (cli.main)
+    from .commands._output import emit
+
+    emit("", table, "", *([verdict] if verdict else []), f"wall time: {timing}")
     return {"teachers": teacher_rows, "methods": method_rows, "runs": run_rows, "verdict": verdict, "table": table,
             "stage_times_s": stage_times, "paths": paths, "out_dir": out_dir}

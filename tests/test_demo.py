@@ -83,8 +83,15 @@ def test_teachers_are_reused_only_when_recipe_and_hash_match(quick_demo, tmp_pat
     argv = quick_demo["argv"][:]
     argv[argv.index("--out") + 1] = out
     argv += ["--methods", "none"]
+    capsys.readouterr()
     assert main(argv) == 0
     assert {r["source"] for r in _rows(os.path.join(out, "teachers.csv"))} == {"reused"}
+    # the result (the table and the time) on stdout, the progress on stderr: `mtkd-fast demo > result.txt` works
+    stdout, stderr = capsys.readouterr()
+    table = open(os.path.join(out, "summary.txt")).read()
+    assert "no distillation" in stdout and "wall time:" in stdout and "[1/4]" not in stdout
+    assert "[1/4] teachers" in stderr and "wall time:" not in stderr
+    assert all(line in stdout for line in table.splitlines() if "no distillation" in line)
     # a damaged checkpoint no longer matches its recorded sha256: that teacher is trained again
     kept = _rows(os.path.join(out, "teachers.csv"))[0]["kept_at"]
     with open(kept, "ab") as f:
