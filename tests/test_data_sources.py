@@ -165,15 +165,11 @@ FASHION_MNIST_DEBIAN = "/usr/share/datasets/fashion-mnist"
 @pytest.mark.skipif(not __import__("os").path.isdir(FASHION_MNIST_DEBIAN),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_bundled_subset_is_what_the_tool_makes_from_the_full_set():
-    import importlib.util
-    from pathlib import Path
+    from repo_tools import load_tool
 
     from mtkd_fast.data.fashion_mnist import load_bundled
 
-    path = Path(__file__).resolve().parents[1] / "tools" / "make_bundled_fashion_mnist.py"
-    spec = importlib.util.spec_from_file_location("make_bundled_fashion_mnist", path)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_bundled_fashion_mnist")
     made, bundled = tool.make_arrays(FASHION_MNIST_DEBIAN), load_bundled()
     assert sorted(made) == sorted(bundled)
     for key in made:

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import random
@@ -31,20 +30,14 @@ import sys
 
 import pytest
 import torch
+from repo_tools import load_tool
 
 from mtkd_fast.bench.record import COLUMNS, Record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("render_results", os.path.join(ROOT, "tools", "render_results.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rr = _tool()
+rr = load_tool("render_results")
 
 RATIO = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s*(?:-|to)\s*(\d+(?:\.\d+)?))?x\b")
 PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(?:\s*(?:-|to)\s*(\d+(?:\.\d+)?))?\s?%")

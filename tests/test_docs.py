@@ -3,25 +3,18 @@ item) that exists, no citation of the external spec is left, and tools/cite_meth
 correctly and idempotently."""
 
 import ast
-import importlib.util
 import os
 import re
 
 import pytest
+from repo_tools import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHOD = os.path.join(ROOT, "docs", "method.md")
 S = "sp" + "ec"  # the old word, assembled so this file does not cite it itself
 
 
-def _tool():
-    spec_ = importlib.util.spec_from_file_location("cite_method", os.path.join(ROOT, "tools", "cite_method.py"))
-    module = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(module)
-    return module
-
-
-cite = _tool()
+cite = load_tool("cite_method")
 
 
 def _method_sections() -> dict:

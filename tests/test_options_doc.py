@@ -3,9 +3,10 @@ tools/render_options.py: it is up to date, lists every field with its help, choi
 and docs/training.md sends users to it (issue 25)."""
 
 import dataclasses
-import importlib.util
 import os
 import re
+
+from repo_tools import load_tool
 
 from mtkd_fast.commands._options import field_default, show
 from mtkd_fast.train.config import GROUPS, TEACHER_DEFAULTS, TrainConfig
@@ -14,14 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(ROOT, "docs", "options.md")
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("render_options", os.path.join(ROOT, "tools", "render_options.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render_options = _tool()
+render_options = load_tool("render_options")
 
 
 def _sections(text: str) -> dict:

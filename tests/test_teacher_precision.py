@@ -205,14 +205,12 @@ def test_cache_build_cli_prints_the_precision(tmp_path, capsys):
 
 
 def test_precision_study_verdict_is_the_paired_two_standard_error_rule():
-    import importlib.util
     import math
     import statistics
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "precision_study.py")
-    spec = importlib.util.spec_from_file_location("precision_study", path)
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    from repo_tools import load_tool
+
+    study = load_tool("precision_study")
     g = torch.Generator().manual_seed(3)
     base = (70 + 5 * torch.rand(7, generator=g)).tolist()  # seeds differ far more than the pairs do
 
