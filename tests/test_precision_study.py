@@ -155,3 +155,18 @@ def test_study_setting_quick_pairs_every_run_and_resumes(tmp_path):
     assert manifests["fp32"]["checksums"] != manifests["bf16"]["checksums"]
     assert study.main(args) == 0  # resumed: nothing left to run
     assert len(study._read_rows(os.path.join(out, "runs.csv"))) == 2
+
+
+def test_the_docs_table_and_paired_csv_are_the_tracked_runs_summary():
+    """docs/training.md's paired tables are the tool's rendering of benchmarks/precision_study/runs.csv, and
+    paired.csv is its summary: no number typed by hand, none left behind when runs are added."""
+    folder = os.path.join(ROOT, "benchmarks", "precision_study")
+    summary = study.summarise(study._read_rows(os.path.join(folder, "runs.csv")))
+    with open(os.path.join(ROOT, "docs", "training.md")) as f:
+        assert study.format_table(summary) in f.read()
+    with open(os.path.join(folder, "paired.csv"), newline="") as f:
+        paired = list(csv.DictReader(f))
+    assert [(r["setting"], r["strategy"], int(r["seeds"]), r["verdict"]) for r in paired] == \
+        [(r["setting"], r["strategy"], r["seeds"], r["verdict"]) for r in summary]
+    for got, want in zip(paired, summary):
+        assert math.isclose(float(got["diff_mean"]), want["diff_mean"], rel_tol=1e-12, abs_tol=1e-12)

@@ -15,8 +15,9 @@ the augmentation views; only the teachers' precision differs. The paired differe
 is summarised per (setting, strategy) as mean, standard error (std / sqrt(n)) and the verdict: **harm** when
 mean(d) < -2 SE (bf16 is worse beyond noise), otherwise **no harm shown**.
 
-Resumable: rows already in ``runs.csv`` are skipped, so a killed study continues where it stopped. Seed-major
-(every strategy's pair of seed 0, then of seed 1, ...) on the study's setting, so a stopped study has complete seeds.
+Resumable: rows already in ``runs.csv`` are skipped, so a killed study continues where it stopped (on the study's
+setting, a run the study's script finished is read, not run again). Seed-major on the study's setting (every
+strategy's pair of seed 0, then of seed 1, ...), so a stopped study has complete seeds.
 
     OMP_NUM_THREADS=1 python tools/precision_study.py --out results/precision_study            # mtkd_rl, 5 seeds
     OMP_NUM_THREADS=1 python tools/precision_study.py --strategies mtkd_rl aver camkd --seeds 0 1 2 3 4
@@ -230,7 +231,7 @@ def _check_complete(manifest: dict, cache: str) -> None:
 def run_study_setting(args, out: str, rows: list[dict]) -> None:
     """The teachers-stronger setting through the study's own script: its teachers and float32 cache in
     ``<out>/study/fp32``, the same teachers (linked) and a bf16 cache in ``<out>/study/bf16``, then every
-    (seed, strategy) pair, one run of the script per run."""
+    strategy of seed 0 in fp32 and in bf16, then of seed 1, ..."""
     script = _study_script()
     labels = study_labels(script.METHODS)
     dirs = study_dirs(out)
@@ -244,14 +245,17 @@ def run_study_setting(args, out: str, rows: list[dict]) -> None:
     _build_study_bf16_cache(dirs, args.data_root)
     done = {(r["strategy"], r["seed"], r["precision"]) for r in rows if r["setting"] == "study"}
     for seed in args.seeds:
-        for strategy in args.strategies:
-            for precision in PRECISIONS:  # interleaved: a stopped study leaves complete pairs
-                if (strategy, seed, precision) in done:
-                    continue
-                label = labels[strategy]
-                with _auto_accepts_any_cache() if precision == "bf16" else contextlib.nullcontext():
-                    script.main(["--out", dirs[precision], "--methods", label, "--seeds", str(seed), *extra])
-                run_dir = os.path.join(dirs[precision], "runs", label.replace(" ", "_"), f"seed{seed}")
+        # one run of the script per (seed, precision), every strategy of it: each run of the script loads the
+        # data and evaluates the teachers again, which costs more than a student run on a loaded machine
+        for precision in PRECISIONS:
+            todo = [s for s in args.strategies if (s, seed, precision) not in done]
+            if not todo:
+                continue
+            with _auto_accepts_any_cache() if precision == "bf16" else contextlib.nullcontext():
+                script.main(["--out", dirs[precision], "--methods", *[labels[s] for s in todo], "--seeds", str(seed),
+                             *extra])
+            for strategy in todo:
+                run_dir = os.path.join(dirs[precision], "runs", labels[strategy].replace(" ", "_"), f"seed{seed}")
                 row = study_row(run_dir, strategy, seed, precision)
                 if row is None:
                     raise SystemExit(f"study run {run_dir}: finished without result.json")
