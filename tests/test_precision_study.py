@@ -57,6 +57,7 @@ def test_pairs_are_formed_within_a_setting_and_summarised_against_a_float64_refe
         assert math.isclose(r["diff_mean"], mean, rel_tol=1e-9, abs_tol=1e-12)
         assert math.isclose(r["diff_se"], se, rel_tol=1e-9)
         assert r["verdict"].startswith("harm") == (mean < -2 * se)
+        assert ("provisional" in r["verdict"]) == (len(d) < 5)
     table = study.format_table(list(out.values()))
     assert table.count("Setting `") == 2 and "| mtkd_rl | 3 |" in table.split("Setting `study`")[1]
 

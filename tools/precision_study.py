@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 PRECISIONS = ("fp32", "bf16")
 STRATEGIES = ("mtkd_rl", "aver", "ebkd", "camkd", "aekd")
 SETTINGS = ("demo", "study")
+MIN_SEEDS = 5  # issue 22: a decision rests on at least 5 paired seeds per setting
 # the study's script runs no student for a label that names none of its methods: it then only trains the
 # teachers and builds the float32 cache
 _NO_METHOD = "(teachers and cache only)"
@@ -75,10 +76,13 @@ def summarise(rows: list[dict]) -> list[dict]:
         fp32 = [by[(s, "fp32")] for s in seeds]
         bf16 = [by[(s, "bf16")] for s in seeds]
         harm = len(d) > 1 and mean < -2 * se
+        verdict = "harm: keep fp32" if harm else ("no harm shown: bf16" if len(d) > 1 else "one seed")
+        if 1 < len(d) < MIN_SEEDS:
+            verdict += f" (provisional: under {MIN_SEEDS} seeds)"
         out.append({"setting": setting, "strategy": strategy, "seeds": len(seeds),
                     "fp32_mean": statistics.fmean(fp32), "bf16_mean": statistics.fmean(bf16), "diff_mean": mean,
                     "diff_se": se, "diffs": " ".join(f"{x:+.2f}" for x in d),
-                    "verdict": "harm: keep fp32" if harm else ("no harm shown: bf16" if len(d) > 1 else "one seed")})
+                    "verdict": verdict})
     return out
 
 
