@@ -56,7 +56,7 @@ def _read_rows(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path, newline="") as f:  # rows written before the setting column are the demo's
-        return [{**r, "setting": r.get("setting") or "demo", "seed": int(r["seed"]),
+        return [{"setting": "demo", **{k: v for k, v in r.items() if v}, "seed": int(r["seed"]),
                  "test_top1": float(r["test_top1"])} for r in csv.DictReader(f)]
 
 
