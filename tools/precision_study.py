@@ -95,8 +95,9 @@ def format_table(summary: list[dict]) -> str:
                  "|---|---|---|---|---|---|---|"]
         for r in summary:
             if r.get("setting", "demo") == setting:
+                se = "n/a" if math.isnan(r["diff_se"]) else f"{r['diff_se']:.2f}"  # one seed has no spread
                 lines.append(f"| {r['strategy']} | {r['seeds']} | {r['fp32_mean']:.2f} | {r['bf16_mean']:.2f} | "
-                             f"{r['diff_mean']:+.2f} ± {r['diff_se']:.2f} | {r['diffs']} | {r['verdict']} |")
+                             f"{r['diff_mean']:+.2f} ± {se} | {r['diffs']} | {r['verdict']} |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
