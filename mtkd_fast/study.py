@@ -185,7 +185,7 @@ def run_study(args) -> int:
     say(f"cache: {len(args.teachers)} teachers x {len(student_train)} images x {args.epochs} views")
     # a finished cache of the same build is re-used; one of other teachers, data or views is refused, naming it
     build_cache(cache_dir, student_train, teacher_models, views=args.epochs, teacher_names=list(args.teachers),
-                checkpoints=ckpts, device=device, progress=False, teacher_precision="fp32")
+                checkpoints=ckpts, device=device, progress=False, teacher_precision=args.teacher_precision)
 
     # 3. students: seed-major, every method with the same hyper-parameters
     total = len(args.seeds) * len(args.methods)
@@ -206,6 +206,7 @@ def run_study(args) -> int:
                               weight_decay=5e-4, schedule="cosine", eval_every=args.epochs, out_dir=run_dir,
                               overwrite=True, log_every=10**6, teachers=list(args.teachers) if distil else [],
                               teacher_checkpoints=ckpts if distil else [], teacher_cache=cache_dir if distil else None,
+                              teacher_precision=args.teacher_precision if distil else "auto",
                               **common, **changes)
             t0 = time.perf_counter()
             r = train(cfg)
@@ -418,6 +419,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="methods to run, by label (default: all; none given: only the teachers and the cache): "
                         + ", ".join(LABELS))
     p.add_argument("--max-steps", type=int, default=None, help="cut every epoch short (a smoke run)")
+    p.add_argument("--teacher-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="what the teachers' cached outputs are computed in, for every method (default fp32: "
+                        "MTKD-RL's auto; tools/precision_study.py runs the study in both)")
     p.add_argument("--report", action="store_true",
                    help="only write the tables (study.md, to stdout too) and study.png from the finished runs")
     p.add_argument("--doc", default=None, help="with --report: also put the tables between the report markers "

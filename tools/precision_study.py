@@ -5,9 +5,10 @@ Two settings (``--setting``):
 
 - ``demo`` (the default): the demo's (``mtkd_fast.demo.DemoSettings``: the bundled Fashion-MNIST subset, its three
   teachers, the resnet8 student, 20 epochs);
-- ``study``: the teachers-stronger study of issue 27 (docs/study.md "Setting", ``tools/study_fashion_mnist.py``:
-  teachers trained on all 60000 Fashion-MNIST images, the resnet8 student on 500, 12 epochs). The study's own
-  script trains the teachers, builds the float32 cache and runs every student, so its recipe is used as it is.
+- ``study``: the teachers-stronger study of issue 27 (docs/study.md "Setting", ``mtkd-fast study``: teachers
+  trained on all 60000 Fashion-MNIST images, the resnet8 student on 500, 12 epochs). The study itself trains the
+  teachers, builds the float32 cache and runs every student, so its recipe is used as it is (today's: teachers
+  to a plateau; the tracked pairs ran on its earlier setting, docs/training.md says which).
 
 Every (strategy, seed) is trained twice: once from a teacher-output cache whose teachers ran in float32 and once
 from one whose teachers ran in bf16. The two runs share the seed, the student's initialisation, the data order and
@@ -29,7 +30,6 @@ strategy's pair of seed 0, then of seed 1, ...), so a stopped study has complete
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import statistics
@@ -45,7 +45,6 @@ SETTINGS = ("demo", "study")
 MIN_SEEDS = 5  # issue 22: a decision rests on at least 5 paired seeds per setting
 # the study's script runs no student for a label that names none of its methods: it then only trains the
 # teachers and builds the float32 cache
-_NO_METHOD = "(teachers and cache only)"
 # the study's smoke options (--quick): every stage runs, nothing is meaningful
 _STUDY_QUICK = ["--epochs", "2", "--per-class", "4", "--test-per-class", "4", "--max-steps", "2"]
 
@@ -123,11 +122,17 @@ def _record(out: str, rows: list[dict], row: dict) -> None:
 
 
 def _study_script():
-    """tools/study_fashion_mnist.py, imported by the names it exports (its ``main``, ``METHODS``)."""
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import study_fashion_mnist
+    """The study (``mtkd_fast.study``: its ``main``, ``METHODS``)."""
+    from mtkd_fast import study
 
-    return study_fashion_mnist
+    return study
+
+
+def _run_study(script, argv: list) -> None:
+    """One run of ``mtkd-fast study``; its one-line errors stop this tool too (main returns the exit status)."""
+    status = script.main(argv)
+    if status:
+        raise SystemExit(f"mtkd-fast study {' '.join(argv)}: exit status {status} (its error is above)")
 
 
 def study_labels(methods) -> dict:
@@ -174,54 +179,21 @@ def _same_build(a: dict, b: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in skip and a.get(k) != b.get(k))
 
 
-def _build_study_bf16_cache(dirs: dict, data_root: str | None) -> None:
-    """The bf16 twin of the study's float32 cache: the same dataset, views and teachers (the float32 cache's
-    manifest says which), only the precision differs; checked field by field against the float32 manifest."""
+def _check_study_caches(dirs: dict) -> None:
+    """The bf16 cache the study built is the float32 one's build in bf16: the same dataset, views and teachers,
+    every output stored (nothing runs live), only the precision (and so the checksums) differ."""
     import json
 
-    from mtkd_fast import data, models
-    from mtkd_fast.cache import build_cache
-
-    with open(os.path.join(dirs["fp32"], "teacher_cache", "manifest.json")) as f:
-        ref = json.load(f)
-    cache = os.path.join(dirs["bf16"], "teacher_cache")
-    if not os.path.exists(os.path.join(cache, "manifest.json")):
-        archs = [t["arch"] for t in ref["teachers"]]
-        ckpts = [os.path.join(dirs["fp32"], "teachers", a, "student_last.pth") for a in archs]
-        teacher_models = []
-        for arch, ckpt in zip(archs, ckpts):
-            model = models.create_model(arch, int(ref["teachers"][0]["num_classes"]))
-            models.load_checkpoint(model, ckpt)
-            teacher_models.append(model.eval())
-        per_class = ref["dataset"]["num_samples"] // int(ref["teachers"][0]["num_classes"])
-        student_train = data.build_dataset("fashion_mnist", split="train", root=data_root, augment=True,
-                                           seed=ref["dataset"]["seed"], limit_per_class=per_class)
-        build_cache(cache, student_train, teacher_models, views=ref["views"], teacher_names=archs,
-                    checkpoints=ckpts, device="cpu", progress=False, teacher_precision="bf16")
-    with open(os.path.join(cache, "manifest.json")) as f:
-        got = json.load(f)
-    _check_complete(ref, os.path.join(dirs["fp32"], "teacher_cache"))
-    _check_complete(got, cache)
-    differ = _same_build(ref, got)
-    if differ or got["teacher_precision"] != "bf16":
-        raise SystemExit(f"study bf16 cache {cache}: expected the float32 cache's build in bf16, but "
+    manifests = {}
+    for precision in PRECISIONS:
+        cache = os.path.join(dirs[precision], "teacher_cache")
+        with open(os.path.join(cache, "manifest.json")) as f:
+            manifests[precision] = json.load(f)
+        _check_complete(manifests[precision], cache)
+    differ = _same_build(manifests["fp32"], manifests["bf16"])
+    if differ or manifests["bf16"]["teacher_precision"] != "bf16":
+        raise SystemExit(f"study bf16 cache in {dirs['bf16']}: expected the float32 cache's build in bf16, but "
                          f"{differ or ['teacher_precision']} differ; remove it and run again")
-
-
-@contextlib.contextmanager
-def _auto_accepts_any_cache():
-    """The study's script leaves ``teacher_precision`` at auto, which refuses a bf16 cache for a strategy in
-    ``AUTO_FP32_STRATEGIES``; emptying the table for a bf16 run lets auto take the bf16 cache, as an explicit
-    ``--teacher-precision bf16`` would. The cache alone decides the teachers' outputs: every field is stored
-    (checked in ``_check_complete``), so no teacher runs live in either precision."""
-    from mtkd_fast import teachers
-
-    kept = teachers.AUTO_FP32_STRATEGIES
-    teachers.AUTO_FP32_STRATEGIES = ()
-    try:
-        yield
-    finally:
-        teachers.AUTO_FP32_STRATEGIES = kept
 
 
 def _check_complete(manifest: dict, cache: str) -> None:
@@ -242,12 +214,14 @@ def run_study_setting(args, out: str, rows: list[dict]) -> None:
     dirs = study_dirs(out)
     extra = (["--data-root", args.data_root] if args.data_root else []) + (_STUDY_QUICK if args.quick else [])
     first_seed = [str(args.seeds[0])]
-    script.main(["--out", dirs["fp32"], "--methods", _NO_METHOD, "--seeds", *first_seed, *extra])
+    _run_study(script, ["--out", dirs["fp32"], "--methods", "--seeds", *first_seed, *extra])  # teachers, cache
     os.makedirs(dirs["bf16"], exist_ok=True)
     link = os.path.join(dirs["bf16"], "teachers")
     if not os.path.lexists(link):  # the very same teacher files: the script then trains none
         os.symlink(os.path.join("..", "fp32", "teachers"), link)
-    _build_study_bf16_cache(dirs, args.data_root)
+    _run_study(script, ["--out", dirs["bf16"], "--methods", "--seeds", *first_seed, "--teacher-precision", "bf16",
+                        *extra])  # the very same teachers (linked), their bf16 cache
+    _check_study_caches(dirs)
     done = {(r["strategy"], r["seed"], r["precision"]) for r in rows if r["setting"] == "study"}
     for seed in args.seeds:
         # one run of the script per (seed, precision), every strategy of it: each run of the script loads the
@@ -256,9 +230,8 @@ def run_study_setting(args, out: str, rows: list[dict]) -> None:
             todo = [s for s in args.strategies if (s, seed, precision) not in done]
             if not todo:
                 continue
-            with _auto_accepts_any_cache() if precision == "bf16" else contextlib.nullcontext():
-                script.main(["--out", dirs[precision], "--methods", *[labels[s] for s in todo], "--seeds", str(seed),
-                             *extra])
+            _run_study(script, ["--out", dirs[precision], "--methods", *[labels[s] for s in todo], "--seeds",
+                                str(seed), "--teacher-precision", precision, *extra])
             for strategy in todo:
                 run_dir = os.path.join(dirs[precision], "runs", labels[strategy].replace(" ", "_"), f"seed{seed}")
                 row = study_row(run_dir, strategy, seed, precision)
