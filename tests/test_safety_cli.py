@@ -19,22 +19,31 @@ from mtkd_fast._validation import DataError
 BASE = ["train", "--student", "resnet8", "--strategy", "none"] + TINY
 
 
-def test_ctrl_c_is_one_line_with_resume_hint(tmp_path):
-    out = tmp_path / "run"
-    args = BASE + ["--epochs", "1000", "--out-dir", str(out)]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("MTKD_FAST_DEBUG", None)
+def _ctrl_c_when(args, ready, env):
+    """Runs ``mtkd-fast ARGS`` and sends it Ctrl-C once the file ``ready`` exists; (exit status, stderr stripped)."""
     # a shell that starts jobs in the background (no job control) makes them ignore SIGINT, and Python keeps an
     # ignored SIGINT ignored: give the child the default disposition, as a terminal's Ctrl-C would find it
     proc = subprocess.Popen(command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
-    while not (out / "checkpoint_last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    err = stderr.strip()
-    assert proc.returncode == 130, stderr
+    _, stderr = proc.communicate(timeout=120)
+    return proc.returncode, stderr.strip()
+
+
+def _child_env():
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env.pop("MTKD_FAST_DEBUG", None)
+    return env
+
+
+def test_ctrl_c_is_one_line_with_resume_hint(tmp_path):
+    out = tmp_path / "run"
+    args = BASE + ["--epochs", "1000", "--out-dir", str(out)]
+    rc, err = _ctrl_c_when(args, out / "checkpoint_last.pt", _child_env())
+    assert rc == 130, err
     # one line, the last: above it only what the run logged before the signal (logs go to stderr too, and whether
     # an epoch line came first depends on timing)
     lines = err.splitlines()
@@ -136,18 +145,10 @@ def test_ctrl_c_before_the_first_checkpoint_does_not_offer_a_failing_resume(tmp_
     # a long first epoch: interrupted while it runs, before anything is saved
     args = ["train", "--student", "resnet8", "--strategy", "none", "--dataset", "bundled", "--limit-per-class",
             "100", "--batch-size", "8", "--no-progress", "--device", "cpu", "--epochs", "3", "--out-dir", str(out)]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    env.pop("MTKD_FAST_DEBUG", None)
-    proc = subprocess.Popen(command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 120
-    while not (out / "config.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # config.json is written just before the first epoch starts
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    err = stderr.strip()
+    env = _child_env()
+    rc, err = _ctrl_c_when(args, out / "config.json", env)  # config.json is written just before the first epoch
     assert not (out / "checkpoint_last.pt").exists(), "the epoch ended before the signal: make it longer"
-    assert proc.returncode == 130 and "Traceback" not in err and len(err.splitlines()) == 1, stderr
+    assert rc == 130 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert "--resume" not in err and "nothing to resume" in err
     assert err.endswith("run the same command again: mtkd-fast " + " ".join(args))
     # and that command is accepted in the same out_dir (it holds only config.json)
